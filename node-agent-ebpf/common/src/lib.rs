@@ -1,0 +1,263 @@
+//! Types shared by Trazor's kernel programs (`trazor-node-agent-ebpf`) and the node agent.
+//!
+//! Everything here is `#[repr(C)]`, plain old data, with explicit padding fields so that
+//! map keys hash the same bytes on both sides. The `user` feature adds `aya::Pod` impls for
+//! user space. The latency bucket mapping ([`bucket_index`]) lives here too, so the kernel
+//! and the tests that check it run the very same code.
+#![no_std]
+
+/// OTLP exponential-histogram scale of every latency histogram: 2^6 = 64 buckets per
+/// doubling, base = 2^(1/64) ≈ 1.0109, so a bucket's representative value is within
+/// (base - 1) / (base + 1) ≈ 0.54 % of any value in it.
+pub const HISTOGRAM_SCALE: i32 = 6;
+
+/// Buckets per power of two (2^HISTOGRAM_SCALE).
+pub const BUCKETS_PER_DOUBLING: u32 = 1 << HISTOGRAM_SCALE;
+
+/// Lower bounds of the 64 sub-buckets of a doubling, as 64-bit fixed point with the binary
+/// point after the top bit: `BOUNDARIES[k] = floor(2^63 * 2^(k/64))`, computed exactly
+/// (integer 64th roots). A test recomputes them.
+pub const BOUNDARIES: [u64; 64] = [
+    0x8000000000000000, 0x8164d1f3bc030773, 0x82cd8698ac2ba1d7, 0x843a28c3acde4046,
+    0x85aac367cc487b14, 0x871f61969e8d1010, 0x88980e8092da8527, 0x8a14d575496efd9a,
+    0x8b95c1e3ea8bd6e6, 0x8d1adf5b7e5ba9e5, 0x8ea4398b45cd53c0, 0x9031dc431466b1dc,
+    0x91c3d373ab11c336, 0x935a2b2f13e6e92b, 0x94f4efa8fef70961, 0x96942d3720185a00,
+    0x9837f0518db8a96f, 0x99e0459320b7fa64, 0x9b8d39b9d54e5538, 0x9d3ed9a72cffb750,
+    0x9ef5326091a111ad, 0xa0b0510fb9714fc2, 0xa27043030c496818, 0xa43515ae09e6809e,
+    0xa5fed6a9b15138ea, 0xa7cd93b4e9653569, 0xa9a15ab4ea7c0ef8, 0xab7a39b5a93ed337,
+    0xad583eea42a14ac6, 0xaf3b78ad690a4374, 0xb123f581d2ac258f, 0xb311c412a9112489,
+    0xb504f333f9de6484, 0xb6fd91e328d17791, 0xb8fbaf4762fb9ee9, 0xbaff5ab2133e45fb,
+    0xbd08a39f580c36be, 0xbf1799b67a731082, 0xc12c4cca66709456, 0xc346ccda24976407,
+    0xc5672a115506dadd, 0xc78d74c8abb9b15c, 0xc9b9bd866e2f27a2, 0xcbec14fef2727c5c,
+    0xce248c151f8480e3, 0xd06333daef2b2594, 0xd2a81d91f12ae45a, 0xd4f35aabcfedfa1f,
+    0xd744fccad69d6af4, 0xd99d15c278afd7b5, 0xdbfbb797daf23755, 0xde60f4825e0e9123,
+    0xe0ccdeec2a94e111, 0xe33f8972be8a5a51, 0xe5b906e77c8348a8, 0xe8396a503c4bdc68,
+    0xeac0c6e7dd24392e, 0xed4f301ed9942b84, 0xefe4b99bdcdaf5cb, 0xf281773c59ffb139,
+    0xf5257d152486cc2c, 0xf7d0df730ad13bb8, 0xfa83b2db722a033a, 0xfd3e0c0cf486c174,
+];
+
+/// Index of the histogram bucket holding a latency of `nanos` nanoseconds.
+///
+/// Bucket `i` covers `(2^(i/64), 2^((i+1)/64)]` ns, exactly OTLP's exponential histogram
+/// at scale 6 (upper bound inclusive), so buckets map onto OTLP without further error.
+/// Zero is treated as 1 ns. No loops and no floating point: it runs in the kernel.
+#[inline(always)]
+pub fn bucket_index(nanos: u64) -> i32 {
+    let nanos = if nanos == 0 { 1 } else { nanos };
+    let msb = 63 - nanos.leading_zeros();
+    // The mantissa, normalised so its top bit is set: value = 2^msb * mantissa / 2^63.
+    let mantissa = nanos << (63 - msb);
+    if mantissa == 1 << 63 {
+        // An exact power of two is the inclusive upper bound of the bucket below.
+        return (msb * BUCKETS_PER_DOUBLING) as i32 - 1;
+    }
+    // Largest k with BOUNDARIES[k] < mantissa: a binary search unrolled into six steps.
+    let mut k = 0usize;
+    let mut step = 32usize;
+    while step > 0 {
+        let probe = (k + step) & 63;
+        if BOUNDARIES[probe] < mantissa {
+            k = probe;
+        }
+        step >>= 1;
+    }
+    (msb * BUCKETS_PER_DOUBLING) as i32 + k as i32
+}
+
+/// Which side of a connection a request was measured on.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The traced process served the request (it accepted the connection).
+    Server = 1,
+    /// The traced process made the request (it connected).
+    Client = 2,
+}
+
+/// HTTP request methods recognised in the kernel; `0` is "other/unknown".
+pub mod method {
+    pub const UNKNOWN: u8 = 0;
+    pub const GET: u8 = 1;
+    pub const POST: u8 = 2;
+    pub const PUT: u8 = 3;
+    pub const DELETE: u8 = 4;
+    pub const HEAD: u8 = 5;
+    pub const PATCH: u8 = 6;
+    pub const OPTIONS: u8 = 7;
+    pub const CONNECT: u8 = 8;
+    pub const TRACE: u8 = 9;
+
+    /// The method's name, for labels.
+    pub fn name(method: u8) -> &'static str {
+        match method {
+            GET => "GET",
+            POST => "POST",
+            PUT => "PUT",
+            DELETE => "DELETE",
+            HEAD => "HEAD",
+            PATCH => "PATCH",
+            OPTIONS => "OPTIONS",
+            CONNECT => "CONNECT",
+            TRACE => "TRACE",
+            _ => "OTHER",
+        }
+    }
+}
+
+/// One latency series in one window: what the kernel counts requests under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    /// cgroup v2 id of the thread that completed the request.
+    pub cgroup_id: u64,
+    /// Window number: (wall-clock ns) / window length. Kernel and user space agree on it
+    /// through [`AgentSettings`].
+    pub window: u32,
+    /// Process (tgid) that served or made the request.
+    pub tgid: u32,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    /// One of [`method`].
+    pub method: u8,
+    /// First digit of the status code (1..=5), 0 when unknown.
+    pub status_class: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Totals of one series in one window, per CPU (summed by user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeriesTotals {
+    pub count: u64,
+    pub sum_nanos: u64,
+    pub min_nanos: u64,
+    pub max_nanos: u64,
+}
+
+/// One histogram bucket of one series.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    pub series: SeriesKey,
+    /// [`bucket_index`] of the latencies counted here.
+    pub bucket: i32,
+    pub _pad: u32,
+}
+
+/// Settings user space writes into the single-entry `SETTINGS` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Window length in nanoseconds; 0 means "not configured yet: count nothing".
+    pub window_nanos: u64,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC in ns, so the kernel's monotonic clock can be turned
+    /// into wall-clock window numbers. User space refreshes it every window.
+    pub realtime_offset_nanos: u64,
+    /// 1: trace every process (standalone mode). 0: only cgroups in `TRACED_CGROUPS`.
+    pub trace_all: u32,
+    /// The agent's own tgid, never traced (its own HTTP endpoints would feed back).
+    pub agent_tgid: u32,
+}
+
+/// Indices of the per-CPU `DROPS` counters: every place the kernel side gives up on a
+/// request counts it here, and the agent exports the counts.
+pub mod drop_reason {
+    /// The connection table was full: a new connection is not traced.
+    pub const CONNECTION_TABLE_FULL: u32 = 0;
+    /// The in-flight syscall table was full: one read or write was not inspected.
+    pub const SYSCALL_TABLE_FULL: u32 = 1;
+    /// The series table was full: a finished request was not counted.
+    pub const SERIES_TABLE_FULL: u32 = 2;
+    /// The histogram table was full: a request's latency bucket was not counted.
+    pub const HISTOGRAM_TABLE_FULL: u32 = 3;
+    /// A connection closed while a request on it had no response yet.
+    pub const UNANSWERED_AT_CLOSE: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+
+    /// Stable metric label of a counter.
+    pub fn name(reason: u32) -> &'static str {
+        match reason {
+            CONNECTION_TABLE_FULL => "connection_table_full",
+            SYSCALL_TABLE_FULL => "syscall_table_full",
+            SERIES_TABLE_FULL => "series_table_full",
+            HISTOGRAM_TABLE_FULL => "histogram_table_full",
+            UNANSWERED_AT_CLOSE => "unanswered_at_close",
+            _ => "unknown",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all four are #[repr(C)] structs of integers with explicit padding fields, so
+    // every byte is initialised and any bit pattern is valid.
+    unsafe impl aya::Pod for super::SeriesKey {}
+    unsafe impl aya::Pod for super::SeriesTotals {}
+    unsafe impl aya::Pod for super::BucketKey {}
+    unsafe impl aya::Pod for super::AgentSettings {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn boundaries_are_two_to_the_k_over_64() {
+        for (k, &boundary) in BOUNDARIES.iter().enumerate() {
+            let exact = 2f64.powf(k as f64 / 64.0) * 2f64.powi(63);
+            let relative = (boundary as f64 - exact).abs() / exact;
+            assert!(relative < 1e-14, "BOUNDARIES[{k}] = {boundary:#x}, expected ≈ {exact}");
+        }
+        assert!(BOUNDARIES.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+
+    #[test]
+    fn bucket_index_matches_the_otlp_definition() {
+        // OTLP: index = ceil(log2(v) * 2^scale) - 1. Checked on a dense sweep from 1 µs to
+        // 60 s, skipping values within float error of a boundary.
+        let mut v: u64 = 1_000;
+        while v < 60_000_000_000 {
+            let exact = (v as f64).log2() * 64.0;
+            if (exact - exact.round()).abs() > 1e-9 {
+                let expected = exact.ceil() as i32 - 1;
+                assert_eq!(bucket_index(v), expected, "v = {v}");
+            }
+            v += v / 997 + 1;
+        }
+    }
+
+    #[test]
+    fn powers_of_two_close_their_bucket() {
+        for exponent in 0..63 {
+            let v = 1u64 << exponent;
+            assert_eq!(bucket_index(v), exponent * 64 - 1, "v = {v}");
+            // From 2^7 on, v + 1 is within the first sub-bucket above the power of two.
+            if exponent >= 7 {
+                assert_eq!(bucket_index(v + 1), exponent * 64, "v = {v} + 1");
+            }
+        }
+    }
+
+    #[test]
+    fn relative_error_of_bucket_midpoint_is_below_one_percent() {
+        let base = 2f64.powf(1.0 / 64.0);
+        for v in [1_000u64, 1_234, 20_000_000, 59_999_999_999] {
+            let index = bucket_index(v);
+            let lower = base.powi(index);
+            let upper = lower * base;
+            let estimate = 2.0 * lower * upper / (lower + upper);
+            assert!(((estimate - v as f64) / v as f64).abs() < 0.0055, "v = {v}");
+        }
+    }
+
+    #[test]
+    fn shared_types_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<SeriesKey>(), 24);
+        assert_eq!(size_of::<BucketKey>(), 32);
+        assert_eq!(size_of::<SeriesTotals>(), 32);
+        assert_eq!(size_of::<AgentSettings>(), 24);
+    }
+}

@@ -1,0 +1,143 @@
+//! Attribute: who served a request. The kernel reports a cgroup v2 id and a tgid; this turns
+//! them into a [`Source`]: the cgroup's path (the inode number of a cgroup directory is its
+//! id) and the process name.
+//!
+//! Standalone mode stops there. Kubernetes attribution (cgroup path → container → pod via
+//! the API) builds on the same paths.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use trazor_proto::v1::Source;
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_cgroup2_mount(&mountinfo)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "36 25 0:31 / /sys/fs/cgroup/unified rw,... shared:9 - cgroup2 cgroup2 rw,..."
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        (fstype == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// Resolves kernel ids to [`Source`]s, caching cgroup paths.
+pub struct SourceResolver {
+    node_name: String,
+    cgroup_root: Option<PathBuf>,
+    cgroup_paths: HashMap<u64, String>,
+}
+
+impl SourceResolver {
+    pub fn new(node_name: String, cgroup_root: Option<PathBuf>) -> Self {
+        Self {
+            node_name,
+            cgroup_root,
+            cgroup_paths: HashMap::new(),
+        }
+    }
+
+    /// The source of requests counted under `cgroup_id` in process `tgid`.
+    pub fn resolve(&mut self, cgroup_id: u64, tgid: u32) -> Source {
+        Source {
+            node_name: self.node_name.clone(),
+            cgroup_id,
+            cgroup_path: self.cgroup_path(cgroup_id),
+            pid: tgid,
+            process_name: process_name(tgid),
+            pod: None,
+        }
+    }
+
+    /// The cgroup's path relative to the cgroup2 mount ("/" for the root), or "" if unknown
+    /// (the cgroup may be gone already).
+    pub fn cgroup_path(&mut self, cgroup_id: u64) -> String {
+        if let Some(path) = self.cgroup_paths.get(&cgroup_id) {
+            return path.clone();
+        }
+        if let Some(root) = &self.cgroup_root {
+            // A miss means cgroups were created since the last scan: rescan once.
+            self.cgroup_paths = scan_cgroups(root);
+        }
+        self.cgroup_paths
+            .get(&cgroup_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Maps every cgroup directory's inode (= cgroup id) to its path below `root`.
+fn scan_cgroups(root: &Path) -> HashMap<u64, String> {
+    let mut paths = HashMap::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        if let Ok(metadata) = fs::metadata(&dir) {
+            let relative = dir.strip_prefix(root).map_or_else(
+                |_| "/".to_owned(),
+                |relative| format!("/{}", relative.display()),
+            );
+            paths.insert(metadata.ino(), relative);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                pending.push(entry.path());
+            }
+        }
+    }
+    paths
+}
+
+/// `/proc/<tgid>/comm`, or "" once the process is gone.
+fn process_name(tgid: u32) -> String {
+    fs::read_to_string(format!("/proc/{tgid}/comm"))
+        .map(|name| name.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_on_hybrid_and_unified_hosts() {
+        let hybrid = "35 24 0:30 / /sys/fs/cgroup/cpu rw,relatime shared:8 - cgroup cgroup rw,cpu\n\
+                      36 24 0:31 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
+
+    #[test]
+    fn resolves_a_cgroup_directory_by_its_inode() {
+        let root = std::env::temp_dir().join(format!("trazor-cgroup-scan-{}", std::process::id()));
+        let leaf = root.join("kubepods.slice/pod-a.slice");
+        fs::create_dir_all(&leaf).unwrap();
+        let inode = fs::metadata(&leaf).unwrap().ino();
+        let mut resolver = SourceResolver::new("node-1".into(), Some(root.clone()));
+        assert_eq!(resolver.cgroup_path(inode), "/kubepods.slice/pod-a.slice");
+        assert_eq!(resolver.cgroup_path(u64::MAX), "");
+        let source = resolver.resolve(inode, std::process::id());
+        assert_eq!(source.node_name, "node-1");
+        assert!(!source.process_name.is_empty());
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

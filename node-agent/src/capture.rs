@@ -1,0 +1,355 @@
+//! Capture: loads the kernel programs, attaches them to the syscall tracepoints, and reads
+//! closed windows out of the kernel's maps.
+//!
+//! The kernel numbers windows itself (wall-clock ns / window length, through
+//! [`AgentSettings`]), so a request belongs to the window in which its response was written,
+//! exactly, whatever the timing of the user-space drain.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, include_bytes_aligned,
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
+    programs::TracePoint,
+};
+use trazor_node_agent_ebpf_common::{
+    AgentSettings, BucketKey, SeriesKey, SeriesTotals, drop_reason,
+};
+
+use crate::{Error, Result};
+
+/// Every tracepoint the kernel side attaches to (all in the `syscalls` category); each has a
+/// program of the same name.
+pub const TRACEPOINTS: &[&str] = &[
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_enter_close",
+    "sys_enter_read",
+    "sys_enter_recvfrom",
+    "sys_enter_readv",
+    "sys_enter_recvmsg",
+    "sys_exit_read",
+    "sys_exit_recvfrom",
+    "sys_exit_readv",
+    "sys_exit_recvmsg",
+    "sys_enter_write",
+    "sys_enter_sendto",
+    "sys_enter_writev",
+    "sys_enter_sendmsg",
+    "sys_exit_write",
+    "sys_exit_sendto",
+    "sys_exit_writev",
+    "sys_exit_sendmsg",
+];
+
+/// One series of one closed window, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClosedSeries {
+    pub key: SeriesKey,
+    pub totals: SeriesTotals,
+    /// Histogram bucket index → count.
+    pub buckets: BTreeMap<i32, u64>,
+}
+
+/// The loaded, attached kernel programs and their maps.
+pub struct KernelCapture {
+    ebpf: Ebpf,
+    settings: AgentSettings,
+}
+
+impl KernelCapture {
+    /// Loads and attaches everything; counting starts with [`KernelCapture::configure`].
+    pub fn load(tracefs: &Path) -> Result<Self> {
+        check_privileges()?;
+        ensure_tracefs(tracefs)?;
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trazor")))
+            .map_err(|error| Error::Load(Box::new(error)))?;
+        for &name in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::MissingInObject {
+                    kind: "program",
+                    name: name.to_owned(),
+                })?
+                .try_into()
+                .map_err(|source| Error::Program {
+                    program: name.to_owned(),
+                    source: Box::new(source),
+                })?;
+            let attach = |program: &mut TracePoint| -> Result<(), aya::programs::ProgramError> {
+                program.load()?;
+                program.attach("syscalls", name)?;
+                Ok(())
+            };
+            attach(program).map_err(|source| Error::Program {
+                program: name.to_owned(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            settings: AgentSettings::default(),
+        })
+    }
+
+    /// Starts (or changes) counting: window length, and whether every process is traced.
+    pub fn configure(&mut self, window: Duration, trace_all: bool) -> Result<()> {
+        let window_nanos = u64::try_from(window.as_nanos())
+            .ok()
+            .filter(|nanos| *nanos > 0)
+            .ok_or_else(|| Error::Config(format!("window {window:?} out of range")))?;
+        self.settings = AgentSettings {
+            window_nanos,
+            realtime_offset_nanos: realtime_offset_nanos(),
+            trace_all: u32::from(trace_all),
+            agent_tgid: std::process::id(),
+        };
+        self.write_settings()
+    }
+
+    /// Re-reads CLOCK_REALTIME - CLOCK_MONOTONIC, so NTP adjustments do not shift windows.
+    pub fn refresh_clock(&mut self) -> Result<()> {
+        self.settings.realtime_offset_nanos = realtime_offset_nanos();
+        self.write_settings()
+    }
+
+    fn write_settings(&mut self) -> Result<()> {
+        let mut settings: Array<&mut MapData, AgentSettings> =
+            Array::try_from(map(&mut self.ebpf, "SETTINGS")?).map_err(Error::map("SETTINGS"))?;
+        settings
+            .set(0, self.settings, 0)
+            .map_err(Error::map("SETTINGS"))
+    }
+
+    /// Removes and returns every series of windows numbered below `open_window`.
+    pub fn drain_closed(&mut self, open_window: u32) -> Result<Vec<ClosedSeries>> {
+        let mut closed: HashMap<SeriesKey, ClosedSeries> = HashMap::new();
+
+        let mut series: PerCpuHashMap<&mut MapData, SeriesKey, SeriesTotals> = PerCpuHashMap::try_from(
+            map(&mut self.ebpf, "SERIES")?,
+        )
+        .map_err(Error::map("SERIES"))?;
+        let keys: Vec<SeriesKey> = series
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| key.window < open_window)
+            .collect();
+        for key in keys {
+            let per_cpu = series.get(&key, 0).map_err(Error::map("SERIES"))?;
+            let totals = sum_totals(&per_cpu);
+            series.remove(&key).map_err(Error::map("SERIES"))?;
+            closed.insert(
+                key,
+                ClosedSeries {
+                    key,
+                    totals,
+                    buckets: BTreeMap::new(),
+                },
+            );
+        }
+
+        let mut histogram: PerCpuHashMap<&mut MapData, BucketKey, u64> = PerCpuHashMap::try_from(
+            map(&mut self.ebpf, "HISTOGRAM")?,
+        )
+        .map_err(Error::map("HISTOGRAM"))?;
+        let keys: Vec<BucketKey> = histogram
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| key.series.window < open_window)
+            .collect();
+        for key in keys {
+            let count: u64 = histogram
+                .get(&key, 0)
+                .map_err(Error::map("HISTOGRAM"))?
+                .iter()
+                .sum();
+            histogram.remove(&key).map_err(Error::map("HISTOGRAM"))?;
+            // A bucket whose series insert failed (table full) was counted as a drop there.
+            if let Some(series) = closed.get_mut(&key.series) {
+                *series.buckets.entry(key.bucket).or_default() += count;
+            }
+        }
+        Ok(closed.into_values().collect())
+    }
+
+    /// Kernel-side drop counters, summed over CPUs, by [`drop_reason`] name.
+    pub fn drop_counts(&mut self) -> Result<Vec<(&'static str, u64)>> {
+        let drops: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
+            map(&mut self.ebpf, "DROPS")?,
+        )
+        .map_err(Error::map("DROPS"))?;
+        (0..drop_reason::COUNT)
+            .map(|reason| {
+                let values = drops.get(&reason, 0).map_err(Error::map("DROPS"))?;
+                Ok((drop_reason::name(reason), values.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name).ok_or(Error::MissingInObject {
+        kind: "map",
+        name: name.to_owned(),
+    })
+}
+
+fn sum_totals(per_cpu: &[SeriesTotals]) -> SeriesTotals {
+    per_cpu
+        .iter()
+        .filter(|totals| totals.count > 0)
+        .fold(SeriesTotals::default(), |mut sum, cpu| {
+            sum.min_nanos = if sum.count == 0 {
+                cpu.min_nanos
+            } else {
+                sum.min_nanos.min(cpu.min_nanos)
+            };
+            sum.max_nanos = sum.max_nanos.max(cpu.max_nanos);
+            sum.count += cpu.count;
+            sum.sum_nanos += cpu.sum_nanos;
+            sum
+        })
+}
+
+/// CLOCK_REALTIME - CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns is CLOCK_MONOTONIC).
+fn realtime_offset_nanos() -> u64 {
+    let read = |clock| {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own; both clocks always exist.
+        unsafe { libc::clock_gettime(clock, &mut now) };
+        now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
+    };
+    let monotonic = read(libc::CLOCK_MONOTONIC);
+    let realtime = read(libc::CLOCK_REALTIME);
+    u64::try_from(realtime - monotonic).unwrap_or(0)
+}
+
+/// Fails early, with the missing capabilities named, instead of a bare EPERM from the kernel.
+fn check_privileges() -> Result<()> {
+    // CAP_DAC_READ_SEARCH = 2, CAP_SYS_ADMIN = 21, CAP_PERFMON = 38, CAP_BPF = 39.
+    let status = fs::read_to_string("/proc/self/status").map_err(|source| Error::Io {
+        what: "reading /proc/self/status".to_owned(),
+        source,
+    })?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let mut missing = Vec::new();
+    if !has(39) && !has(21) {
+        missing.push("CAP_BPF");
+    }
+    if !has(38) && !has(21) {
+        missing.push("CAP_PERFMON");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingPrivileges {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Makes sure syscall tracepoints are visible under `tracefs`, mounting it when needed.
+fn ensure_tracefs(tracefs: &Path) -> Result<()> {
+    let events = tracefs.join("events/syscalls");
+    if events.is_dir() {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(tracefs.as_os_str().as_encoded_bytes()).map_err(|_| {
+        Error::Config(format!("tracefs path {} contains a NUL byte", tracefs.display()))
+    })?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let mounted = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if mounted != 0 {
+        return Err(Error::TracefsUnavailable {
+            path: PathBuf::from(tracefs),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if events.is_dir() {
+        tracing::info!(path = %tracefs.display(), "mounted tracefs");
+        Ok(())
+    } else {
+        Err(Error::TracefsUnavailable {
+            path: PathBuf::from(tracefs),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "mounted, but it has no events/syscalls (kernel without syscall tracepoints?)",
+            ),
+        })
+    }
+}
+
+/// Older kernels charge BPF memory to RLIMIT_MEMLOCK; newer ones to the cgroup, where the
+/// limit may not be raisable at all. So: try, and carry on either way.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels that charge BPF memory to the cgroup");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_totals_ignore_idle_cpus_for_min() {
+        let per_cpu = [
+            SeriesTotals::default(),
+            SeriesTotals {
+                count: 2,
+                sum_nanos: 30,
+                min_nanos: 10,
+                max_nanos: 20,
+            },
+            SeriesTotals {
+                count: 1,
+                sum_nanos: 5,
+                min_nanos: 5,
+                max_nanos: 5,
+            },
+        ];
+        assert_eq!(
+            sum_totals(&per_cpu),
+            SeriesTotals {
+                count: 3,
+                sum_nanos: 35,
+                min_nanos: 5,
+                max_nanos: 20
+            }
+        );
+    }
+
+    #[test]
+    fn realtime_offset_is_wall_clock_minus_uptime() {
+        let offset = realtime_offset_nanos();
+        // After 2020 and more than uptime ago: a sanity bound, not a timing assertion.
+        assert!(offset > 1_577_836_800 * 1_000_000_000);
+    }
+}

@@ -1,0 +1,67 @@
+//! The node agent's one error type. Every variant says what failed and what to do.
+use std::path::PathBuf;
+
+/// What can stop the node agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "loading eBPF programs needs root, or the capabilities CAP_BPF, CAP_PERFMON and \
+         CAP_DAC_READ_SEARCH (missing: {missing}); run the agent as root (e.g. with sudo)"
+    )]
+    MissingPrivileges { missing: String },
+
+    #[error(
+        "tracefs is not available at {path} and mounting it failed ({source}); mount it with \
+         `mount -t tracefs nodev {path}` or pass --tracefs with where it is mounted",
+        path = path.display()
+    )]
+    TracefsUnavailable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+
+    #[error("the eBPF object has no {kind} named {name}: the agent and its eBPF build disagree")]
+    MissingInObject { kind: &'static str, name: String },
+
+    #[error("the kernel rejected program {program}: {source}")]
+    Program {
+        program: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+
+    #[error("eBPF map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[error("invalid collector address {address:?}: {reason}; expected e.g. http://127.0.0.1:50051")]
+    CollectorAddress { address: String, reason: String },
+
+    #[error("{what} failed: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The node agent's `Result`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
+        move |source| Self::Map {
+            map,
+            source: Box::new(source),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Trazor's node agent.
+//!
+//! The data path, in module order: [`capture`] loads the eBPF programs and reads closed
+//! windows out of the kernel's maps; [`attribute`] names the cgroup and process behind each
+//! series; [`window`] merges them into [`LatencyWindow`](trazor_proto::v1::LatencyWindow)s
+//! with quantiles; [`ship`] streams them to the collector and keeps them until acknowledged.
+//! [`agent`] runs the loop.
+
+pub mod agent;
+pub mod attribute;
+pub mod capture;
+mod error;
+pub mod ship;
+pub mod window;
+
+pub use agent::{AgentConfig, RunningAgent, start};
+pub use error::{Error, Result};

@@ -1,0 +1,15 @@
+//! Trazor's wire contracts.
+//!
+//! [`v1`] is the agent → collector gRPC protocol (package `trazor.v1`, source in
+//! `proto/trazor/v1/`); its evolution rules are written at the top of the .proto file.
+//! [`histogram`] merges and reads the latency histograms both sides exchange.
+//! [`agent_config`] is the configuration document the operator writes for the node agents.
+
+pub mod agent_config;
+pub mod histogram;
+
+/// Generated from `proto/trazor/v1/ingest.proto`.
+#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("trazor.v1");
+}

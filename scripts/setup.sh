@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One-time, idempotent machine set-up for building and testing Trazor.
+#
+# Installs what the build and the tests need and nothing that is already there:
+#   - Debian packages used by tests and the demo (nginx, wrk, bpftool, curl, ...)
+#   - the nightly toolchain's rust-src (the eBPF crate builds core with -Z build-std)
+#   - bpf-linker, linked against the nightly toolchain's own libLLVM (same major)
+#   - tracefs mounted at /sys/kernel/tracing (tracepoints attach through it)
+#
+# Quick when everything is in place: each step checks before it acts.
+set -euo pipefail
+
+say() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "not root and no sudo: run this script as root (eBPF needs it anyway)"
+    SUDO="sudo"
+fi
+
+# --- Debian packages ---------------------------------------------------------
+APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The packaged nginx service is not ours: tests start their own instances.
+    $SUDO systemctl disable --now nginx >/dev/null 2>&1 || $SUDO pkill -x nginx 2>/dev/null || true
+else
+    say "Debian packages present"
+fi
+
+# --- Rust toolchains ----------------------------------------------------------
+command -v rustup >/dev/null || die "rustup not found: install Rust with rustup (stable + nightly) first"
+rustup toolchain list | grep -q '^nightly' || die "no nightly toolchain: 'rustup toolchain install nightly' (the eBPF crate needs it)"
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    say "adding rust-src to nightly"
+    rustup component add rust-src --toolchain nightly
+else
+    say "nightly rust-src present"
+fi
+
+# --- bpf-linker against nightly's own LLVM ------------------------------------
+BPF_LINKER_VERSION=0.13.0
+SYSROOT=$(rustc +nightly --print sysroot)
+LLVM_MAJOR=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+[ -n "$LLVM_MAJOR" ] || die "could not read the LLVM version of nightly rustc ('rustc +nightly -vV')"
+LLVM_SO=$(ls "$SYSROOT"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)
+[ -n "$LLVM_SO" ] || die "nightly toolchain at $SYSROOT ships no libLLVM.so: cannot build bpf-linker against it"
+STAMP="${CARGO_HOME:-$HOME/.cargo}/.trazor-bpf-linker-llvm"
+want="$BPF_LINKER_VERSION llvm-$LLVM_MAJOR $(basename "$LLVM_SO")"
+if command -v bpf-linker >/dev/null && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
+    say "bpf-linker $BPF_LINKER_VERSION (llvm-$LLVM_MAJOR) present"
+else
+    say "building bpf-linker $BPF_LINKER_VERSION against $(basename "$LLVM_SO") (about a minute)"
+    PREFIX="$HOME/.cache/trazor/llvm"
+    mkdir -p "$PREFIX/lib"
+    ln -sf "$LLVM_SO" "$PREFIX/lib/libLLVM.so"
+    ln -sf "$LLVM_SO" "$PREFIX/lib/$(basename "$LLVM_SO")"
+    LLVM_PREFIX="$PREFIX" cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+        --no-default-features --features "llvm-$LLVM_MAJOR" --force
+    echo "$want" > "$STAMP"
+fi
+
+# --- tracefs ------------------------------------------------------------------
+if [ -d /sys/kernel/tracing/events/syscalls ]; then
+    say "tracefs mounted"
+elif $SUDO mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; then
+    say "mounted tracefs at /sys/kernel/tracing"
+else
+    say "warning: could not mount tracefs at /sys/kernel/tracing; the agent will try again and say why"
+fi
+
+say "done"
