@@ -160,7 +160,7 @@ impl Context {
     }
 
     /// Applies the ConfigMap; true when the configuration changed.
-    async fn apply_config(&self, rendered: &Rendered, profile: &TraceProfile) -> Result<bool> {
+    async fn apply_config(&self, rendered: &Rendered) -> Result<bool> {
         let json = rendered.config_json()?;
         let config_map = node_agent_config_map(&self.settings, &json);
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.settings.namespace);
@@ -170,25 +170,27 @@ impl Context {
                 "applying ConfigMap {}/{CONFIG_MAP_NAME}",
                 self.settings.namespace
             )))?;
-        let changed = self.note_config(&json);
-        if changed {
-            self.metrics.config_updates.inc();
-            let count = rendered.config.profiles.len();
-            info!(profiles = count, trigger = %profile.key(), "node-agent configuration changed");
-            self.publish(
-                profile,
-                EventType::Normal,
-                "ConfigUpdated",
-                "Render",
-                format!("node-agent configuration rewritten; it now holds {count} profile(s)"),
-            )
-            .await?;
-            if let Some(all) = &self.reconcile_all {
-                // A closed channel means the controller is shutting down; nothing to refresh.
-                let _ = all.send(());
-            }
+        Ok(self.note_config(&json))
+    }
+
+    /// Tells about a changed configuration: an Event on the profile whose reconcile changed it,
+    /// a metric, and a reconcile of every profile, whose conflicts may have changed with it.
+    async fn announce_config_change(&self, rendered: &Rendered, profile: &TraceProfile) -> Result<()> {
+        self.metrics.config_updates.inc();
+        let count = rendered.config.profiles.len();
+        info!(profiles = count, trigger = %profile.key(), "node-agent configuration changed");
+        if let Some(all) = &self.reconcile_all {
+            // A closed channel means the controller is shutting down; nothing to refresh.
+            let _ = all.send(());
         }
-        Ok(changed)
+        self.publish(
+            profile,
+            EventType::Normal,
+            "ConfigUpdated",
+            "Render",
+            format!("node-agent configuration rewritten; it now holds {count} profile(s)"),
+        )
+        .await
     }
 
     async fn apply_daemonset(&self) -> Result<()> {
@@ -265,8 +267,11 @@ pub async fn reconcile(profile: Arc<TraceProfile>, ctx: Arc<Context>) -> Result<
 async fn apply(profile: &TraceProfile, ctx: &Context, api: &Api<TraceProfile>) -> Result<Action> {
     let name = profile.metadata.name.clone().ok_or(Error::MissingMetadata("name"))?;
     let rendered = ctx.render(profile);
-    ctx.apply_config(&rendered, profile).await?;
+    let changed = ctx.apply_config(&rendered).await?;
     ctx.apply_daemonset().await?;
+    if changed {
+        ctx.announce_config_change(&rendered, profile).await?;
+    }
 
     let key = profile.key();
     // The profile is not being deleted, so render always has a verdict for it.
@@ -324,7 +329,9 @@ async fn apply(profile: &TraceProfile, ctx: &Context, api: &Api<TraceProfile>) -
 async fn cleanup(profile: &TraceProfile, ctx: &Context) -> Result<Action> {
     // The profile has a deletion timestamp, so the render leaves it out.
     let rendered = ctx.render(profile);
-    ctx.apply_config(&rendered, profile).await?;
+    if ctx.apply_config(&rendered).await? {
+        ctx.announce_config_change(&rendered, profile).await?;
+    }
     ctx.publish(
         profile,
         EventType::Normal,
@@ -473,4 +480,258 @@ pub async fn run(
     pod_task.abort();
     info!("controller stopped");
     Ok(())
+}
+
+// Mock tests relying on fixtures.rs: each asserts every request the reconciler makes.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{AGENT_NS, Call, Scenario, agent_pod, running_pod, timeout_after_1s};
+    use http::StatusCode;
+    use serde_json::{Value, json};
+
+    fn checkout() -> TraceProfile {
+        TraceProfile::test(
+            "checkout",
+            100,
+            json!({"podSelector": {"matchLabels": {"app": "checkout"}}}),
+        )
+    }
+
+    /// The agent-config entry of a default profile selecting `app=<app>`.
+    fn entry(name: &str, app: &str, window_seconds: u32) -> Value {
+        json!({
+            "namespace": "shop", "name": name, "generation": 1,
+            "matchLabels": {"app": app}, "matchExpressions": [],
+            "containers": [], "ports": [], "protocols": ["http"], "direction": "server",
+            "windowSeconds": window_seconds, "percentiles": [0.5, 0.95, 0.99],
+            "slowThresholdMs": null, "sampleRate": 0.0, "routeTemplates": [],
+            "maxSeriesPerPod": 200, "exportOtlp": true, "exportWebsocket": true,
+            "nodeSelector": {}
+        })
+    }
+
+    fn ready_status(matched_pods: u32, nodes_reporting: u32) -> Value {
+        json!({
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Applied",
+                 "message": "part of the node-agent configuration", "observedGeneration": 1},
+                {"type": "Degraded", "status": "False", "reason": "AsExpected",
+                 "message": "", "observedGeneration": 1}
+            ],
+            "observedGeneration": 1,
+            "matchedPods": matched_pods,
+            "nodesReporting": nodes_reporting
+        })
+    }
+
+    #[tokio::test]
+    async fn profile_without_finalizer_gets_a_finalizer_first() {
+        let profile = checkout();
+        let (ctx, server, _) = Context::test(std::slice::from_ref(&profile), &[], None);
+        let mock = server.run(Scenario::Calls(vec![Call::add_finalizer(&profile)]));
+        let action = reconcile(Arc::new(profile), ctx).await.expect("reconcile");
+        timeout_after_1s(mock).await;
+        assert_eq!(action, Action::await_change());
+    }
+
+    #[tokio::test]
+    async fn new_valid_profile_is_rendered_applied_and_ready() {
+        let profile = checkout().finalized();
+        let pods = [
+            running_pod("shop", "checkout-1", "node-a", json!({"app": "checkout"})),
+            running_pod("shop", "checkout-2", "node-b", json!({"app": "checkout"})),
+            running_pod("shop", "cart-1", "node-a", json!({"app": "cart"})),
+            agent_pod("node-a"),
+        ];
+        let (ctx, server, registry) = Context::test(std::slice::from_ref(&profile), &pods, None);
+        let mock = server.run(Scenario::Calls(vec![
+            Call::apply_config_map(json!([entry("checkout", "checkout", 10)])),
+            Call::apply_daemonset(),
+            Call::event("Normal", "ConfigUpdated", &profile),
+            Call::event("Normal", "Applied", &profile),
+            Call::apply_status(&profile, ready_status(2, 1)),
+        ]));
+        let action = reconcile(Arc::new(profile), ctx).await.expect("reconcile");
+        timeout_after_1s(mock).await;
+        assert_eq!(action, Action::requeue(RESYNC));
+        let text = Metrics::encode(&registry);
+        assert!(text.contains("trazor_operator_config_updates_total 1"), "{text}");
+        assert!(text.contains("trazor_operator_profiles{reason=\"Applied\"} 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn unchanged_ready_profile_only_reapplies_without_events() {
+        let first = checkout().finalized();
+        let (rendered_json, status) = {
+            let rendered = render(&[&first], &[], AGENT_NS);
+            let verdict = Verdict::Applied;
+            let status = TraceProfileStatus {
+                conditions: conditions(None, &verdict, Some(1), Time(Timestamp::from_second(1).unwrap())),
+                observed_generation: Some(1),
+                matched_pods: 0,
+                nodes_reporting: 0,
+            };
+            (rendered.config_json().unwrap(), status)
+        };
+        let profile = first.with_status(status);
+        let (ctx, server, _) =
+            Context::test(std::slice::from_ref(&profile), &[], Some(rendered_json));
+        let mut expected = ready_status(0, 0);
+        let mock = server.run(Scenario::Calls(vec![
+            Call::apply_config_map(json!([entry("checkout", "checkout", 10)])),
+            Call::apply_daemonset(),
+            Call::apply_status(&profile, expected.take()),
+        ]));
+        reconcile(Arc::new(profile.clone()), ctx).await.expect("reconcile");
+        timeout_after_1s(mock).await;
+        // The transition time of an unchanged condition is kept.
+        let kept = conditions(
+            profile.status.as_ref(),
+            &Verdict::Applied,
+            Some(1),
+            Time(Timestamp::from_second(99).unwrap()),
+        );
+        assert!(kept.iter().all(|c| c.last_transition_time.0.as_second() == 1));
+    }
+
+    #[tokio::test]
+    async fn invalid_profile_is_degraded_and_others_stay_in_the_config() {
+        let good = checkout().finalized();
+        let bad = TraceProfile::test(
+            "broken",
+            200,
+            json!({"podSelector": {"matchLabels": {"app": "web"}}, "routeTemplates": ["/users/{id"]}),
+        )
+        .finalized();
+        let (ctx, server, registry) = Context::test(&[good.clone(), bad.clone()], &[], None);
+        let message = "not applied, fix the spec: spec.routeTemplates[0]: \"/users/{id\": segment \
+                       \"{id\" opens '{' but does not end with '}'; a parameter must be a whole \
+                       segment such as {id}";
+        let mock = server.run(Scenario::Calls(vec![
+            Call::apply_config_map(json!([entry("checkout", "checkout", 10)])),
+            Call::apply_daemonset(),
+            Call::event("Normal", "ConfigUpdated", &bad),
+            Call::event("Warning", "InvalidSpec", &bad),
+            Call::apply_status(
+                &bad,
+                json!({
+                    "conditions": [
+                        {"type": "Ready", "status": "False", "reason": "InvalidSpec",
+                         "message": message, "observedGeneration": 1},
+                        {"type": "Degraded", "status": "True", "reason": "InvalidSpec",
+                         "message": message, "observedGeneration": 1}
+                    ],
+                    "observedGeneration": 1, "matchedPods": 0, "nodesReporting": 0
+                }),
+            ),
+        ]));
+        reconcile(Arc::new(bad), ctx).await.expect("an invalid profile is not a reconcile error");
+        timeout_after_1s(mock).await;
+        let text = Metrics::encode(&registry);
+        assert!(text.contains("trazor_operator_profiles{reason=\"InvalidSpec\"} 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn conflicting_younger_profile_is_degraded() {
+        let older = checkout().finalized();
+        let younger = TraceProfile::test(
+            "checkout-slow",
+            200,
+            json!({"podSelector": {"matchLabels": {"app": "checkout"}}, "window": "1m"}),
+        )
+        .finalized();
+        let (ctx, server, _) = Context::test(&[older.clone(), younger.clone()], &[], None);
+        let message = "not applied: selects the same pods as TraceProfile shop/checkout (identical \
+                       pod selectors), which measures them in 10s windows, but asks for 60s; an \
+                       agent measures a pod in one window length, so use window \"10s\" or make \
+                       the pod selectors disjoint";
+        let mock = server.run(Scenario::Calls(vec![
+            Call::apply_config_map(json!([entry("checkout", "checkout", 10)])),
+            Call::apply_daemonset(),
+            Call::event("Normal", "ConfigUpdated", &younger),
+            Call::event("Warning", "ConflictingProfile", &younger),
+            Call::apply_status(
+                &younger,
+                json!({
+                    "conditions": [
+                        {"type": "Ready", "status": "False", "reason": "ConflictingProfile",
+                         "message": message, "observedGeneration": 1},
+                        {"type": "Degraded", "status": "True", "reason": "ConflictingProfile",
+                         "message": message, "observedGeneration": 1}
+                    ],
+                    "observedGeneration": 1, "matchedPods": 0, "nodesReporting": 0
+                }),
+            ),
+        ]));
+        reconcile(Arc::new(younger), ctx).await.expect("reconcile");
+        timeout_after_1s(mock).await;
+    }
+
+    #[tokio::test]
+    async fn deleted_profile_is_removed_from_the_config_then_released() {
+        let stays = checkout().finalized();
+        let leaving = TraceProfile::test(
+            "cart",
+            200,
+            json!({"podSelector": {"matchLabels": {"app": "cart"}}}),
+        )
+        .finalized()
+        .deleting();
+        let before = render(&[&stays, &checkout_named_cart()], &[], AGENT_NS)
+            .config_json()
+            .unwrap();
+        let (ctx, server, _) = Context::test(&[stays, leaving.clone()], &[], Some(before));
+        let mock = server.run(Scenario::Calls(vec![
+            Call::apply_config_map(json!([entry("checkout", "checkout", 10)])),
+            Call::event("Normal", "ConfigUpdated", &leaving),
+            Call::event("Normal", "Removed", &leaving),
+            Call::remove_finalizer(&leaving),
+        ]));
+        let action = reconcile(Arc::new(leaving), ctx).await.expect("reconcile");
+        timeout_after_1s(mock).await;
+        assert_eq!(action, Action::await_change());
+    }
+
+    fn checkout_named_cart() -> TraceProfile {
+        TraceProfile::test("cart", 200, json!({"podSelector": {"matchLabels": {"app": "cart"}}}))
+    }
+
+    #[tokio::test]
+    async fn api_failure_fails_the_reconcile_and_is_counted() {
+        let profile = checkout().finalized();
+        let (ctx, server, registry) = Context::test(std::slice::from_ref(&profile), &[], None);
+        let mock = server.run(Scenario::Calls(vec![
+            Call::apply_config_map(json!(null)).failing(StatusCode::INTERNAL_SERVER_ERROR),
+        ]));
+        let profile = Arc::new(profile);
+        let error = reconcile(profile.clone(), ctx.clone()).await.expect_err("must fail");
+        timeout_after_1s(mock).await;
+        assert!(error.to_string().contains("applying ConfigMap"), "{error}");
+        let action = error_policy(profile, &error, ctx);
+        assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+        let text = Metrics::encode(&registry);
+        assert!(
+            text.contains("trazor_operator_reconcile_failures_total{error=\"kube_api\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn profile_without_namespace_is_rejected_without_calls() {
+        let mut profile = checkout().finalized();
+        profile.metadata.namespace = None;
+        let (ctx, server, _) = Context::test(&[], &[], None);
+        let mock = server.run(Scenario::RadioSilence);
+        let error = reconcile(Arc::new(profile), ctx).await.expect_err("must fail");
+        timeout_after_1s(mock).await;
+        assert_eq!(error.metric_label(), "missing_metadata");
+    }
+
+    #[test]
+    fn long_notes_are_truncated_on_a_char_boundary() {
+        let text = "é".repeat(600);
+        let out = truncate(text, 1024);
+        assert!(out.len() <= 1024 && out.ends_with("..."));
+    }
 }

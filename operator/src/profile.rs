@@ -42,6 +42,9 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
 ///
 /// The operator merges all valid profiles into the configuration every node agent reads.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+// The lint mistakes the repeated `type_ = ...` inside distinct `printcolumn(...)` entries for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[kube(
     group = "trazor.dev",
     version = "v1alpha1",

@@ -393,7 +393,12 @@ mod tests {
     #[test]
     fn same_window_or_disjoint_pods_do_not_conflict() {
         let a = profile("shop", "a", 1, serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}));
-        let same_window = profile("shop", "b", 2, serde_json::json!({"podSelector": {}}));
+        let same_window = profile(
+            "shop",
+            "b",
+            2,
+            serde_json::json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]}}),
+        );
         let disjoint = profile(
             "shop",
             "c",
