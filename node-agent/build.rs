@@ -7,12 +7,13 @@ use anyhow::{Context as _, bail};
 fn main() -> anyhow::Result<()> {
     let manifest_dir = env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
     let ebpf_dir = Path::new(&manifest_dir).join("../node-agent-ebpf");
-    let ebpf_dir = ebpf_dir.to_str().context("non UTF-8 path to node-agent-ebpf")?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .context("non UTF-8 path to node-agent-ebpf")?;
 
     let on_path = |program: &str| {
-        env::var_os("PATH").is_some_and(|paths| {
-            env::split_paths(&paths).any(|dir| dir.join(program).is_file())
-        })
+        env::var_os("PATH")
+            .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
     };
     if env::var_os("AYA_BUILD_SKIP").is_none() && !on_path("bpf-linker") {
         bail!(

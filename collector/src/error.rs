@@ -10,7 +10,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("the {server} server failed: {reason}")]
-    Serve { server: &'static str, reason: String },
+    Serve {
+        server: &'static str,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

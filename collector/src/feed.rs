@@ -134,7 +134,10 @@ mod tests {
             feed.publish(format!("{n}"));
         }
         let (history, _) = feed.subscribe(usize::MAX);
-        assert_eq!(history.iter().map(|s| s.as_ref()).collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(
+            history.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+            ["1", "2"]
+        );
         let (limited, _) = feed.subscribe(1);
         assert_eq!(limited.len(), 1);
         assert_eq!(limited[0].as_ref(), "2");

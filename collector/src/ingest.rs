@@ -43,7 +43,9 @@ impl LatencyIngest for IngestService {
             Some(Ok(AgentMessage {
                 kind: Some(agent_message::Kind::Hello(hello)),
             })) => hello,
-            Some(Ok(_)) => return Err(self.reject(&peer, "the first message must be an AgentHello")),
+            Some(Ok(_)) => {
+                return Err(self.reject(&peer, "the first message must be an AgentHello"));
+            }
             Some(Err(status)) => return Err(status),
             None => return Err(self.reject(&peer, "the stream ended before an AgentHello")),
         };
@@ -90,7 +92,9 @@ async fn receive_windows(
             Some(agent_message::Kind::Window(window)) => window,
             Some(agent_message::Kind::Hello(_)) => {
                 let _ = acks
-                    .send(Err(Status::invalid_argument("AgentHello may only be sent once, first")))
+                    .send(Err(Status::invalid_argument(
+                        "AgentHello may only be sent once, first",
+                    )))
                     .await;
                 break;
             }

@@ -23,14 +23,54 @@ impl CollectorStats {
     /// Prometheus exposition text.
     pub fn render(&self) -> String {
         let metrics: [(&str, &str, &str, &AtomicU64); 8] = [
-            ("trazor_collector_streams_opened_total", "counter", "Agent streams accepted.", &self.streams_opened),
-            ("trazor_collector_streams_open", "gauge", "Agent streams open now.", &self.streams_open),
-            ("trazor_collector_streams_rejected_total", "counter", "Agent streams rejected for bad input.", &self.streams_rejected),
-            ("trazor_collector_windows_received_total", "counter", "Windows received, duplicates included.", &self.windows_received),
-            ("trazor_collector_windows_duplicate_total", "counter", "Windows dropped as already received (agent, boot, sequence).", &self.windows_duplicate),
-            ("trazor_collector_windows_published_total", "counter", "Windows published on the feed.", &self.windows_published),
-            ("trazor_collector_feed_subscribers", "gauge", "WebSocket subscribers connected now.", &self.feed_subscribers),
-            ("trazor_collector_feed_dropped_total", "counter", "Windows slow WebSocket subscribers missed.", &self.feed_dropped),
+            (
+                "trazor_collector_streams_opened_total",
+                "counter",
+                "Agent streams accepted.",
+                &self.streams_opened,
+            ),
+            (
+                "trazor_collector_streams_open",
+                "gauge",
+                "Agent streams open now.",
+                &self.streams_open,
+            ),
+            (
+                "trazor_collector_streams_rejected_total",
+                "counter",
+                "Agent streams rejected for bad input.",
+                &self.streams_rejected,
+            ),
+            (
+                "trazor_collector_windows_received_total",
+                "counter",
+                "Windows received, duplicates included.",
+                &self.windows_received,
+            ),
+            (
+                "trazor_collector_windows_duplicate_total",
+                "counter",
+                "Windows dropped as already received (agent, boot, sequence).",
+                &self.windows_duplicate,
+            ),
+            (
+                "trazor_collector_windows_published_total",
+                "counter",
+                "Windows published on the feed.",
+                &self.windows_published,
+            ),
+            (
+                "trazor_collector_feed_subscribers",
+                "gauge",
+                "WebSocket subscribers connected now.",
+                &self.feed_subscribers,
+            ),
+            (
+                "trazor_collector_feed_dropped_total",
+                "counter",
+                "Windows slow WebSocket subscribers missed.",
+                &self.feed_dropped,
+            ),
         ];
         let mut text = String::new();
         for (name, kind, help, value) in metrics {

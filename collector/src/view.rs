@@ -123,11 +123,7 @@ impl WindowView {
             count: stats.count,
             errors: stats.error_count,
             min_ms: millis(stats.min_nanos),
-            mean_ms: if stats.count == 0 {
-                0.0
-            } else {
-                millis(stats.sum_nanos / stats.count)
-            },
+            mean_ms: stats.sum_nanos.checked_div(stats.count).map_or(0.0, millis),
             max_ms: millis(stats.max_nanos),
             percentiles,
             status_classes,

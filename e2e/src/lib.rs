@@ -25,7 +25,10 @@ impl SampleServer {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdout"))?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
         let address = line
@@ -76,7 +79,8 @@ impl HttpClient {
             .connection
             .as_mut()
             .ok_or_else(|| std::io::Error::other("no connection"))?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: keep-alive\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: keep-alive\r\n\r\n");
         reader.get_mut().write_all(request.as_bytes())?;
         let mut status_line = String::new();
         reader.read_line(&mut status_line)?;

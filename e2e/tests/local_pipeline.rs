@@ -7,7 +7,6 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     path::Path,
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -22,7 +21,7 @@ use trazor_proto::v1::ExponentialHistogram;
 const SAMPLE_SERVER: &str = env!("CARGO_BIN_EXE_trazor-sample-server");
 
 /// One agent at a time: each traces the whole host, and the timings want the CPUs.
-static PIPELINE: Mutex<()> = Mutex::new(());
+static PIPELINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Pipeline {
     _agent: RunningAgent,
@@ -68,9 +67,9 @@ async fn collect_windows(
     let (mut socket, _) = tokio_tungstenite::connect_async(feed).await.unwrap();
     let mut windows: HashMap<u32, Vec<Value>> = HashMap::new();
     let counted = |windows: &HashMap<u32, Vec<Value>>, pid: &u32| -> u64 {
-        windows
-            .get(pid)
-            .map_or(0, |list| list.iter().map(|w| w["count"].as_u64().unwrap()).sum())
+        windows.get(pid).map_or(0, |list| {
+            list.iter().map(|w| w["count"].as_u64().unwrap()).sum()
+        })
     };
     let deadline = Instant::now() + timeout;
     while !expected.iter().all(|(pid, n)| counted(&windows, pid) >= *n) {
@@ -138,7 +137,7 @@ async fn measures_known_latencies_and_separates_processes() {
     if !require_ebpf_privileges("measures_known_latencies_and_separates_processes") {
         return;
     }
-    let _serial = PIPELINE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = PIPELINE.lock().await;
     let pipeline = start_pipeline(Duration::from_secs(2)).await;
     let fast = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "20ms"]).unwrap();
     let slow = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "50ms"]).unwrap();
@@ -158,9 +157,15 @@ async fn measures_known_latencies_and_separates_processes() {
     for (server, delay_ms) in [(&fast, 20.0), (&slow, 50.0)] {
         let list = &windows[&server.pid()];
         let total: u64 = list.iter().map(|w| w["count"].as_u64().unwrap()).sum();
-        assert_eq!(total, REQUESTS, "every request counted exactly once: {list:?}");
+        assert_eq!(
+            total, REQUESTS,
+            "every request counted exactly once: {list:?}"
+        );
         for window in list {
-            assert_eq!(window["process"], "trazor-sample-s", "comm is the process name");
+            assert_eq!(
+                window["process"], "trazor-sample-s",
+                "comm is the process name"
+            );
             assert_eq!(window["errors"], 0);
             assert_eq!(window["direction"], "server");
             // Nothing can be answered faster than the handler sleeps.
@@ -170,7 +175,12 @@ async fn measures_known_latencies_and_separates_processes() {
             if window["count"].as_u64().unwrap() >= 5 {
                 for p in ["p50", "p95", "p99"] {
                     let value = window["percentiles"][p].as_f64().unwrap();
-                    assert_close(&format!("{delay_ms} ms server, window {p}"), value, delay_ms, 0.05);
+                    assert_close(
+                        &format!("{delay_ms} ms server, window {p}"),
+                        value,
+                        delay_ms,
+                        0.05,
+                    );
                 }
             }
         }
@@ -178,7 +188,12 @@ async fn measures_known_latencies_and_separates_processes() {
         assert_eq!(merged.total(), REQUESTS);
         for q in [0.5, 0.99] {
             let value_ms = merged.quantile(q).unwrap() / 1e6;
-            assert_close(&format!("{delay_ms} ms server, merged q{q}"), value_ms, delay_ms, 0.05);
+            assert_close(
+                &format!("{delay_ms} ms server, merged q{q}"),
+                value_ms,
+                delay_ms,
+                0.05,
+            );
         }
     }
 }
@@ -188,7 +203,7 @@ async fn counts_server_errors_and_every_request_across_window_rotations() {
     if !require_ebpf_privileges("counts_server_errors_and_every_request_across_window_rotations") {
         return;
     }
-    let _serial = PIPELINE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = PIPELINE.lock().await;
     let pipeline = start_pipeline(Duration::from_secs(1)).await;
     let failing = SampleServer::start(
         Path::new(SAMPLE_SERVER),
@@ -209,7 +224,11 @@ async fn counts_server_errors_and_every_request_across_window_rotations() {
     let expected = HashMap::from([(failing.pid(), REQUESTS)]);
     let windows = collect_windows(&pipeline.feed, &expected, Duration::from_secs(15)).await;
     let list = &windows[&failing.pid()];
-    assert!(list.len() >= 2, "requests spanned several windows: {}", list.len());
+    assert!(
+        list.len() >= 2,
+        "requests spanned several windows: {}",
+        list.len()
+    );
     let errors: u64 = list.iter().map(|w| w["errors"].as_u64().unwrap()).sum();
     let total: u64 = list.iter().map(|w| w["count"].as_u64().unwrap()).sum();
     assert_eq!((total, errors), (REQUESTS, REQUESTS));

@@ -61,7 +61,9 @@ impl AgentConfig {
             )));
         }
         if self.buffer_windows == 0 {
-            return Err(Error::Config("buffer size must be at least 1 window".into()));
+            return Err(Error::Config(
+                "buffer size must be at least 1 window".into(),
+            ));
         }
         collector_endpoint(&self.collector)?;
         Ok(())
@@ -214,7 +216,13 @@ mod tests {
             window: Duration::from_millis(500),
             ..config()
         };
-        assert!(short.validate().unwrap_err().to_string().contains("1s to 5m"));
+        assert!(
+            short
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("1s to 5m")
+        );
         let fractional = AgentConfig {
             window: Duration::from_millis(1500),
             ..config()

@@ -123,7 +123,10 @@ mod tests {
             parse_cgroup2_mount(unified),
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
-        assert_eq!(parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 
     #[test]

@@ -131,10 +131,9 @@ impl KernelCapture {
     pub fn drain_closed(&mut self, open_window: u32) -> Result<Vec<ClosedSeries>> {
         let mut closed: HashMap<SeriesKey, ClosedSeries> = HashMap::new();
 
-        let mut series: PerCpuHashMap<&mut MapData, SeriesKey, SeriesTotals> = PerCpuHashMap::try_from(
-            map(&mut self.ebpf, "SERIES")?,
-        )
-        .map_err(Error::map("SERIES"))?;
+        let mut series: PerCpuHashMap<&mut MapData, SeriesKey, SeriesTotals> =
+            PerCpuHashMap::try_from(map(&mut self.ebpf, "SERIES")?)
+                .map_err(Error::map("SERIES"))?;
         let keys: Vec<SeriesKey> = series
             .keys()
             .filter_map(|key| key.ok())
@@ -154,10 +153,9 @@ impl KernelCapture {
             );
         }
 
-        let mut histogram: PerCpuHashMap<&mut MapData, BucketKey, u64> = PerCpuHashMap::try_from(
-            map(&mut self.ebpf, "HISTOGRAM")?,
-        )
-        .map_err(Error::map("HISTOGRAM"))?;
+        let mut histogram: PerCpuHashMap<&mut MapData, BucketKey, u64> =
+            PerCpuHashMap::try_from(map(&mut self.ebpf, "HISTOGRAM")?)
+                .map_err(Error::map("HISTOGRAM"))?;
         let keys: Vec<BucketKey> = histogram
             .keys()
             .filter_map(|key| key.ok())
@@ -180,10 +178,8 @@ impl KernelCapture {
 
     /// Kernel-side drop counters, summed over CPUs, by [`drop_reason`] name.
     pub fn drop_counts(&mut self) -> Result<Vec<(&'static str, u64)>> {
-        let drops: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
-            map(&mut self.ebpf, "DROPS")?,
-        )
-        .map_err(Error::map("DROPS"))?;
+        let drops: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(map(&mut self.ebpf, "DROPS")?).map_err(Error::map("DROPS"))?;
         (0..drop_reason::COUNT)
             .map(|reason| {
                 let values = drops.get(&reason, 0).map_err(Error::map("DROPS"))?;
@@ -201,10 +197,9 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::
 }
 
 fn sum_totals(per_cpu: &[SeriesTotals]) -> SeriesTotals {
-    per_cpu
-        .iter()
-        .filter(|totals| totals.count > 0)
-        .fold(SeriesTotals::default(), |mut sum, cpu| {
+    per_cpu.iter().filter(|totals| totals.count > 0).fold(
+        SeriesTotals::default(),
+        |mut sum, cpu| {
             sum.min_nanos = if sum.count == 0 {
                 cpu.min_nanos
             } else {
@@ -214,7 +209,8 @@ fn sum_totals(per_cpu: &[SeriesTotals]) -> SeriesTotals {
             sum.count += cpu.count;
             sum.sum_nanos += cpu.sum_nanos;
             sum
-        })
+        },
+    )
 }
 
 /// CLOCK_REALTIME - CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns is CLOCK_MONOTONIC).
@@ -269,7 +265,10 @@ fn ensure_tracefs(tracefs: &Path) -> Result<()> {
         return Ok(());
     }
     let target = std::ffi::CString::new(tracefs.as_os_str().as_encoded_bytes()).map_err(|_| {
-        Error::Config(format!("tracefs path {} contains a NUL byte", tracefs.display()))
+        Error::Config(format!(
+            "tracefs path {} contains a NUL byte",
+            tracefs.display()
+        ))
     })?;
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
     let mounted = unsafe {
@@ -310,7 +309,9 @@ fn raise_memlock_limit() {
     };
     // SAFETY: setrlimit reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels that charge BPF memory to the cgroup");
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK; fine on kernels that charge BPF memory to the cgroup"
+        );
     }
 }
 

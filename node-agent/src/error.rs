@@ -43,7 +43,9 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    #[error("invalid collector address {address:?}: {reason}; expected e.g. http://127.0.0.1:50051")]
+    #[error(
+        "invalid collector address {address:?}: {reason}; expected e.g. http://127.0.0.1:50051"
+    )]
     CollectorAddress { address: String, reason: String },
 
     #[error("{what} failed: {source}")]

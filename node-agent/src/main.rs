@@ -10,7 +10,11 @@ use trazor_node_agent::AgentConfig;
 #[command(version, about)]
 struct Flags {
     /// Collector gRPC address.
-    #[arg(long, env = "TRAZOR_COLLECTOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "TRAZOR_COLLECTOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     collector: String,
     /// Window length, 1s to 5m; windows are aligned to the wall clock.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]

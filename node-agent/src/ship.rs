@@ -19,8 +19,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use trazor_proto::v1::{
-    AgentHello, AgentMessage, CollectorMessage, LatencyWindow, agent_message,
-    collector_message, latency_ingest_client::LatencyIngestClient,
+    AgentHello, AgentMessage, CollectorMessage, LatencyWindow, agent_message, collector_message,
+    latency_ingest_client::LatencyIngestClient,
 };
 
 use crate::{Error, Result};
@@ -77,7 +77,9 @@ impl Outbox {
     fn state(&self) -> std::sync::MutexGuard<'_, OutboxState> {
         // A panic while holding this lock cannot leave the queue half-updated in a way that
         // matters more than losing the agent, so recover the data instead of propagating.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Numbers and queues closed windows.
@@ -154,8 +156,8 @@ pub fn collector_endpoint(address: &str) -> Result<Endpoint> {
     if !(address.starts_with("http://") || address.starts_with("https://")) {
         return Err(invalid("it must start with http:// or https://"));
     }
-    let endpoint = Endpoint::from_shared(address.to_owned())
-        .map_err(|error| invalid(&error.to_string()))?;
+    let endpoint =
+        Endpoint::from_shared(address.to_owned()).map_err(|error| invalid(&error.to_string()))?;
     Ok(endpoint
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
@@ -295,7 +297,11 @@ mod tests {
         let outbox = Outbox::new(10, Arc::default());
         outbox.push(windows(3));
         assert_eq!(
-            outbox.after(0).iter().map(|w| w.sequence).collect::<Vec<_>>(),
+            outbox
+                .after(0)
+                .iter()
+                .map(|w| w.sequence)
+                .collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
         outbox.ack(2);
@@ -311,7 +317,11 @@ mod tests {
         let outbox = Outbox::new(2, Arc::default());
         outbox.push(windows(5));
         assert_eq!(
-            outbox.after(0).iter().map(|w| w.sequence).collect::<Vec<_>>(),
+            outbox
+                .after(0)
+                .iter()
+                .map(|w| w.sequence)
+                .collect::<Vec<_>>(),
             vec![4, 5]
         );
         assert_eq!(outbox.stats.windows_dropped.load(Ordering::Relaxed), 3);
@@ -320,7 +330,9 @@ mod tests {
     #[test]
     fn collector_address_must_be_a_url() {
         assert!(collector_endpoint("http://127.0.0.1:50051").is_ok());
-        let error = collector_endpoint("127.0.0.1:50051").unwrap_err().to_string();
+        let error = collector_endpoint("127.0.0.1:50051")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("http://"), "{error}");
         assert!(collector_endpoint("http://exa mple:1").is_err());
     }

@@ -10,9 +10,7 @@ use std::{
 };
 
 use trazor_node_agent_ebpf_common::{HISTOGRAM_SCALE, SeriesKey};
-use trazor_proto::v1::{
-    Direction, ExponentialHistogram, LatencyStats, LatencyWindow, Quantile,
-};
+use trazor_proto::v1::{Direction, ExponentialHistogram, LatencyStats, LatencyWindow, Quantile};
 
 use crate::{attribute::SourceResolver, capture::ClosedSeries};
 

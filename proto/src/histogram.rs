@@ -30,7 +30,7 @@ impl ExponentialHistogram {
                 bucket_counts: Vec::new(),
             });
         };
-        let last = nonzero.last().map_or(first, |(&index, _)| index);
+        let last = nonzero.next_back().map_or(first, |(&index, _)| index);
         let width = (i64::from(last) - i64::from(first) + 1) as usize;
         if width > MAX_DENSE_BUCKETS {
             return Err(HistogramError::TooWide(width));

@@ -54,21 +54,32 @@ async fn main() -> ExitCode {
             continue;
         };
         if window["type"] == "lagged" {
-            println!("... missed {} windows (terminal too slow)", window["missed"]);
+            println!(
+                "... missed {} windows (terminal too slow)",
+                window["missed"]
+            );
             continue;
         }
         if window["type"] != "window" {
             continue;
         }
         let process = window["process"].as_str().unwrap_or("?");
-        if flags.process.as_deref().is_some_and(|wanted| wanted != process) {
+        if flags
+            .process
+            .as_deref()
+            .is_some_and(|wanted| wanted != process)
+        {
             continue;
         }
         let ms = |key: &str| window["percentiles"][key].as_f64().unwrap_or(f64::NAN);
         let start = window["start"].as_str().unwrap_or("");
         let time = start.get(11..19).unwrap_or(start);
         let cgroup = window["cgroup_path"].as_str().unwrap_or("");
-        let cgroup = if cgroup.len() > 22 { &cgroup[cgroup.len() - 22..] } else { cgroup };
+        let cgroup = if cgroup.len() > 22 {
+            &cgroup[cgroup.len() - 22..]
+        } else {
+            cgroup
+        };
         println!(
             "{:<8} {:<24} {:<22} {:>6} {:>4} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             time,

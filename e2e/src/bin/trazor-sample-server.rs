@@ -38,7 +38,10 @@ fn main() -> ExitCode {
     let listener = match TcpListener::bind(&flags.listen) {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("trazor-sample-server: error: cannot listen on {}: {error}", flags.listen);
+            eprintln!(
+                "trazor-sample-server: error: cannot listen on {}: {error}",
+                flags.listen
+            );
             return ExitCode::FAILURE;
         }
     };
