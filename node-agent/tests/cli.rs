@@ -88,11 +88,10 @@ fn bad_percentile_and_unknown_flags_are_refused() {
 fn missing_privileges_name_the_capabilities() {
     // Run as an unprivileged user: as root, drop to nobody with setpriv.
     let output = if is_root() {
-        let output = Command::new("setpriv")
+        Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT])
             .output()
-            .expect("setpriv (util-linux) runs the agent as nobody");
-        output
+            .expect("setpriv (util-linux) runs the agent as nobody")
     } else {
         run(&[])
     };
