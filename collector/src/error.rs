@@ -1,5 +1,5 @@
 //! The collector's one error type.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -14,6 +14,21 @@ pub enum Error {
         server: &'static str,
         reason: String,
     },
+    #[error("cannot read the token file {} ({source}); check --token-file", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the state directory {} ({source}); check --state-dir and its permissions",
+        path.display()
+    )]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,7 +7,7 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex, OnceLock, atomic::Ordering},
 };
 
 use axum::{
@@ -19,16 +19,55 @@ use axum::{
 };
 use serde::Deserialize;
 use tokio::sync::broadcast;
+use trazor_proto::v1::LatencyWindow;
 
-use crate::stats::CollectorStats;
+use crate::{stats::CollectorStats, view::WindowView};
+
+/// One feed document. A window's JSON is written the first time someone reads it (a
+/// subscriber, or the history replay), so ingest does not pay for JSON nobody reads.
+#[derive(Debug)]
+pub struct FeedItem {
+    json: OnceLock<Arc<str>>,
+    window: Option<PendingWindow>,
+}
+
+#[derive(Debug)]
+struct PendingWindow {
+    agent_id: Arc<str>,
+    boot_id: Arc<str>,
+    window: LatencyWindow,
+    late: bool,
+}
+
+impl FeedItem {
+    /// The document's JSON text.
+    pub fn json(&self) -> Arc<str> {
+        self.json
+            .get_or_init(|| {
+                let Some(pending) = &self.window else {
+                    return Arc::from("{}");
+                };
+                let mut view = WindowView::new(&pending.agent_id, &pending.boot_id, &pending.window);
+                view.late = pending.late;
+                match serde_json::to_string(&view) {
+                    Ok(json) => json.into(),
+                    Err(error) => {
+                        tracing::error!(%error, "could not encode a window as JSON");
+                        Arc::from(r#"{"type":"error"}"#)
+                    }
+                }
+            })
+            .clone()
+    }
+}
 
 /// Windows queued per subscriber before it starts missing some.
 const SUBSCRIBER_QUEUE: usize = 4_096;
 
 #[derive(Debug)]
 pub struct WindowFeed {
-    live: broadcast::Sender<Arc<str>>,
-    history: Mutex<VecDeque<Arc<str>>>,
+    live: broadcast::Sender<Arc<FeedItem>>,
+    history: Mutex<VecDeque<Arc<FeedItem>>>,
     history_capacity: usize,
     stats: Arc<CollectorStats>,
 }
@@ -45,7 +84,33 @@ impl WindowFeed {
 
     /// Publishes one JSON document to history and every subscriber.
     pub fn publish(&self, json: String) {
-        let json: Arc<str> = json.into();
+        self.publish_item(FeedItem {
+            json: OnceLock::from(Arc::from(json)),
+            window: None,
+        });
+    }
+
+    /// Publishes a window received from `agent_id`; `late` when it missed its aggregate.
+    pub fn publish_window(
+        &self,
+        agent_id: &Arc<str>,
+        boot_id: &Arc<str>,
+        window: LatencyWindow,
+        late: bool,
+    ) {
+        self.publish_item(FeedItem {
+            json: OnceLock::new(),
+            window: Some(PendingWindow {
+                agent_id: agent_id.clone(),
+                boot_id: boot_id.clone(),
+                window,
+                late,
+            }),
+        });
+    }
+
+    fn publish_item(&self, item: FeedItem) {
+        let json = Arc::new(item);
         {
             let mut history = self
                 .history
@@ -64,7 +129,10 @@ impl WindowFeed {
         self.stats.windows_published.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn subscribe(&self, history_limit: usize) -> (Vec<Arc<str>>, broadcast::Receiver<Arc<str>>) {
+    fn subscribe(
+        &self,
+        history_limit: usize,
+    ) -> (Vec<Arc<FeedItem>>, broadcast::Receiver<Arc<FeedItem>>) {
         let history = self
             .history
             .lock()
@@ -94,13 +162,13 @@ async fn serve_subscriber(mut socket: WebSocket, feed: Arc<WindowFeed>, params: 
     stats.feed_subscribers.fetch_add(1, Ordering::Relaxed);
     let (history, mut live) = feed.subscribe(params.history.unwrap_or(usize::MAX));
     let result: Result<(), axum::Error> = async {
-        for json in history {
-            socket.send(Message::text(json.as_ref())).await?;
+        for item in history {
+            socket.send(Message::text(item.json().as_ref())).await?;
         }
         loop {
             tokio::select! {
                 received = live.recv() => match received {
-                    Ok(json) => socket.send(Message::text(json.as_ref())).await?,
+                    Ok(item) => socket.send(Message::text(item.json().as_ref())).await?,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         stats.feed_dropped.fetch_add(missed, Ordering::Relaxed);
                         let notice = format!(r#"{{"type":"lagged","missed":{missed}}}"#);
@@ -135,11 +203,11 @@ mod tests {
         }
         let (history, _) = feed.subscribe(usize::MAX);
         assert_eq!(
-            history.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+            history.iter().map(|s| s.json().to_string()).collect::<Vec<_>>(),
             ["1", "2"]
         );
         let (limited, _) = feed.subscribe(1);
         assert_eq!(limited.len(), 1);
-        assert_eq!(limited[0].as_ref(), "2");
+        assert_eq!(limited[0].json().as_ref(), "2");
     }
 }

@@ -1,28 +1,54 @@
 //! Trazor's collector.
 //!
-//! Agents stream latency windows to the gRPC [`ingest`] service; each window is
-//! deduplicated ([`dedup`]) and published, as JSON ([`view`]), on the WebSocket [`feed`]
-//! at `/ws`. `/metrics` exports the counters in [`stats`]; `/healthz` answers when serving.
+//! Agents stream latency windows to the gRPC [`ingest`] service, authenticated by a bearer
+//! token ([`auth`]) and held to per-agent limits ([`limits`]); each window is deduplicated
+//! ([`dedup`]), recorded in the [`journal`] when there is a state dir, merged exactly with
+//! the same workload's windows from other agents ([`merge`]), and published, as JSON
+//! ([`view`]), on the WebSocket [`feed`] at `/ws`. `/metrics` exports the counters in
+//! [`stats`]; `/healthz` answers when the process serves, `/readyz` once the journal is
+//! replayed and both servers run.
 
+pub mod auth;
 pub mod dedup;
 mod error;
 pub mod feed;
 pub mod ingest;
+pub mod journal;
+pub mod limits;
+pub mod merge;
 pub mod stats;
 pub mod view;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use axum::{Router, routing::get};
+use axum::{Router, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use trazor_proto::v1::latency_ingest_server::LatencyIngestServer;
 
 pub use error::{Error, Result};
 
-use crate::{feed::WindowFeed, ingest::IngestService, stats::CollectorStats};
+use crate::{
+    auth::BearerAuth,
+    dedup::Deduplicator,
+    feed::WindowFeed,
+    ingest::IngestService,
+    journal::{Journal, JournalConfig},
+    limits::{AgentLimitConfig, AgentLimits},
+    merge::WindowMerger,
+    stats::CollectorStats,
+};
 
-/// Largest gRPC message accepted from an agent. A window is a few KiB.
+/// Default largest gRPC message accepted from an agent. A window is a few KiB.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
@@ -33,6 +59,40 @@ pub struct CollectorConfig {
     pub http_listen: SocketAddr,
     /// Windows kept for new feed subscribers.
     pub history: usize,
+    /// Bearer token agents must present; `None` accepts every agent.
+    pub token: Option<String>,
+    /// Largest message accepted; bigger ones end their stream with RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// Streams per agent id and per-agent rate.
+    pub agent_limits: AgentLimitConfig,
+    /// How long after a window's end its aggregate stays open for late windows.
+    pub late_grace: Duration,
+    /// Where the journal lives (see [`journal`]); `None` keeps state in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// Journal bytes kept on disk at most (four segments).
+    pub state_max_bytes: u64,
+    /// Sync the journal to disk before every ack.
+    pub state_fsync: bool,
+}
+
+impl Default for CollectorConfig {
+    /// Loopback on ephemeral ports, no auth, no state dir: for tests and embedding. The
+    /// `trazor-collector` binary has its own defaults (see `--help`).
+    fn default() -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            grpc_listen: loopback,
+            http_listen: loopback,
+            history: 1_000,
+            token: None,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            agent_limits: AgentLimitConfig::default(),
+            late_grace: Duration::from_secs(30),
+            state_dir: None,
+            state_max_bytes: 256 * 1024 * 1024,
+            state_fsync: false,
+        }
+    }
 }
 
 /// A collector whose sockets are bound (so its addresses are known) but not yet serving.
@@ -40,10 +100,20 @@ pub struct BoundCollector {
     grpc: TcpListener,
     http: TcpListener,
     service: IngestService,
+    config: CollectorConfig,
+    ready: Arc<AtomicBool>,
 }
 
 impl BoundCollector {
+    /// Binds both addresses and, with a state dir, replays the journal: dedup marks, feed
+    /// history and open aggregates come back before the first agent is served.
     pub async fn bind(config: &CollectorConfig) -> Result<Self> {
+        if config.max_message_bytes < 1024 {
+            return Err(Error::Config(format!(
+                "max message size {} is too small for a window; use at least 1024 bytes",
+                config.max_message_bytes
+            )));
+        }
         let grpc = TcpListener::bind(config.grpc_listen)
             .await
             .map_err(|source| Error::Listen {
@@ -59,15 +129,62 @@ impl BoundCollector {
                 source,
             })?;
         let stats = Arc::new(CollectorStats::default());
-        let service = IngestService {
-            dedup: Default::default(),
+        let mut service = IngestService {
+            dedup: Arc::new(Deduplicator::default()),
             feed: Arc::new(WindowFeed::new(config.history, stats.clone())),
+            merger: Arc::new(WindowMerger::new(config.late_grace)),
+            limits: Arc::new(AgentLimits::new(config.agent_limits)),
+            journal: None,
             stats,
         };
+        if let Some(dir) = &config.state_dir {
+            let state_error = |source| Error::State {
+                path: dir.clone(),
+                source,
+            };
+            let (journal, replay) = Journal::open(JournalConfig {
+                dir: dir.clone(),
+                segment_bytes: (config.state_max_bytes / 4).max(64 * 1024),
+                keep_segments: 4,
+                fsync: config.state_fsync,
+            })
+            .map_err(state_error)?;
+            service
+                .stats
+                .journal_truncated
+                .store(replay.truncated, Ordering::Relaxed);
+            for (agent, boot, highest) in &replay.marks {
+                let mark = service.dedup.mark(agent, boot);
+                let mut mark = mark.lock();
+                *mark = (*mark).max(*highest);
+            }
+            let now = ingest::unix_nanos();
+            let windows = replay.windows.len();
+            for (agent, boot, window) in replay.windows {
+                if !service.dedup.first_sighting(&agent, &boot, window.sequence) {
+                    continue;
+                }
+                // Aggregates already closed were published before the restart.
+                let merged = now <= window.end_unix_nanos.saturating_add(config.late_grace.as_nanos() as u64);
+                if merged {
+                    service.merger.accept(&window, now);
+                }
+                service
+                    .feed
+                    .publish_window(&agent.as_str().into(), &boot.as_str().into(), window, false);
+            }
+            tracing::info!(
+                state_dir = %dir.display(), windows, agents = service.dedup.len(),
+                "journal replayed"
+            );
+            service.journal = Some(Arc::new(journal));
+        }
         Ok(Self {
             grpc,
             http,
             service,
+            config: config.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -85,17 +202,36 @@ impl BoundCollector {
 
     /// Serves until either server fails.
     pub async fn serve(self) -> Result<()> {
+        let auth = BearerAuth::new(self.config.token.as_deref(), self.service.stats.clone());
+        if self.config.token.is_none() {
+            tracing::warn!("no token configured: accepting every agent (set --token-file or TRAZOR_TOKEN)");
+        }
+        let ingest = LatencyIngestServer::new(self.service.clone())
+            .max_decoding_message_size(self.config.max_message_bytes);
         let grpc = tonic::transport::Server::builder()
-            .add_service(
-                LatencyIngestServer::new(self.service.clone())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            )
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(InterceptedService::new(ingest, auth))
             .serve_with_incoming(TcpListenerStream::new(self.grpc));
         let stats = self.service.stats.clone();
+        let ready = self.ready.clone();
         let router = Router::new()
             .route("/ws", get(feed::websocket))
             .with_state(self.service.feed.clone())
             .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let ready = ready.load(Ordering::Relaxed);
+                    async move {
+                        if ready {
+                            (StatusCode::OK, "ready\n")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        }
+                    }
+                }),
+            )
             .route(
                 "/metrics",
                 get(move || {
@@ -104,10 +240,42 @@ impl BoundCollector {
                 }),
             );
         let http = axum::serve(self.http, router);
-        tokio::select! {
+        let aggregates = publish_aggregates(self.service.clone());
+        self.ready.store(true, Ordering::Relaxed);
+        let result = tokio::select! {
             result = grpc => result.map_err(|error| Error::Serve { server: "gRPC", reason: error.to_string() }),
             result = http => result.map_err(|error| Error::Serve { server: "HTTP", reason: error.to_string() }),
+            () = aggregates => Ok(()),
+        };
+        self.ready.store(false, Ordering::Relaxed);
+        result
+    }
+}
+
+/// Closes aggregates whose grace period is over and publishes them, every quarter grace
+/// (at least every 100 ms, at most every second).
+async fn publish_aggregates(service: IngestService) {
+    let period = (service.merger.grace() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let stats = &service.stats;
+        for aggregate in service.merger.close_due(ingest::unix_nanos()) {
+            match serde_json::to_string(&aggregate.view()) {
+                Ok(json) => {
+                    service.feed.publish(json);
+                    stats.aggregates_published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => tracing::error!(%error, "could not encode an aggregate as JSON"),
+            }
         }
+        stats
+            .aggregates_open
+            .store(service.merger.open_len() as u64, Ordering::Relaxed);
+        stats
+            .dedup_marks
+            .store(service.dedup.len() as u64, Ordering::Relaxed);
     }
 }
 

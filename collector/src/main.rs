@@ -1,8 +1,11 @@
 //! `trazor-collector`: receives windows from node agents and serves the live feed.
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use trazor_collector::{BoundCollector, CollectorConfig};
+use trazor_collector::{
+    BoundCollector, CollectorConfig, MAX_MESSAGE_BYTES, auth::load_token,
+    limits::AgentLimitConfig,
+};
 
 /// Receives latency windows from Trazor node agents (gRPC) and publishes them live
 /// (WebSocket, JSON).
@@ -12,12 +15,43 @@ struct Flags {
     /// Address for agents' gRPC streams.
     #[arg(long, default_value = "0.0.0.0:50051")]
     grpc_listen: SocketAddr,
-    /// Address for the WebSocket feed (/ws), /metrics and /healthz.
+    /// Address for the WebSocket feed (/ws), /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_listen: SocketAddr,
     /// Windows kept to replay to new feed subscribers.
     #[arg(long, default_value_t = 1_000)]
     history: usize,
+    /// File holding the bearer token agents must present (e.g. a mounted Secret). Without
+    /// it, the TRAZOR_TOKEN environment variable; without either, no authentication.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Largest message accepted from an agent, in bytes.
+    #[arg(long, default_value_t = MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Streams one agent id may hold open at once.
+    #[arg(long, default_value_t = AgentLimitConfig::default().max_streams)]
+    max_streams_per_agent: usize,
+    /// Windows per second one agent may send (sustained); 0 for no limit. Above it the
+    /// collector reads the agent's stream more slowly: nothing is dropped.
+    #[arg(long, default_value_t = AgentLimitConfig::default().windows_per_second)]
+    agent_rate: u32,
+    /// Windows one agent may send at once above its rate (a backlog after an outage).
+    #[arg(long, default_value_t = AgentLimitConfig::default().burst)]
+    agent_burst: u32,
+    /// How long after a window's end windows of other agents are still merged into its
+    /// aggregate; later ones are counted as late.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    late_grace: Duration,
+    /// Directory for the journal of accepted windows, so a restart neither loses nor
+    /// duplicates any (an emptyDir or volume in Kubernetes). Without it, state is in memory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Journal size kept on disk, in bytes.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    state_max_bytes: u64,
+    /// fsync the journal before each ack (survives a node crash, not just a process crash).
+    #[arg(long)]
+    state_fsync: bool,
     /// Log filter, e.g. `info` or `trazor_collector=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
     log: String,
@@ -33,10 +67,28 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let token = match load_token(flags.token_file.as_deref()) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("trazor-collector: error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = CollectorConfig {
         grpc_listen: flags.grpc_listen,
         http_listen: flags.http_listen,
         history: flags.history,
+        token,
+        max_message_bytes: flags.max_message_bytes,
+        agent_limits: AgentLimitConfig {
+            max_streams: flags.max_streams_per_agent,
+            windows_per_second: flags.agent_rate,
+            burst: flags.agent_burst,
+        },
+        late_grace: flags.late_grace,
+        state_dir: flags.state_dir,
+        state_max_bytes: flags.state_max_bytes,
+        state_fsync: flags.state_fsync,
     };
     let collector = match BoundCollector::bind(&config).await {
         Ok(collector) => collector,
@@ -50,6 +102,14 @@ async fn main() -> ExitCode {
         feed = %format!("ws://{}/ws", collector.http_addr()),
         "collector serving"
     );
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                eprintln!("trazor-collector: error: cannot handle SIGTERM: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
     tokio::select! {
         result = collector.serve() => {
             if let Err(error) = result {
@@ -58,5 +118,6 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        _ = terminate.recv() => ExitCode::SUCCESS,
     }
 }

@@ -34,6 +34,9 @@ pub struct WindowView {
     /// Requests by status class, e.g. {"2xx": 98, "5xx": 2}.
     pub status_classes: serde_json::Map<String, serde_json::Value>,
     pub histogram: HistogramView,
+    /// Arrived after its aggregate closed (see `merge`): counted once, not merged.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,6 +64,15 @@ fn millis(nanos: u64) -> f64 {
 
 fn rfc3339(unix_nanos: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(unix_nanos)).to_string()
+}
+
+/// The feed's name for a `Direction`.
+pub fn direction_name(direction: i32) -> &'static str {
+    match Direction::try_from(direction) {
+        Ok(Direction::Client) => "client",
+        Ok(Direction::Server) => "server",
+        _ => "unspecified",
+    }
 }
 
 /// `0.5` → `p50`, `0.999` → `p99.9`.
@@ -111,11 +123,8 @@ impl WindowView {
                 workload_kind: pod.workload_kind,
                 workload_name: pod.workload_name,
             }),
-            direction: match Direction::try_from(window.direction) {
-                Ok(Direction::Client) => "client",
-                Ok(Direction::Server) => "server",
-                _ => "unspecified",
-            },
+            direction: direction_name(window.direction),
+            late: false,
             start: rfc3339(window.start_unix_nanos),
             end: rfc3339(window.end_unix_nanos),
             start_unix_ms: window.start_unix_nanos / 1_000_000,

@@ -25,6 +25,7 @@ async fn collector() -> (
         grpc_listen: loopback,
         http_listen: loopback,
         history: 100,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -154,6 +155,7 @@ async fn an_address_in_use_is_a_clear_error() {
         grpc_listen: taken.local_addr().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         history: 1,
+        ..Default::default()
     })
     .await
     .err()

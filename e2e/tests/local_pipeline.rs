@@ -34,23 +34,18 @@ async fn start_pipeline(window: Duration) -> Pipeline {
         grpc_listen: loopback,
         http_listen: loopback,
         history: 10_000,
+        ..Default::default()
     })
     .await
     .unwrap();
     let grpc = collector.grpc_addr();
     let feed = format!("ws://{}/ws", collector.http_addr());
     tokio::spawn(collector.serve());
-    let agent = trazor_node_agent::start(AgentConfig {
-        collector: format!("http://{grpc}"),
-        node_name: "e2e-node".into(),
-        agent_id: "e2e-agent".into(),
-        window,
-        quantiles: vec![0.5, 0.95, 0.99],
-        buffer_windows: 10_000,
-        tracefs: "/sys/kernel/tracing".into(),
-    })
-    .await
-    .expect("the agent starts (root, tracefs, eBPF)");
+    let mut config = AgentConfig::new(format!("http://{grpc}"), "e2e-node");
+    config.window = window;
+    let agent = trazor_node_agent::start(config)
+        .await
+        .expect("the agent starts (root, tracefs, eBPF)");
     Pipeline {
         _agent: agent,
         feed,

@@ -1,41 +1,47 @@
-//! Trazor's eBPF programs: server-side HTTP/1.x request latency from syscall tracepoints.
+//! Trazor's eBPF programs: HTTP/1.x request latency from syscall tracepoints, on both
+//! sides of a connection.
 //!
-//! A connection is tracked from the `accept`/`accept4` that created it to its `close`, in
-//! `CONNECTIONS`, keyed by (tgid, fd). Every other hook starts with one lookup there, so
-//! untraced processes and non-socket fds cost one map lookup per syscall and nothing else.
+//! A connection is tracked from the `accept`/`accept4` (server side) or `connect` (client
+//! side) that created it to its `close`, in `CONNECTIONS`, keyed by (tgid, fd). Every other
+//! hook starts with one lookup there, so untraced processes and non-socket fds cost one map
+//! lookup per syscall and nothing else.
 //!
-//! A request starts when a read on a tracked connection returns bytes that begin with an
-//! HTTP method, and ends when a write on it that begins with an `HTTP/1.x` status line
-//! (other than `1xx` interim responses) returns. Its latency is counted right here, into
-//! per-CPU maps keyed by window number: `SERIES` (count, sum, min, max) and `HISTOGRAM`
-//! (log-bucketed, see `bucket_index`). User space reads a window once it has closed and
-//! deletes its keys; it never sees a per-request event.
+//! Server side, a request starts when a read returns bytes that begin with an HTTP method
+//! and ends when the write of its status line (`HTTP/1.x NNN`, not a `1xx` interim) returns.
+//! Client side, it starts when the process writes a request line and ends when a read
+//! returns the status line. The latency is counted right here, into per-CPU maps keyed by
+//! window number: `SERIES` (count, sum, min, max) and `HISTOGRAM` (log buckets, see
+//! `bucket_index`). User space reads a window once it has closed and deletes its keys. Only
+//! exemplars and the first request of each series (to name its route) reach user space,
+//! through the `EVENTS` ring buffer.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
         bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, Direction, SeriesKey, SeriesTotals, bucket_index, drop_reason,
-    method,
+    AgentSettings, BucketKey, Direction, PATH_LEN, RequestEvent, SeriesKey, SeriesTotals,
+    bucket_index, drop_reason, event_flag, method, route_hash,
 };
 
-/// Connections traced: most hosts have far fewer open server connections than this.
-const MAX_CONNECTIONS: u32 = 65_536;
-/// Threads inside a read or write on a traced connection at one time.
+/// Connections traced: most hosts have far fewer open connections than this.
+const MAX_CONNECTIONS: u32 = 32_768;
+/// Threads inside a read, write or connect on a traced connection at one time.
 const MAX_SYSCALLS_IN_FLIGHT: u32 = 16_384;
-/// Distinct (cgroup, process, method, status class) series per open window pair.
+/// Distinct series (cgroup, process, route, peer, method, status class) per open window.
 const MAX_SERIES: u32 = 16_384;
 /// Non-empty histogram buckets across all series of the open windows.
 const MAX_BUCKETS: u32 = 131_072;
+/// Ring buffer to user space, bytes (a power of two, multiple of the page size).
+const EVENTS_BYTES: u32 = 1 << 20;
 
 #[map]
 static SETTINGS: Array<AgentSettings> = Array::with_max_entries(1, 0);
@@ -50,7 +56,8 @@ static TRACED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
 static CONNECTIONS: LruHashMap<ConnectionKey, Connection> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
-/// The buffer of a read or write between its syscall's entry and exit, by thread.
+/// The buffer of a read or write (or the address of a connect) between its syscall's entry
+/// and exit, by thread.
 #[map]
 static SYSCALLS_IN_FLIGHT: LruHashMap<u64, SyscallInFlight> =
     LruHashMap::with_max_entries(MAX_SYSCALLS_IN_FLIGHT, 0);
@@ -65,6 +72,14 @@ static HISTOGRAM: PerCpuHashMap<BucketKey, u64> = PerCpuHashMap::with_max_entrie
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
 
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Per-CPU scratch for the path being captured (too big for the 512-byte BPF stack next to
+/// everything else).
+#[map]
+static PATH_SCRATCH: PerCpuArray<[u8; PEEK_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ConnectionKey {
@@ -75,10 +90,16 @@ struct ConnectionKey {
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Connection {
-    /// `bpf_ktime_get_ns` when the current request's first bytes were read; 0 when idle.
+    /// `bpf_ktime_get_ns` when the current request started; 0 when idle.
     request_start_nanos: u64,
+    peer_addr: u32,
+    route: u32,
+    peer_port: u16,
+    direction: u8,
     method: u8,
-    _pad: [u8; 7],
+    path_len: u8,
+    _pad: [u8; 3],
+    path: [u8; PATH_LEN],
 }
 
 /// How the user buffer of a syscall is described by its arguments.
@@ -97,19 +118,25 @@ enum BufferShape {
 #[derive(Clone, Copy)]
 struct SyscallInFlight {
     fd: u32,
-    /// Status code parsed from a response at write entry; 0 for reads.
+    /// Server side: status code parsed from a response at write entry.
     status: u16,
     shape: u8,
     _pad: u8,
+    /// User buffer, or for connect the remote IPv4 address in the low 32 bits.
     buffer: u64,
+    /// connect: remote port.
+    port: u16,
+    _pad2: [u8; 6],
 }
 
 /// Offset of the first syscall argument in a `syscalls:sys_enter_*` record (after the common
 /// header and `__syscall_nr`), and of `ret` in a `sys_exit_*` record.
 const ARGS_OFFSET: usize = 16;
 const RET_OFFSET: usize = 16;
-/// Bytes of a buffer inspected: enough for "OPTIONS " and "HTTP/1.1 200".
-const PEEK_LEN: usize = 16;
+/// Bytes of a buffer inspected: "OPTIONS " plus a path of PATH_LEN bytes.
+const PEEK_LEN: usize = 8 + PATH_LEN;
+const EINPROGRESS: i64 = 115;
+const AF_INET: u16 = 2;
 
 #[inline(always)]
 fn arg(ctx: &TracePointContext, index: usize) -> Result<u64, i32> {
@@ -137,53 +164,89 @@ fn settings() -> Option<AgentSettings> {
 }
 
 #[inline(always)]
+fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
 fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-/// The first bytes of the user buffer a syscall read into or writes from.
+/// Whether the current process is to be traced, for a new connection in `direction`.
 #[inline(always)]
-fn peek(shape: u8, buffer: u64) -> Result<[u8; PEEK_LEN], i32> {
-    let data = if shape == BufferShape::Flat as u8 {
-        buffer
-    } else {
-        let iovec = if shape == BufferShape::MsgHdr as u8 {
-            // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
-            // SAFETY: reading user memory through the helper, which checks the address.
-            unsafe { bpf_probe_read_user((buffer + 16) as *const u64)? }
-        } else {
-            buffer
-        };
-        // struct iovec { void *iov_base; size_t iov_len; }: the first buffer's address.
-        // SAFETY: as above.
-        unsafe { bpf_probe_read_user(iovec as *const u64)? }
+fn traced(direction: Direction) -> bool {
+    let Some(settings) = settings() else {
+        return false;
     };
-    let mut bytes = [0u8; PEEK_LEN];
+    if settings.window_nanos == 0
+        || current_tgid() == settings.agent_tgid
+        || settings.directions & (direction as u32) == 0
+    {
+        return false;
+    }
+    if settings.trace_all != 0 {
+        return true;
+    }
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is a plain u8 and only tested for presence.
+    unsafe { TRACED_CGROUPS.get(&cgroup_id) }.is_some()
+}
+
+/// The address of the first user buffer a syscall reads into or writes from.
+#[inline(always)]
+fn first_buffer(shape: u8, buffer: u64) -> Result<u64, i32> {
+    if shape == BufferShape::Flat as u8 {
+        return Ok(buffer);
+    }
+    let iovec = if shape == BufferShape::MsgHdr as u8 {
+        // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
+        // SAFETY: reading user memory through the helper, which checks the address.
+        unsafe { bpf_probe_read_user((buffer + 16) as *const u64)? }
+    } else {
+        buffer
+    };
+    // struct iovec { void *iov_base; size_t iov_len; }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_user(iovec as *const u64) }
+}
+
+/// Copies the first PEEK_LEN bytes of the user buffer into the per-CPU scratch; returns
+/// them and the buffer's address.
+#[inline(always)]
+fn peek(shape: u8, buffer: u64) -> Result<(&'static mut [u8; PEEK_LEN], u64), i32> {
+    let data = first_buffer(shape, buffer)?;
     if data == 0 {
         return Err(-1);
     }
-    // SAFETY: as above.
-    unsafe { bpf_probe_read_user_buf(data as *const u8, &mut bytes)? };
-    Ok(bytes)
+    let scratch = PATH_SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+    // SAFETY: this CPU's scratch slot, used by one program at a time on this CPU.
+    let bytes = unsafe { &mut *scratch };
+    // A buffer shorter than PEEK_LEN still lies in the process's memory almost always; if
+    // not, the read fails and the request is simply not recognised.
+    // SAFETY: the helper checks the user address.
+    unsafe { bpf_probe_read_user_buf(data as *const u8, bytes)? };
+    Ok((bytes, data))
 }
 
-/// The method a request starts with, or None if the bytes are not a request line.
+/// The method a request starts with and the length of "METHOD ", or None.
 #[inline(always)]
-fn parse_method(bytes: &[u8; PEEK_LEN]) -> Option<u8> {
-    let word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    let method = match &word.to_le_bytes() {
-        b"GET " => method::GET,
-        b"PUT " => method::PUT,
-        b"POST" if bytes[4] == b' ' => method::POST,
-        b"HEAD" if bytes[4] == b' ' => method::HEAD,
-        b"DELE" if bytes[6] == b' ' => method::DELETE,
-        b"PATC" if bytes[5] == b' ' => method::PATCH,
-        b"OPTI" if bytes[7] == b' ' => method::OPTIONS,
-        b"CONN" if bytes[7] == b' ' => method::CONNECT,
-        b"TRAC" if bytes[5] == b' ' => method::TRACE,
+fn parse_method(bytes: &[u8; PEEK_LEN]) -> Option<(u8, usize)> {
+    let parsed = match &[bytes[0], bytes[1], bytes[2], bytes[3]] {
+        b"GET " => (method::GET, 4),
+        b"PUT " => (method::PUT, 4),
+        b"POST" if bytes[4] == b' ' => (method::POST, 5),
+        b"HEAD" if bytes[4] == b' ' => (method::HEAD, 5),
+        b"DELE" if bytes[6] == b' ' => (method::DELETE, 7),
+        b"PATC" if bytes[5] == b' ' => (method::PATCH, 6),
+        b"OPTI" if bytes[7] == b' ' => (method::OPTIONS, 8),
+        b"CONN" if bytes[7] == b' ' => (method::CONNECT, 8),
+        b"TRAC" if bytes[5] == b' ' => (method::TRACE, 6),
         _ => return None,
     };
-    Some(method)
+    Some(parsed)
 }
 
 /// The status code of a response's status line (`HTTP/1.x NNN`), or None.
@@ -202,35 +265,128 @@ fn parse_status(bytes: &[u8; PEEK_LEN]) -> Option<u16> {
     Some(status)
 }
 
+/// An interim response (100 Continue, 102, 103): the final one is still to come.
+#[inline(always)]
+fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
+}
+
+/// Marks `connection` as carrying a request that started at `start`, keeping its path.
+/// `data` is the user address of `bytes`.
+#[inline(always)]
+fn start_request(connection: *mut Connection, bytes: &[u8; PEEK_LEN], data: u64, start: u64) {
+    let Some((method, skip)) = parse_method(bytes) else {
+        return;
+    };
+    // SAFETY: a valid map value pointer for the duration of this program.
+    let connection = unsafe { &mut *connection };
+    // The path straight from user memory into the map value: no copy loop to verify.
+    // SAFETY: the helper checks the user address.
+    if unsafe { bpf_probe_read_user_buf((data + skip as u64) as *const u8, &mut connection.path) }
+        .is_err()
+    {
+        connection.path = [0; PATH_LEN];
+    }
+    let (route, len) = route_hash(&connection.path);
+    connection.route = route;
+    connection.path_len = len as u8;
+    connection.method = method;
+    connection.request_start_nanos = start;
+}
+
 fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let fd = ret(ctx)?;
-    if fd < 0 {
+    if fd < 0 || !traced(Direction::Server) {
         return Ok(());
     }
-    let settings = settings().ok_or(-1)?;
-    let tgid = current_tgid();
-    if settings.window_nanos == 0 || tgid == settings.agent_tgid {
-        return Ok(());
-    }
-    if settings.trace_all == 0 {
-        // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        // SAFETY: the value is a plain u8 and only tested for presence.
-        if unsafe { TRACED_CGROUPS.get(&cgroup_id) }.is_none() {
-            return Ok(());
+    track_connection(fd as u32, Direction::Server, 0, 0);
+    Ok(())
+}
+
+/// Starts tracking a connection, replacing whatever a reused fd left behind.
+#[inline(always)]
+fn track_connection(fd: u32, direction: Direction, peer_addr: u32, peer_port: u16) {
+    let key = ConnectionKey {
+        tgid: current_tgid(),
+        fd,
+    };
+    if let Some(stale) = CONNECTIONS.get_ptr(&key) {
+        // SAFETY: a valid map value pointer for the duration of this program.
+        if unsafe { (*stale).request_start_nanos } != 0 {
+            count_drop(drop_reason::STALE_REQUEST_DISCARDED);
         }
     }
-    let key = ConnectionKey {
-        tgid,
-        fd: fd as u32,
-    };
     let idle = Connection {
         request_start_nanos: 0,
+        peer_addr,
+        route: 0,
+        peer_port,
+        direction: direction as u8,
         method: method::UNKNOWN,
-        _pad: [0; 7],
+        path_len: 0,
+        _pad: [0; 3],
+        path: [0; PATH_LEN],
     };
     if CONNECTIONS.insert(&key, &idle, 0).is_err() {
         count_drop(drop_reason::CONNECTION_TABLE_FULL);
+    }
+}
+
+fn try_connect_enter(ctx: &TracePointContext) -> Result<(), i32> {
+    if !traced(Direction::Client) {
+        return Ok(());
+    }
+    let fd = arg(ctx, 0)? as u32;
+    let address = arg(ctx, 1)?;
+    // struct sockaddr_in { u16 family; u16 port (BE); u32 addr (BE); }
+    // SAFETY: the helper checks the user address.
+    let head: u64 = unsafe { bpf_probe_read_user(address as *const u64)? };
+    let family = head as u16;
+    let port = u16::from_be((head >> 16) as u16);
+    let addr = (head >> 32) as u32;
+    if family != AF_INET {
+        // IPv6 and Unix sockets: tracked without a peer address.
+        if family != 10 {
+            return Ok(());
+        }
+    }
+    let in_flight = SyscallInFlight {
+        fd,
+        status: 0,
+        shape: 0,
+        _pad: 0,
+        buffer: if family == AF_INET {
+            u64::from(addr)
+        } else {
+            0
+        },
+        port,
+        _pad2: [0; 6],
+    };
+    if SYSCALLS_IN_FLIGHT
+        .insert(&bpf_get_current_pid_tgid(), &in_flight, 0)
+        .is_err()
+    {
+        count_drop(drop_reason::SYSCALL_TABLE_FULL);
+    }
+    Ok(())
+}
+
+fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let Some(in_flight) = (unsafe { SYSCALLS_IN_FLIGHT.get(&thread) }).copied() else {
+        return Ok(());
+    };
+    let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
+    let result = ret(ctx)?;
+    if result == 0 || result == -EINPROGRESS {
+        track_connection(
+            in_flight.fd,
+            Direction::Client,
+            in_flight.buffer as u32,
+            in_flight.port,
+        );
     }
     Ok(())
 }
@@ -260,8 +416,20 @@ fn try_read_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i32
         return Ok(());
     };
     // SAFETY: a valid map value pointer for the duration of this program.
-    if unsafe { (*connection).request_start_nanos } != 0 {
-        // Mid-request (body or pipelined bytes): nothing to learn from this read.
+    let (direction, busy) = unsafe {
+        (
+            (*connection).direction,
+            (*connection).request_start_nanos != 0,
+        )
+    };
+    // Server side reads matter when idle (a request may start), client side when a request
+    // is out (its response may arrive). Anything else is body bytes.
+    let interesting = if direction == Direction::Server as u8 {
+        !busy
+    } else {
+        busy
+    };
+    if !interesting {
         return Ok(());
     }
     let in_flight = SyscallInFlight {
@@ -270,6 +438,8 @@ fn try_read_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i32
         shape: shape as u8,
         _pad: 0,
         buffer: arg(ctx, 1)?,
+        port: 0,
+        _pad2: [0; 6],
     };
     if SYSCALLS_IN_FLIGHT
         .insert(&bpf_get_current_pid_tgid(), &in_flight, 0)
@@ -287,7 +457,7 @@ fn try_read_exit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
-    if in_flight.status != 0 || ret(ctx)? < 4 {
+    if ret(ctx)? < 4 {
         return Ok(());
     }
     let key = ConnectionKey {
@@ -297,16 +467,21 @@ fn try_read_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
         return Ok(());
     };
-    let bytes = peek(in_flight.shape, in_flight.buffer)?;
-    if let Some(method) = parse_method(&bytes) {
-        // SAFETY: a valid map value pointer for the duration of this program.
-        unsafe {
-            // SAFETY: bpf_ktime_get_ns has no preconditions.
-            (*connection).request_start_nanos = bpf_ktime_get_ns();
-            (*connection).method = method;
-        }
+    let (bytes, data) = peek(in_flight.shape, in_flight.buffer)?;
+    // SAFETY: a valid map value pointer for the duration of this program.
+    let direction = unsafe { (*connection).direction };
+    if direction == Direction::Server as u8 {
+        start_request(connection, bytes, data, now());
+        return Ok(());
     }
-    Ok(())
+    // Client side: the response to our request.
+    let Some(status) = parse_status(bytes) else {
+        return Ok(());
+    };
+    if is_interim(status) {
+        return Ok(());
+    }
+    finish_request(connection, key.tgid, status)
 }
 
 fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i32> {
@@ -315,21 +490,34 @@ fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i3
         tgid: current_tgid(),
         fd,
     };
-    let Some(connection) = CONNECTIONS.get_ptr(&key) else {
+    let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer for the duration of this program.
-    if unsafe { (*connection).request_start_nanos } == 0 {
+    let (direction, busy) = unsafe {
+        (
+            (*connection).direction,
+            (*connection).request_start_nanos != 0,
+        )
+    };
+    if direction == Direction::Client as u8 {
+        if !busy {
+            // A request going out: it starts now.
+            let (bytes, data) = peek(shape as u8, arg(ctx, 1)?)?;
+            start_request(connection, bytes, data, now());
+        }
+        return Ok(());
+    }
+    if !busy {
         return Ok(());
     }
     let buffer = arg(ctx, 1)?;
-    let bytes = peek(shape as u8, buffer)?;
-    let Some(status) = parse_status(&bytes) else {
+    let (bytes, _) = peek(shape as u8, buffer)?;
+    let Some(status) = parse_status(bytes) else {
         // Body bytes, or a response we cannot read: the request stays open.
         return Ok(());
     };
-    if (100..200).contains(&status) && status != 101 {
-        // An interim response (100 Continue): the final one is still to come.
+    if is_interim(status) {
         return Ok(());
     }
     let in_flight = SyscallInFlight {
@@ -338,6 +526,8 @@ fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i3
         shape: shape as u8,
         _pad: 0,
         buffer,
+        port: 0,
+        _pad2: [0; 6],
     };
     if SYSCALLS_IN_FLIGHT
         .insert(&bpf_get_current_pid_tgid(), &in_flight, 0)
@@ -365,53 +555,56 @@ fn try_write_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
         return Ok(());
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let end = unsafe { bpf_ktime_get_ns() };
+    finish_request(connection, key.tgid, in_flight.status)
+}
+
+/// Ends the connection's request now with `status`, and counts it.
+#[inline(always)]
+fn finish_request(connection: *mut Connection, tgid: u32, status: u16) -> Result<(), i32> {
+    let end = now();
     // SAFETY: a valid map value pointer for the duration of this program.
-    let (start, method) = unsafe {
-        let request = ((*connection).request_start_nanos, (*connection).method);
-        (*connection).request_start_nanos = 0;
-        request
-    };
+    let connection = unsafe { &mut *connection };
+    let start = connection.request_start_nanos;
+    connection.request_start_nanos = 0;
     if start == 0 || end < start {
         return Ok(());
     }
-    count_request(key.tgid, method, in_flight.status, start, end)
-}
-
-/// Counts one finished request into the open window's series and histogram.
-#[inline(always)]
-fn count_request(tgid: u32, method: u8, status: u16, start: u64, end: u64) -> Result<(), i32> {
     let settings = settings().ok_or(-1)?;
     if settings.window_nanos == 0 {
         return Ok(());
     }
     let latency = end - start;
-    let window = ((end + settings.realtime_offset_nanos) / settings.window_nanos) as u32;
     let series = SeriesKey {
         // SAFETY: bpf_get_current_cgroup_id has no preconditions.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        window,
+        window: ((end + settings.realtime_offset_nanos) / settings.window_nanos) as u32,
         tgid,
-        direction: Direction::Server as u8,
-        method,
-        status_class: if status < 600 { (status / 100) as u8 } else { 0 },
-        _pad: [0; 5],
+        route: connection.route,
+        peer_addr: connection.peer_addr,
+        peer_port: connection.peer_port,
+        direction: connection.direction,
+        method: connection.method,
+        status_class: if status < 600 {
+            (status / 100) as u8
+        } else {
+            0
+        },
+        _pad: [0; 3],
     };
+    let mut flags = 0u8;
     match SERIES.get_ptr_mut(&series) {
         Some(totals) => {
             // SAFETY: this CPU's slot of a per-CPU value; programs do not migrate.
-            unsafe {
-                // Another CPU may have created the key, leaving this CPU's slot zeroed.
-                if (*totals).count == 0 || latency < (*totals).min_nanos {
-                    (*totals).min_nanos = latency;
-                }
-                if latency > (*totals).max_nanos {
-                    (*totals).max_nanos = latency;
-                }
-                (*totals).count += 1;
-                (*totals).sum_nanos += latency;
+            let totals = unsafe { &mut *totals };
+            // Another CPU may have created the key, leaving this CPU's slot zeroed.
+            if totals.count == 0 || latency < totals.min_nanos {
+                totals.min_nanos = latency;
             }
+            if latency > totals.max_nanos {
+                totals.max_nanos = latency;
+            }
+            totals.count += 1;
+            totals.sum_nanos += latency;
         }
         None => {
             let first = SeriesTotals {
@@ -424,6 +617,7 @@ fn count_request(tgid: u32, method: u8, status: u16, start: u64, end: u64) -> Re
                 count_drop(drop_reason::SERIES_TABLE_FULL);
                 return Ok(());
             }
+            flags |= event_flag::NEW_SERIES;
         }
     }
     let bucket = BucketKey {
@@ -440,7 +634,44 @@ fn count_request(tgid: u32, method: u8, status: u16, start: u64, end: u64) -> Re
             }
         }
     }
+    let slow = settings.slow_threshold_nanos != 0 && latency >= settings.slow_threshold_nanos;
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let sampled =
+        settings.sample_below != 0 && unsafe { bpf_get_prandom_u32() } < settings.sample_below;
+    if slow || status >= 500 || sampled {
+        flags |= event_flag::EXEMPLAR;
+    }
+    if flags != 0 {
+        emit(series, connection, start, latency, status, flags);
+    }
     Ok(())
+}
+
+/// Sends one request to user space; counts it when the ring buffer is full.
+#[inline(always)]
+fn emit(
+    series: SeriesKey,
+    connection: &Connection,
+    start: u64,
+    latency: u64,
+    status: u16,
+    flags: u8,
+) {
+    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+        count_drop(drop_reason::EVENT_RING_FULL);
+        return;
+    };
+    entry.write(RequestEvent {
+        series,
+        start_nanos: start,
+        duration_nanos: latency,
+        tid: bpf_get_current_pid_tgid() as u32,
+        status,
+        flags,
+        path_len: connection.path_len,
+        path: connection.path,
+    });
+    entry.submit(0);
 }
 
 macro_rules! hook {
@@ -456,19 +687,42 @@ macro_rules! hook {
 
 hook!(sys_exit_accept, try_accept_exit);
 hook!(sys_exit_accept4, try_accept_exit);
+hook!(sys_enter_connect, try_connect_enter);
+hook!(sys_exit_connect, try_connect_exit);
 hook!(sys_enter_close, try_close_enter);
 hook!(sys_enter_read, |ctx| try_read_enter(ctx, BufferShape::Flat));
-hook!(sys_enter_recvfrom, |ctx| try_read_enter(ctx, BufferShape::Flat));
-hook!(sys_enter_readv, |ctx| try_read_enter(ctx, BufferShape::IoVec));
-hook!(sys_enter_recvmsg, |ctx| try_read_enter(ctx, BufferShape::MsgHdr));
+hook!(sys_enter_recvfrom, |ctx| try_read_enter(
+    ctx,
+    BufferShape::Flat
+));
+hook!(sys_enter_readv, |ctx| try_read_enter(
+    ctx,
+    BufferShape::IoVec
+));
+hook!(sys_enter_recvmsg, |ctx| try_read_enter(
+    ctx,
+    BufferShape::MsgHdr
+));
 hook!(sys_exit_read, try_read_exit);
 hook!(sys_exit_recvfrom, try_read_exit);
 hook!(sys_exit_readv, try_read_exit);
 hook!(sys_exit_recvmsg, try_read_exit);
-hook!(sys_enter_write, |ctx| try_write_enter(ctx, BufferShape::Flat));
-hook!(sys_enter_sendto, |ctx| try_write_enter(ctx, BufferShape::Flat));
-hook!(sys_enter_writev, |ctx| try_write_enter(ctx, BufferShape::IoVec));
-hook!(sys_enter_sendmsg, |ctx| try_write_enter(ctx, BufferShape::MsgHdr));
+hook!(sys_enter_write, |ctx| try_write_enter(
+    ctx,
+    BufferShape::Flat
+));
+hook!(sys_enter_sendto, |ctx| try_write_enter(
+    ctx,
+    BufferShape::Flat
+));
+hook!(sys_enter_writev, |ctx| try_write_enter(
+    ctx,
+    BufferShape::IoVec
+));
+hook!(sys_enter_sendmsg, |ctx| try_write_enter(
+    ctx,
+    BufferShape::MsgHdr
+));
 hook!(sys_exit_write, try_write_exit);
 hook!(sys_exit_sendto, try_write_exit);
 hook!(sys_exit_writev, try_write_exit);

@@ -10,13 +10,23 @@ use std::{
 use tokio::task::JoinHandle;
 use trazor_proto::v1::AgentHello;
 
+use std::os::unix::fs::MetadataExt as _;
+
+use trazor_node_agent_ebpf_common::RequestEvent;
+
 use crate::{
     Error, Result,
     attribute::{SourceResolver, cgroup2_mount},
-    capture::KernelCapture,
+    capture::{CaptureSettings, KernelCapture},
+    route::{RouteNamer, RouteTemplate},
     ship::{Outbox, ShipperStats, collector_endpoint, deliver},
     window::WindowBuilder,
 };
+
+/// How often the kernel's event ring buffer is emptied between window boundaries.
+const EVENT_POLL: Duration = Duration::from_millis(200);
+/// Events held between two window closes at most; beyond, they are dropped and counted.
+const MAX_PENDING_EVENTS: usize = 200_000;
 
 /// Time after a window's end before it is read: lets a program that computed its window
 /// number just before the boundary finish its map update.
@@ -39,6 +49,44 @@ pub struct AgentConfig {
     pub buffer_windows: usize,
     /// Where tracefs is (or is to be) mounted.
     pub tracefs: PathBuf,
+    /// Trace only processes in these cgroups (paths under the cgroup2 mount, or absolute);
+    /// empty: every process on the host.
+    pub select_cgroups: Vec<PathBuf>,
+    /// Measure requests served (accepted connections).
+    pub server: bool,
+    /// Measure requests made (connected sockets).
+    pub client: bool,
+    /// Requests at least this slow are kept as exemplars.
+    pub slow_threshold: Option<Duration>,
+    /// Fraction of other requests kept as exemplars, in [0, 1].
+    pub sample_rate: f64,
+    /// Route templates such as `/users/{id}`, first match wins.
+    pub route_templates: Vec<String>,
+    /// Distinct (route, peer) series per process and window; the rest go to `other`.
+    pub max_series_per_source: usize,
+}
+
+impl AgentConfig {
+    /// A configuration with the defaults the command line uses.
+    pub fn new(collector: impl Into<String>, node_name: impl Into<String>) -> Self {
+        let node_name = node_name.into();
+        Self {
+            collector: collector.into(),
+            agent_id: node_name.clone(),
+            node_name,
+            window: Duration::from_secs(10),
+            quantiles: vec![0.5, 0.95, 0.99],
+            buffer_windows: 120_000,
+            tracefs: PathBuf::from("/sys/kernel/tracing"),
+            select_cgroups: Vec::new(),
+            server: true,
+            client: true,
+            slow_threshold: Some(Duration::from_millis(500)),
+            sample_rate: 0.0,
+            route_templates: Vec::new(),
+            max_series_per_source: 200,
+        }
+    }
 }
 
 impl AgentConfig {
@@ -98,8 +146,22 @@ impl RunningAgent {
 pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
     config.validate()?;
     let endpoint = collector_endpoint(&config.collector)?;
+    let templates = config
+        .route_templates
+        .iter()
+        .map(|template| RouteTemplate::parse(template).map_err(Error::Config))
+        .collect::<Result<Vec<_>>>()?;
+    let cgroup_root = cgroup2_mount();
+    let cgroups = resolve_cgroups(&config.select_cgroups, cgroup_root.as_deref())?;
     let mut capture = KernelCapture::load(&config.tracefs)?;
-    capture.configure(config.window, true)?;
+    capture.configure(&CaptureSettings {
+        window: config.window,
+        slow_threshold: config.slow_threshold,
+        sample_rate: config.sample_rate,
+        server: config.server,
+        client: config.client,
+        cgroups,
+    })?;
 
     let stats = Arc::new(ShipperStats::default());
     let outbox = Arc::new(Outbox::new(config.buffer_windows, stats.clone()));
@@ -117,9 +179,16 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         "eBPF programs attached; tracing HTTP/1.x servers on this host"
     );
     let shipper = tokio::spawn(deliver(endpoint, hello, outbox.clone()));
-    let resolver = SourceResolver::new(config.node_name.clone(), cgroup2_mount());
+    let resolver = SourceResolver::new(config.node_name.clone(), cgroup_root);
+    let routes = RouteNamer::new(templates, config.max_series_per_source);
     let builder = WindowBuilder::new(config.window, config.quantiles.clone());
-    let windows = tokio::spawn(close_windows(capture, resolver, builder, outbox.clone()));
+    let windows = tokio::spawn(close_windows(
+        capture,
+        resolver,
+        routes,
+        builder,
+        outbox.clone(),
+    ));
     Ok(RunningAgent {
         stats,
         outbox,
@@ -127,38 +196,108 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
     })
 }
 
+/// cgroup ids (directory inodes) of the selected cgroups; None selects every process.
+fn resolve_cgroups(
+    selected: &[PathBuf],
+    cgroup_root: Option<&std::path::Path>,
+) -> Result<Option<Vec<u64>>> {
+    if selected.is_empty() {
+        return Ok(None);
+    }
+    selected
+        .iter()
+        .map(|path| {
+            let full = match cgroup_root {
+                Some(root) if !path.starts_with(root) => {
+                    root.join(path.strip_prefix("/").unwrap_or(path))
+                }
+                _ => path.clone(),
+            };
+            std::fs::metadata(&full)
+                .map(|metadata| metadata.ino())
+                .map_err(|source| Error::Io {
+                    what: format!(
+                        "finding cgroup {} (selected with --select-cgroup)",
+                        full.display()
+                    ),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 async fn close_windows(
     mut capture: KernelCapture,
     mut resolver: SourceResolver,
+    mut routes: RouteNamer,
     builder: WindowBuilder,
     outbox: Arc<Outbox>,
 ) {
     let window_nanos = builder.window().as_nanos();
     let mut reported_drops: Vec<u64> = Vec::new();
+    let mut events: Vec<RequestEvent> = Vec::new();
+    let mut events_dropped = 0u64;
+    let mut requests_over_cap = 0u64;
+    let mut open_window = unix_nanos() / window_nanos;
     loop {
-        let now = unix_nanos();
-        let next_boundary = (now / window_nanos + 1) * window_nanos;
-        let wait = Duration::from_nanos((next_boundary - now) as u64) + DRAIN_GRACE;
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(EVENT_POLL).await;
+        let fresh = capture.drain_events();
+        let room = MAX_PENDING_EVENTS.saturating_sub(events.len());
+        events_dropped += fresh.len().saturating_sub(room) as u64;
+        events.extend(fresh.into_iter().take(room));
 
-        let open_window = (unix_nanos() / window_nanos) as u32;
+        // Close when the boundary plus the grace has passed.
+        let now = unix_nanos();
+        let grace = DRAIN_GRACE.as_nanos();
+        if now.saturating_sub(grace) / window_nanos <= open_window {
+            continue;
+        }
+        open_window = now.saturating_sub(grace) / window_nanos;
+        events.extend(capture.drain_events());
         if let Err(error) = capture.refresh_clock() {
             tracing::warn!(%error, "could not refresh the kernel's clock offset");
         }
-        let closed = match capture.drain_closed(open_window) {
+        let closed = match capture.drain_closed(open_window as u32) {
             Ok(closed) => closed,
             Err(error) => {
                 tracing::error!(%error, "reading closed windows failed; retrying next window");
                 continue;
             }
         };
-        let windows = builder.build(closed, &mut resolver);
+        // Events of the still-open window wait for it to close.
+        let (closing, pending): (Vec<RequestEvent>, Vec<RequestEvent>) = events
+            .drain(..)
+            .partition(|event| u128::from(event.series.window) < open_window);
+        events = pending;
+        let (windows, report) = builder.build(
+            closed,
+            &closing,
+            capture.realtime_offset_nanos(),
+            &mut resolver,
+            &mut routes,
+        );
+        if report.requests_over_series_cap > 0 {
+            requests_over_cap += report.requests_over_series_cap;
+            tracing::warn!(
+                total = requests_over_cap,
+                "requests folded into route \"other\" by the per-process series cap \
+                 (raise it, or add route templates)"
+            );
+        }
+        if events_dropped > 0 {
+            tracing::warn!(
+                total = events_dropped,
+                "exemplar events dropped: agent backlog full"
+            );
+        }
         for window in &windows {
             if let (Some(source), Some(stats)) = (&window.source, &window.stats) {
                 tracing::debug!(
                     pid = source.pid,
                     process = %source.process_name,
                     cgroup = %source.cgroup_path,
+                    route = %window.route,
                     count = stats.count,
                     "window closed"
                 );
@@ -198,15 +337,7 @@ mod tests {
     use super::*;
 
     fn config() -> AgentConfig {
-        AgentConfig {
-            collector: "http://127.0.0.1:50051".into(),
-            node_name: "n".into(),
-            agent_id: "n".into(),
-            window: Duration::from_secs(10),
-            quantiles: vec![0.5, 0.95, 0.99],
-            buffer_windows: 100,
-            tracefs: "/sys/kernel/tracing".into(),
-        }
+        AgentConfig::new("http://127.0.0.1:50051", "n")
     }
 
     #[test]

@@ -14,11 +14,11 @@ use std::{
 
 use aya::{
     Ebpf, include_bytes_aligned,
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePoint,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, SeriesKey, SeriesTotals, drop_reason,
+    AgentSettings, BucketKey, RequestEvent, SeriesKey, SeriesTotals, drop_reason,
 };
 
 use crate::{Error, Result};
@@ -28,6 +28,8 @@ use crate::{Error, Result};
 pub const TRACEPOINTS: &[&str] = &[
     "sys_exit_accept",
     "sys_exit_accept4",
+    "sys_enter_connect",
+    "sys_exit_connect",
     "sys_enter_close",
     "sys_enter_read",
     "sys_enter_recvfrom",
@@ -56,9 +58,30 @@ pub struct ClosedSeries {
     pub buckets: BTreeMap<i32, u64>,
 }
 
+/// Events read per drain at most, so a flood cannot stall the window loop.
+const MAX_EVENTS_PER_DRAIN: usize = 65_536;
+
+/// What the kernel side counts, and which requests it sends up as exemplars.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptureSettings {
+    /// Window length: whole seconds, 1 s to 5 min.
+    pub window: Duration,
+    /// Requests at least this slow become exemplars.
+    pub slow_threshold: Option<Duration>,
+    /// Fraction of other requests sampled as exemplars, in [0, 1].
+    pub sample_rate: f64,
+    /// Trace requests served (accepted connections).
+    pub server: bool,
+    /// Trace requests made (connected sockets).
+    pub client: bool,
+    /// None: trace every process. Some: only these cgroup ids.
+    pub cgroups: Option<Vec<u64>>,
+}
+
 /// The loaded, attached kernel programs and their maps.
 pub struct KernelCapture {
     ebpf: Ebpf,
+    events: RingBuf<MapData>,
     settings: AgentSettings,
 }
 
@@ -92,25 +115,83 @@ impl KernelCapture {
                 source: Box::new(source),
             })?;
         }
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(Error::MissingInObject {
+            kind: "map",
+            name: "EVENTS".to_owned(),
+        })?)
+        .map_err(Error::map("EVENTS"))?;
         Ok(Self {
             ebpf,
+            events,
             settings: AgentSettings::default(),
         })
     }
 
-    /// Starts (or changes) counting: window length, and whether every process is traced.
-    pub fn configure(&mut self, window: Duration, trace_all: bool) -> Result<()> {
+    /// Starts (or changes) counting. Safe at any time: the traced set changes between two
+    /// syscalls, and windows already counted are untouched.
+    pub fn configure(&mut self, settings: &CaptureSettings) -> Result<()> {
+        let window = settings.window;
         let window_nanos = u64::try_from(window.as_nanos())
             .ok()
             .filter(|nanos| *nanos > 0)
             .ok_or_else(|| Error::Config(format!("window {window:?} out of range")))?;
+        if let Some(cgroups) = &settings.cgroups {
+            self.set_traced_cgroups(cgroups)?;
+        }
         self.settings = AgentSettings {
             window_nanos,
             realtime_offset_nanos: realtime_offset_nanos(),
-            trace_all: u32::from(trace_all),
+            slow_threshold_nanos: settings.slow_threshold.map_or(0, |threshold| {
+                threshold.as_nanos().clamp(1, u64::MAX as u128) as u64
+            }),
+            sample_below: (settings.sample_rate.clamp(0.0, 1.0) * f64::from(u32::MAX)) as u32,
+            trace_all: u32::from(settings.cgroups.is_none()),
             agent_tgid: std::process::id(),
+            directions: u32::from(settings.server) | (u32::from(settings.client) << 1),
         };
         self.write_settings()
+    }
+
+    /// Makes `cgroups` the exact set of traced cgroup ids.
+    fn set_traced_cgroups(&mut self, cgroups: &[u64]) -> Result<()> {
+        let mut traced: BpfHashMap<&mut MapData, u64, u8> =
+            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_CGROUPS")?)
+                .map_err(Error::map("TRACED_CGROUPS"))?;
+        let stale: Vec<u64> = traced
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| !cgroups.contains(key))
+            .collect();
+        for id in cgroups {
+            traced
+                .insert(id, 1, 0)
+                .map_err(Error::map("TRACED_CGROUPS"))?;
+        }
+        for id in stale {
+            traced.remove(&id).map_err(Error::map("TRACED_CGROUPS"))?;
+        }
+        Ok(())
+    }
+
+    /// Requests the kernel sent up (new series, exemplars) since the last call.
+    pub fn drain_events(&mut self) -> Vec<RequestEvent> {
+        let mut events = Vec::new();
+        while events.len() < MAX_EVENTS_PER_DRAIN {
+            let Some(item) = self.events.next() else {
+                break;
+            };
+            if item.len() >= std::mem::size_of::<RequestEvent>() {
+                // SAFETY: the kernel wrote a whole RequestEvent (size checked); the read is
+                // unaligned-safe, and every bit pattern is a valid RequestEvent.
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        events
+    }
+
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC as last given to the kernel.
+    pub fn realtime_offset_nanos(&self) -> u64 {
+        self.settings.realtime_offset_nanos
     }
 
     /// Re-reads CLOCK_REALTIME - CLOCK_MONOTONIC, so NTP adjustments do not shift windows.

@@ -2,7 +2,7 @@
 //!
 //! The data path, in module order: [`capture`] loads the eBPF programs and reads closed
 //! windows out of the kernel's maps; [`attribute`] names the cgroup and process behind each
-//! series; [`window`] merges them into [`LatencyWindow`](trazor_proto::v1::LatencyWindow)s
+//! series and [`route`] its route; [`window`] merges them into [`LatencyWindow`](trazor_proto::v1::LatencyWindow)s
 //! with quantiles; [`ship`] streams them to the collector and keeps them until acknowledged.
 //! [`agent`] runs the loop.
 
@@ -10,6 +10,7 @@ pub mod agent;
 pub mod attribute;
 pub mod capture;
 mod error;
+pub mod route;
 pub mod ship;
 pub mod window;
 

@@ -35,9 +35,34 @@ struct Flags {
     /// Where tracefs is mounted (the agent mounts it there if it can).
     #[arg(long, default_value = "/sys/kernel/tracing")]
     tracefs: PathBuf,
+    /// Trace only processes in this cgroup (repeatable; a path under the cgroup2 mount,
+    /// e.g. /system.slice/nginx.service). Default: every process on the host.
+    #[arg(long = "select-cgroup", value_name = "PATH")]
+    select_cgroups: Vec<PathBuf>,
+    /// Which requests to measure: served (server), made (client), or both.
+    #[arg(long, value_delimiter = ',', default_value = "server,client")]
+    directions: Vec<DirectionFlag>,
+    /// Requests at least this slow are kept as exemplars ("0s" disables).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    slow_threshold: Duration,
+    /// Fraction of other requests kept as exemplars.
+    #[arg(long, default_value_t = 0.0)]
+    sample_rate: f64,
+    /// Route template such as /users/{id} or /static/* (repeatable; first match wins).
+    #[arg(long = "route-template", value_name = "TEMPLATE")]
+    route_templates: Vec<String>,
+    /// Distinct routes (and peers) per process and window; the rest go to route "other".
+    #[arg(long, default_value_t = 200)]
+    max_series: usize,
     /// Log filter, e.g. `info` or `trazor_node_agent=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DirectionFlag {
+    Server,
+    Client,
 }
 
 #[tokio::main]
@@ -51,15 +76,21 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let node_name = flags.node_name.unwrap_or_else(host_name);
-    let config = AgentConfig {
-        collector: flags.collector,
-        agent_id: flags.agent_id.unwrap_or_else(|| node_name.clone()),
-        node_name,
-        window: flags.window,
-        quantiles: flags.percentiles,
-        buffer_windows: flags.buffer_windows,
-        tracefs: flags.tracefs,
-    };
+    let mut config = AgentConfig::new(flags.collector, node_name);
+    if let Some(agent_id) = flags.agent_id {
+        config.agent_id = agent_id;
+    }
+    config.window = flags.window;
+    config.quantiles = flags.percentiles;
+    config.buffer_windows = flags.buffer_windows;
+    config.tracefs = flags.tracefs;
+    config.select_cgroups = flags.select_cgroups;
+    config.server = flags.directions.contains(&DirectionFlag::Server);
+    config.client = flags.directions.contains(&DirectionFlag::Client);
+    config.slow_threshold = (!flags.slow_threshold.is_zero()).then_some(flags.slow_threshold);
+    config.sample_rate = flags.sample_rate;
+    config.route_templates = flags.route_templates;
+    config.max_series_per_source = flags.max_series;
     let agent = match trazor_node_agent::start(config).await {
         Ok(agent) => agent,
         Err(error) => {

@@ -1,21 +1,33 @@
-//! Window: turns the kernel's closed series into [`LatencyWindow`]s, one per source and
-//! direction and window, with totals, status classes, quantiles and the histogram itself.
+//! Window: turns the kernel's closed series into [`LatencyWindow`]s, one per source,
+//! direction, route and peer, with totals, status classes, quantiles, the histogram itself
+//! and a few exemplars.
 //!
-//! The kernel keys series finer (method, status class); they are merged here exactly, by
-//! adding histogram buckets, never by combining percentiles.
+//! The kernel keys series finer (method, status class, raw route hash); they are merged
+//! here exactly, by adding histogram buckets, never by combining percentiles.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
     time::Duration,
 };
 
-use trazor_node_agent_ebpf_common::{HISTOGRAM_SCALE, SeriesKey};
-use trazor_proto::v1::{Direction, ExponentialHistogram, LatencyStats, LatencyWindow, Quantile};
+use trazor_node_agent_ebpf_common::{
+    HISTOGRAM_SCALE, PATH_LEN, RequestEvent, SeriesKey, event_flag, method,
+};
+use trazor_proto::v1::{
+    Direction, Exemplar, ExponentialHistogram, LatencyStats, LatencyWindow, Peer, Quantile,
+};
 
-use crate::{attribute::SourceResolver, capture::ClosedSeries};
+use crate::{
+    attribute::SourceResolver,
+    capture::ClosedSeries,
+    route::{OVERFLOW_ROUTE, RouteNamer},
+};
 
 /// Requests whose status is 5xx count as errors.
 const ERROR_STATUS_CLASS: u8 = 5;
+/// Exemplars kept per window (the slowest).
+pub const MAX_EXEMPLARS_PER_WINDOW: usize = 8;
 
 /// Builds windows from closed series.
 #[derive(Clone, Debug)]
@@ -24,12 +36,22 @@ pub struct WindowBuilder {
     quantiles: Vec<f64>,
 }
 
-#[derive(Hash, PartialEq, Eq, PartialOrd, Ord, Clone, Copy)]
+/// What one build did besides producing windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildReport {
+    /// Requests folded into the `other` route by the per-source series cap.
+    pub requests_over_series_cap: u64,
+}
+
+#[derive(Hash, PartialEq, Eq, PartialOrd, Ord, Clone, Debug)]
 struct WindowKey {
     window: u32,
     cgroup_id: u64,
     tgid: u32,
     direction: u8,
+    route: String,
+    peer_addr: u32,
+    peer_port: u16,
 }
 
 #[derive(Default)]
@@ -41,6 +63,7 @@ struct Accumulator {
     max: u64,
     status_classes: [u64; 6],
     buckets: BTreeMap<i32, u64>,
+    exemplars: Vec<Exemplar>,
 }
 
 impl WindowBuilder {
@@ -52,34 +75,77 @@ impl WindowBuilder {
         self.window
     }
 
-    /// One [`LatencyWindow`] per (window, cgroup, process, direction), sequence unset (0),
-    /// ordered by window then source.
+    /// One [`LatencyWindow`] per (window, cgroup, process, direction, route, peer), sequence
+    /// unset (0), ordered by window then source. `events` are the kernel's new-series and
+    /// exemplar events; `realtime_offset_nanos` turns their monotonic times into wall time.
     pub fn build(
         &self,
         closed: Vec<ClosedSeries>,
+        events: &[RequestEvent],
+        realtime_offset_nanos: u64,
         resolver: &mut SourceResolver,
-    ) -> Vec<LatencyWindow> {
+        routes: &mut RouteNamer,
+    ) -> (Vec<LatencyWindow>, BuildReport) {
+        for event in events {
+            if event.flags & event_flag::NEW_SERIES != 0 {
+                let len = usize::from(event.path_len).min(PATH_LEN);
+                routes.learn(event.series.route, &event.path[..len]);
+            }
+        }
+        let mut report = BuildReport::default();
         let mut grouped: HashMap<WindowKey, Accumulator> = HashMap::new();
+        let mut series_per_source: HashMap<(u32, u64, u32), HashSet<(String, u32, u16, u8)>> =
+            HashMap::new();
+        let key_of = |series: &SeriesKey,
+                      routes: &RouteNamer,
+                      series_per_source: &mut HashMap<_, HashSet<_>>,
+                      report: &mut BuildReport,
+                      count: u64| {
+            let mut route = routes.name(series.route).to_owned();
+            let seen = series_per_source
+                .entry((series.window, series.cgroup_id, series.tgid))
+                .or_default();
+            let identity = (
+                route.clone(),
+                series.peer_addr,
+                series.peer_port,
+                series.direction,
+            );
+            if !seen.contains(&identity) {
+                if seen.len() >= routes.max_series_per_source() {
+                    route = OVERFLOW_ROUTE.to_owned();
+                    report.requests_over_series_cap += count;
+                } else {
+                    seen.insert(identity);
+                }
+            }
+            WindowKey {
+                window: series.window,
+                cgroup_id: series.cgroup_id,
+                tgid: series.tgid,
+                direction: series.direction,
+                route,
+                peer_addr: series.peer_addr,
+                peer_port: series.peer_port,
+            }
+        };
+        let mut closed = closed;
+        // Busiest series first, so the cap folds the long tail, not the main routes.
+        closed.sort_by(|a, b| b.totals.count.cmp(&a.totals.count));
+        let mut keys_by_series: HashMap<SeriesKey, WindowKey> = HashMap::new();
         for series in closed {
-            let SeriesKey {
-                cgroup_id,
-                window,
-                tgid,
-                direction,
-                status_class,
-                ..
-            } = series.key;
             if series.totals.count == 0 {
                 continue;
             }
-            let entry = grouped
-                .entry(WindowKey {
-                    window,
-                    cgroup_id,
-                    tgid,
-                    direction,
-                })
-                .or_default();
+            let key = key_of(
+                &series.key,
+                routes,
+                &mut series_per_source,
+                &mut report,
+                series.totals.count,
+            );
+            keys_by_series.insert(series.key, key.clone());
+            let entry = grouped.entry(key).or_default();
             entry.min = if entry.count == 0 {
                 series.totals.min_nanos
             } else {
@@ -88,6 +154,7 @@ impl WindowBuilder {
             entry.max = entry.max.max(series.totals.max_nanos);
             entry.count += series.totals.count;
             entry.sum += series.totals.sum_nanos;
+            let status_class = series.key.status_class;
             if status_class == ERROR_STATUS_CLASS {
                 entry.errors += series.totals.count;
             }
@@ -96,12 +163,32 @@ impl WindowBuilder {
                 *entry.buckets.entry(bucket).or_default() += count;
             }
         }
-        let mut keys: Vec<WindowKey> = grouped.keys().copied().collect();
+        for event in events {
+            if event.flags & event_flag::EXEMPLAR == 0 {
+                continue;
+            }
+            let Some(key) = keys_by_series.get(&event.series) else {
+                continue;
+            };
+            if let Some(entry) = grouped.get_mut(key) {
+                let len = usize::from(event.path_len).min(PATH_LEN);
+                entry.exemplars.push(Exemplar {
+                    start_unix_nanos: event.start_nanos.saturating_add(realtime_offset_nanos),
+                    duration_nanos: event.duration_nanos,
+                    method: method::name(event.series.method).to_owned(),
+                    status_code: u32::from(event.status),
+                    path: String::from_utf8_lossy(&event.path[..len]).into_owned(),
+                    tid: event.tid,
+                });
+            }
+        }
+        let mut keys: Vec<WindowKey> = grouped.keys().cloned().collect();
         keys.sort();
         let window_nanos = self.window.as_nanos() as u64;
-        keys.into_iter()
+        let windows = keys
+            .into_iter()
             .filter_map(|key| {
-                let totals = grouped.remove(&key)?;
+                let mut totals = grouped.remove(&key)?;
                 let histogram =
                     match ExponentialHistogram::from_sparse(HISTOGRAM_SCALE, &totals.buckets) {
                         Ok(histogram) => histogram,
@@ -121,13 +208,19 @@ impl WindowBuilder {
                         })
                     })
                     .collect();
+                totals
+                    .exemplars
+                    .sort_by(|a, b| b.duration_nanos.cmp(&a.duration_nanos));
+                totals.exemplars.truncate(MAX_EXEMPLARS_PER_WINDOW);
                 let start = u64::from(key.window) * window_nanos;
+                let client = key.direction == 2;
                 Some(LatencyWindow {
                     sequence: 0,
                     source: Some(resolver.resolve(key.cgroup_id, key.tgid)),
-                    direction: match key.direction {
-                        2 => Direction::Client,
-                        _ => Direction::Server,
+                    direction: if client {
+                        Direction::Client
+                    } else {
+                        Direction::Server
                     } as i32,
                     start_unix_nanos: start,
                     end_unix_nanos: start + window_nanos,
@@ -142,15 +235,24 @@ impl WindowBuilder {
                     histogram: Some(histogram),
                     status_class_counts: totals.status_classes.to_vec(),
                     profile: String::new(),
+                    route: key.route,
+                    peer: client.then(|| Peer {
+                        address: Ipv4Addr::from(key.peer_addr.to_le_bytes()).to_string(),
+                        port: u32::from(key.peer_port),
+                    }),
+                    exemplars: totals.exemplars,
                 })
             })
-            .collect()
+            .collect();
+        (windows, report)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use trazor_node_agent_ebpf_common::{SeriesTotals, bucket_index};
+
+    use crate::route::RouteTemplate;
 
     use super::*;
 
@@ -165,10 +267,13 @@ mod tests {
                 cgroup_id: 1,
                 window,
                 tgid,
+                route: 0,
+                peer_addr: 0,
+                peer_port: 0,
                 direction: 1,
                 method: 1,
                 status_class,
-                _pad: [0; 5],
+                _pad: [0; 3],
             },
             totals: SeriesTotals {
                 count: nanos.len() as u64,
@@ -184,14 +289,18 @@ mod tests {
     fn merges_status_classes_of_one_process_into_one_window() {
         let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5, 0.99]);
         let mut resolver = SourceResolver::new("n".into(), None);
-        let windows = builder.build(
+        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let (windows, _) = builder.build(
             vec![
                 series(7, 100, 2, &[10, 20, 30, 40]),
                 series(7, 100, 5, &[50]),
                 series(7, 200, 2, &[1]),
                 series(8, 100, 2, &[5]),
             ],
+            &[],
+            0,
             &mut resolver,
+            &mut routes,
         );
         assert_eq!(windows.len(), 3);
         let first = &windows[0];
@@ -210,5 +319,72 @@ mod tests {
         assert!(stats.quantiles[1].value_nanos <= 50_000_000);
         assert_eq!(windows[1].source.as_ref().unwrap().pid, 200);
         assert_eq!(windows[2].start_unix_nanos, 80_000_000_000);
+    }
+
+    fn event(series: &ClosedSeries, path: &str, flags: u8, duration_ms: u64) -> RequestEvent {
+        let mut bytes = [0u8; PATH_LEN];
+        bytes[..path.len()].copy_from_slice(path.as_bytes());
+        RequestEvent {
+            series: series.key,
+            start_nanos: 1_000,
+            duration_nanos: duration_ms * 1_000_000,
+            tid: 5,
+            status: 200,
+            flags,
+            path_len: path.len() as u8,
+            path: bytes,
+        }
+    }
+
+    fn with_route(mut series: ClosedSeries, route: u32) -> ClosedSeries {
+        series.key.route = route;
+        series
+    }
+
+    #[test]
+    fn routes_are_named_merged_and_capped() {
+        let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
+        let mut resolver = SourceResolver::new("n".into(), None);
+        let mut routes = RouteNamer::new(vec![RouteTemplate::parse("/users/{name}").unwrap()], 2);
+        let alice = with_route(series(1, 9, 2, &[10, 10, 10]), 11);
+        let bob = with_route(series(1, 9, 2, &[30]), 12);
+        let items = with_route(series(1, 9, 2, &[5, 5]), 13);
+        let health = with_route(series(1, 9, 2, &[1]), 14);
+        let events = [
+            event(&alice, "/users/alice", event_flag::NEW_SERIES, 10),
+            event(
+                &bob,
+                "/users/bob",
+                event_flag::NEW_SERIES | event_flag::EXEMPLAR,
+                30,
+            ),
+            event(&items, "/items/42", event_flag::NEW_SERIES, 5),
+            event(&health, "/healthz", event_flag::NEW_SERIES, 1),
+        ];
+        let (windows, report) = builder.build(
+            vec![alice, bob, items, health],
+            &events,
+            0,
+            &mut resolver,
+            &mut routes,
+        );
+        let by_route: BTreeMap<&str, &LatencyWindow> =
+            windows.iter().map(|w| (w.route.as_str(), w)).collect();
+        assert_eq!(
+            by_route.keys().copied().collect::<Vec<_>>(),
+            ["/items/{id}", "/users/{name}", "other"]
+        );
+        let users = by_route["/users/{name}"];
+        assert_eq!(
+            users.stats.as_ref().unwrap().count,
+            4,
+            "alice and bob merge exactly"
+        );
+        assert_eq!(users.histogram.as_ref().unwrap().total(), 4);
+        assert_eq!(users.exemplars.len(), 1);
+        assert_eq!(users.exemplars[0].path, "/users/bob");
+        assert_eq!(users.exemplars[0].duration_nanos, 30_000_000);
+        assert_eq!(by_route["other"].stats.as_ref().unwrap().count, 1);
+        assert_eq!(report.requests_over_series_cap, 1);
     }
 }

@@ -110,7 +110,10 @@ impl Context {
 
     /// Records `json` as applied; true when it differs from what was applied before.
     fn note_config(&self, json: &str) -> bool {
-        let mut last = self.last_config.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = self
+            .last_config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if last.as_deref() == Some(json) {
             return false;
         }
@@ -150,7 +153,13 @@ impl Context {
             .map(|p| PodFacts::from_pod(p))
             .collect();
         let rendered = render(&all, &pods, &self.settings.namespace);
-        let count = |reason: &str| rendered.verdicts.values().filter(|v| v.reason() == reason).count();
+        let count = |reason: &str| {
+            rendered
+                .verdicts
+                .values()
+                .filter(|v| v.reason() == reason)
+                .count()
+        };
         self.metrics.set_profiles(
             count("Applied"),
             count("InvalidSpec"),
@@ -175,7 +184,11 @@ impl Context {
 
     /// Tells about a changed configuration: an Event on the profile whose reconcile changed it,
     /// a metric, and a reconcile of every profile, whose conflicts may have changed with it.
-    async fn announce_config_change(&self, rendered: &Rendered, profile: &TraceProfile) -> Result<()> {
+    async fn announce_config_change(
+        &self,
+        rendered: &Rendered,
+        profile: &TraceProfile,
+    ) -> Result<()> {
         self.metrics.config_updates.inc();
         let count = rendered.config.profiles.len();
         info!(profiles = count, trigger = %profile.key(), "node-agent configuration changed");
@@ -224,7 +237,10 @@ impl Context {
         self.recorder
             .publish(&event, &profile.object_ref(&()))
             .await
-            .map_err(Error::kube(format!("publishing event {reason} on {}", profile.key())))
+            .map_err(Error::kube(format!(
+                "publishing event {reason} on {}",
+                profile.key()
+            )))
     }
 }
 
@@ -265,7 +281,11 @@ pub async fn reconcile(profile: Arc<TraceProfile>, ctx: Arc<Context>) -> Result<
 }
 
 async fn apply(profile: &TraceProfile, ctx: &Context, api: &Api<TraceProfile>) -> Result<Action> {
-    let name = profile.metadata.name.clone().ok_or(Error::MissingMetadata("name"))?;
+    let name = profile
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingMetadata("name"))?;
     let rendered = ctx.render(profile);
     let changed = ctx.apply_config(&rendered).await?;
     ctx.apply_daemonset().await?;
@@ -283,7 +303,12 @@ async fn apply(profile: &TraceProfile, ctx: &Context, api: &Api<TraceProfile>) -
     let coverage = rendered.coverage.get(&key).copied().unwrap_or_default();
     let previous = profile.status.as_ref();
     let status = TraceProfileStatus {
-        conditions: conditions(previous, &verdict, profile.metadata.generation, Time(Timestamp::now())),
+        conditions: conditions(
+            previous,
+            &verdict,
+            profile.metadata.generation,
+            Time(Timestamp::now()),
+        ),
         observed_generation: profile.metadata.generation,
         matched_pods: coverage.matched_pods,
         nodes_reporting: coverage.nodes_reporting,
@@ -302,15 +327,22 @@ async fn apply(profile: &TraceProfile, ctx: &Context, api: &Api<TraceProfile>) -
                     "applied to the node agents: {} pod(s) matched",
                     coverage.matched_pods
                 );
-                ctx.publish(profile, EventType::Normal, "Applied", "Validate", note).await?;
+                ctx.publish(profile, EventType::Normal, "Applied", "Validate", note)
+                    .await?;
             }
         }
         Verdict::Invalid(_) | Verdict::Conflicting { .. } => {
             if was(CONDITION_DEGRADED) != Some(("True".to_owned(), verdict.reason().to_owned())) {
                 warn!(profile = %key, reason = verdict.reason(), message = %verdict.message(), "profile degraded");
                 let reason = verdict.reason();
-                ctx.publish(profile, EventType::Warning, reason, "Validate", verdict.message())
-                    .await?;
+                ctx.publish(
+                    profile,
+                    EventType::Warning,
+                    reason,
+                    "Validate",
+                    verdict.message(),
+                )
+                .await?;
             }
         }
     }
@@ -322,7 +354,9 @@ async fn apply(profile: &TraceProfile, ctx: &Context, api: &Api<TraceProfile>) -
     });
     api.patch_status(&name, &apply_params(), &Patch::Apply(&patch))
         .await
-        .map_err(Error::kube(format!("updating the status of TraceProfile {key}")))?;
+        .map_err(Error::kube(format!(
+            "updating the status of TraceProfile {key}"
+        )))?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -371,11 +405,21 @@ pub fn conditions(
         }
     };
     vec![
-        condition(CONDITION_READY, applied, verdict.reason(), verdict.message()),
+        condition(
+            CONDITION_READY,
+            applied,
+            verdict.reason(),
+            verdict.message(),
+        ),
         if applied {
             condition(CONDITION_DEGRADED, false, "AsExpected", String::new())
         } else {
-            condition(CONDITION_DEGRADED, true, verdict.reason(), verdict.message())
+            condition(
+                CONDITION_DEGRADED,
+                true,
+                verdict.reason(),
+                verdict.message(),
+            )
         },
     ]
 }
@@ -391,17 +435,23 @@ pub fn error_policy(profile: Arc<TraceProfile>, error: &Error, ctx: Arc<Context>
 }
 
 /// Owner reference to the operator's Deployment `name` in `namespace` (see the module docs).
-pub async fn deployment_owner(client: Client, namespace: &str, name: &str) -> Result<OwnerReference> {
+pub async fn deployment_owner(
+    client: Client,
+    namespace: &str,
+    name: &str,
+) -> Result<OwnerReference> {
     let api: Api<Deployment> = Api::namespaced(client, namespace);
-    let deployment = api
-        .get(name)
-        .await
-        .map_err(Error::kube(format!("reading the operator Deployment {namespace}/{name}")))?;
+    let deployment = api.get(name).await.map_err(Error::kube(format!(
+        "reading the operator Deployment {namespace}/{name}"
+    )))?;
     Ok(OwnerReference {
         api_version: "apps/v1".to_owned(),
         kind: "Deployment".to_owned(),
         name: name.to_owned(),
-        uid: deployment.metadata.uid.ok_or(Error::MissingMetadata("uid"))?,
+        uid: deployment
+            .metadata
+            .uid
+            .ok_or(Error::MissingMetadata("uid"))?,
         // Not the controller: the Deployment controller does not manage these objects.
         controller: None,
         block_owner_deletion: None,
@@ -415,8 +465,12 @@ pub async fn current_config(client: Client, namespace: &str) -> Result<Option<St
     let config_map = api
         .get_opt(CONFIG_MAP_NAME)
         .await
-        .map_err(Error::kube(format!("reading ConfigMap {namespace}/{CONFIG_MAP_NAME}")))?;
-    Ok(config_map.and_then(|cm| cm.data).and_then(|mut data| data.remove(CONFIG_KEY)))
+        .map_err(Error::kube(format!(
+            "reading ConfigMap {namespace}/{CONFIG_MAP_NAME}"
+        )))?;
+    Ok(config_map
+        .and_then(|cm| cm.data)
+        .and_then(|mut data| data.remove(CONFIG_KEY)))
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -556,8 +610,14 @@ mod tests {
         timeout_after_1s(mock).await;
         assert_eq!(action, Action::requeue(RESYNC));
         let text = Metrics::encode(&registry);
-        assert!(text.contains("trazor_operator_config_updates_total 1"), "{text}");
-        assert!(text.contains("trazor_operator_profiles{reason=\"Applied\"} 1"), "{text}");
+        assert!(
+            text.contains("trazor_operator_config_updates_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trazor_operator_profiles{reason=\"Applied\"} 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -567,7 +627,12 @@ mod tests {
             let rendered = render(&[&first], &[], AGENT_NS);
             let verdict = Verdict::Applied;
             let status = TraceProfileStatus {
-                conditions: conditions(None, &verdict, Some(1), Time(Timestamp::from_second(1).unwrap())),
+                conditions: conditions(
+                    None,
+                    &verdict,
+                    Some(1),
+                    Time(Timestamp::from_second(1).unwrap()),
+                ),
                 observed_generation: Some(1),
                 matched_pods: 0,
                 nodes_reporting: 0,
@@ -583,7 +648,9 @@ mod tests {
             Call::apply_daemonset(),
             Call::apply_status(&profile, expected.take()),
         ]));
-        reconcile(Arc::new(profile.clone()), ctx).await.expect("reconcile");
+        reconcile(Arc::new(profile.clone()), ctx)
+            .await
+            .expect("reconcile");
         timeout_after_1s(mock).await;
         // The transition time of an unchanged condition is kept.
         let kept = conditions(
@@ -592,7 +659,10 @@ mod tests {
             Some(1),
             Time(Timestamp::from_second(99).unwrap()),
         );
-        assert!(kept.iter().all(|c| c.last_transition_time.0.as_second() == 1));
+        assert!(
+            kept.iter()
+                .all(|c| c.last_transition_time.0.as_second() == 1)
+        );
     }
 
     #[tokio::test]
@@ -626,10 +696,15 @@ mod tests {
                 }),
             ),
         ]));
-        reconcile(Arc::new(bad), ctx).await.expect("an invalid profile is not a reconcile error");
+        reconcile(Arc::new(bad), ctx)
+            .await
+            .expect("an invalid profile is not a reconcile error");
         timeout_after_1s(mock).await;
         let text = Metrics::encode(&registry);
-        assert!(text.contains("trazor_operator_profiles{reason=\"InvalidSpec\"} 1"), "{text}");
+        assert!(
+            text.contains("trazor_operator_profiles{reason=\"InvalidSpec\"} 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -694,7 +769,11 @@ mod tests {
     }
 
     fn checkout_named_cart() -> TraceProfile {
-        TraceProfile::test("cart", 200, json!({"podSelector": {"matchLabels": {"app": "cart"}}}))
+        TraceProfile::test(
+            "cart",
+            200,
+            json!({"podSelector": {"matchLabels": {"app": "cart"}}}),
+        )
     }
 
     #[tokio::test]
@@ -705,7 +784,9 @@ mod tests {
             Call::apply_config_map(json!(null)).failing(StatusCode::INTERNAL_SERVER_ERROR),
         ]));
         let profile = Arc::new(profile);
-        let error = reconcile(profile.clone(), ctx.clone()).await.expect_err("must fail");
+        let error = reconcile(profile.clone(), ctx.clone())
+            .await
+            .expect_err("must fail");
         timeout_after_1s(mock).await;
         assert!(error.to_string().contains("applying ConfigMap"), "{error}");
         let action = error_policy(profile, &error, ctx);
@@ -723,7 +804,9 @@ mod tests {
         profile.metadata.namespace = None;
         let (ctx, server, _) = Context::test(&[], &[], None);
         let mock = server.run(Scenario::RadioSilence);
-        let error = reconcile(Arc::new(profile), ctx).await.expect_err("must fail");
+        let error = reconcile(Arc::new(profile), ctx)
+            .await
+            .expect_err("must fail");
         timeout_after_1s(mock).await;
         assert_eq!(error.metric_label(), "missing_metadata");
     }

@@ -80,7 +80,11 @@ pub struct AgentSettings {
 
 impl AgentSettings {
     /// Settings with the defaults used by the Helm chart; tests and `main` override fields.
-    pub fn new(namespace: impl Into<String>, image: impl Into<String>, collector: impl Into<String>) -> Self {
+    pub fn new(
+        namespace: impl Into<String>,
+        image: impl Into<String>,
+        collector: impl Into<String>,
+    ) -> Self {
         Self {
             namespace: namespace.into(),
             image: image.into(),
@@ -109,15 +113,24 @@ pub fn tolerate_everything() -> Vec<Toleration> {
 pub fn common_labels() -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/part-of".to_owned(), "trazor".to_owned()),
-        ("app.kubernetes.io/managed-by".to_owned(), "trazor-operator".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "trazor-operator".to_owned(),
+        ),
     ])
 }
 
 /// Labels selecting the node-agent pods (also how [`crate::render`] finds them).
 pub fn agent_labels() -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "trazor-node-agent".to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "node-agent".to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "trazor-node-agent".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "node-agent".to_owned(),
+        ),
     ])
 }
 
@@ -248,8 +261,7 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
         ..Container::default()
     };
 
-    let mut node_selector =
-        BTreeMap::from([("kubernetes.io/os".to_owned(), "linux".to_owned())]);
+    let mut node_selector = BTreeMap::from([("kubernetes.io/os".to_owned(), "linux".to_owned())]);
     node_selector.extend(settings.node_selector.clone());
 
     DaemonSet {
@@ -343,7 +355,10 @@ mod tests {
     #[test]
     fn least_privilege_not_privileged() {
         let ds = node_agent_daemonset(&settings());
-        let sc = pod_spec(&ds).containers[0].security_context.clone().unwrap();
+        let sc = pod_spec(&ds).containers[0]
+            .security_context
+            .clone()
+            .unwrap();
         assert_eq!(sc.privileged, Some(false));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -358,7 +373,10 @@ mod tests {
         let mut s = settings();
         s.privileged = true;
         let ds = node_agent_daemonset(&s);
-        let sc = pod_spec(&ds).containers[0].security_context.clone().unwrap();
+        let sc = pod_spec(&ds).containers[0]
+            .security_context
+            .clone()
+            .unwrap();
         assert_eq!(sc.privileged, Some(true));
         // The API server rejects privileged together with allowPrivilegeEscalation=false.
         assert_eq!(sc.allow_privilege_escalation, None);
@@ -381,7 +399,10 @@ mod tests {
             ("btf", "/sys/kernel/btf"),
             ("config", "/etc/trazor"),
         ] {
-            assert!(mounts.contains(&(name.into(), path.into(), Some(true))), "{name} in {mounts:?}");
+            assert!(
+                mounts.contains(&(name.into(), path.into(), Some(true))),
+                "{name} in {mounts:?}"
+            );
         }
         let config = spec
             .volumes
@@ -411,31 +432,67 @@ mod tests {
         let env = container.env.clone().unwrap();
         let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
         assert_eq!(
-            node.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+            node.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
             "spec.nodeName"
         );
         let token = env.iter().find(|e| e.name == TOKEN_ENV).unwrap();
-        let secret = token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
-        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("trazor-auth", "token"));
+        let secret = token
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("trazor-auth", "token")
+        );
 
         let mut no_auth = settings();
         no_auth.auth_secret = None;
         let ds = node_agent_daemonset(&no_auth);
-        assert!(!pod_spec(&ds).containers[0].env.clone().unwrap().iter().any(|e| e.name == TOKEN_ENV));
+        assert!(
+            !pod_spec(&ds).containers[0]
+                .env
+                .clone()
+                .unwrap()
+                .iter()
+                .any(|e| e.name == TOKEN_ENV)
+        );
     }
 
     #[test]
     fn runs_on_every_linux_node_and_selects_its_pods() {
         let mut s = settings();
-        s.node_selector.insert("trazor.dev/trace".into(), "true".into());
+        s.node_selector
+            .insert("trazor.dev/trace".into(), "true".into());
         let ds = node_agent_daemonset(&s);
         let spec = pod_spec(&ds);
         assert_eq!(spec.tolerations.clone().unwrap(), tolerate_everything());
         let selector = spec.node_selector.clone().unwrap();
-        assert_eq!(selector.get("kubernetes.io/os").map(String::as_str), Some("linux"));
-        assert_eq!(selector.get("trazor.dev/trace").map(String::as_str), Some("true"));
+        assert_eq!(
+            selector.get("kubernetes.io/os").map(String::as_str),
+            Some("linux")
+        );
+        assert_eq!(
+            selector.get("trazor.dev/trace").map(String::as_str),
+            Some("true")
+        );
         let ds_spec = ds.spec.as_ref().unwrap();
-        let template_labels = ds_spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
+        let template_labels = ds_spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
         for (k, v) in ds_spec.selector.match_labels.clone().unwrap() {
             assert_eq!(template_labels.get(&k), Some(&v));
         }

@@ -34,8 +34,14 @@ pub enum Error {
     #[error("could not serialise the node-agent configuration: {0}")]
     Serialize(#[source] serde_json::Error),
 
+    /// The leader-election task ended without an error (it should run until released).
+    #[error("leader election stopped unexpectedly: {0}")]
+    LeaderElectionStopped(String),
+
     /// Leader election failed (the Lease could not be read or written).
-    #[error("leader election failed: {0}; check the operator's RBAC for coordination.k8s.io leases")]
+    #[error(
+        "leader election failed: {0}; check the operator's RBAC for coordination.k8s.io leases"
+    )]
     Leader(#[source] kube_lease_manager::LeaseManagerError),
 }
 
@@ -60,7 +66,7 @@ impl Error {
             Error::MissingMetadata(_) => "missing_metadata",
             Error::CacheNotReady(_) => "cache_not_ready",
             Error::Serialize(_) => "serialize",
-            Error::Leader(_) => "leader_election",
+            Error::Leader(_) | Error::LeaderElectionStopped(_) => "leader_election",
         }
     }
 }

@@ -9,11 +9,7 @@
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
-use k8s_openapi::{
-    api::core::v1::Pod,
-    apimachinery::pkg::apis::meta::v1::Time,
-    jiff::Timestamp,
-};
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Client, Resource, ResourceExt,
     client::Body,
@@ -44,7 +40,9 @@ impl TraceProfile {
         meta.uid = Some(format!("uid-{name}"));
         meta.generation = Some(1);
         meta.resource_version = Some("100".into());
-        meta.creation_timestamp = Some(Time(Timestamp::from_second(created_second).expect("valid time")));
+        meta.creation_timestamp = Some(Time(
+            Timestamp::from_second(created_second).expect("valid time"),
+        ));
         profile
     }
 
@@ -56,7 +54,9 @@ impl TraceProfile {
 
     /// Being deleted (the API server set a deletion timestamp).
     pub fn deleting(mut self) -> Self {
-        self.meta_mut().deletion_timestamp = Some(Time(Timestamp::from_second(2_000_000_000).expect("valid time")));
+        self.meta_mut().deletion_timestamp = Some(Time(
+            Timestamp::from_second(2_000_000_000).expect("valid time"),
+        ));
         self
     }
 
@@ -83,7 +83,12 @@ pub fn agent_pod(node: &str) -> Pod {
         .into_iter()
         .map(|(k, v)| (k, Value::String(v)))
         .collect();
-    running_pod(AGENT_NS, &format!("trazor-node-agent-{node}"), node, Value::Object(labels))
+    running_pod(
+        AGENT_NS,
+        &format!("trazor-node-agent-{node}"),
+        node,
+        Value::Object(labels),
+    )
 }
 
 /// The agent settings used in tests.
@@ -161,7 +166,10 @@ impl Call {
         Call {
             what: "add finalizer".into(),
             method: Method::PATCH,
-            uri: format!("/apis/trazor.dev/v1alpha1/namespaces/{NS}/traceprofiles/{}?", profile.name_any()),
+            uri: format!(
+                "/apis/trazor.dev/v1alpha1/namespaces/{NS}/traceprofiles/{}?",
+                profile.name_any()
+            ),
             check: Box::new(|body| {
                 assert_eq!(
                     body,
@@ -180,7 +188,10 @@ impl Call {
         Call {
             what: "remove finalizer".into(),
             method: Method::PATCH,
-            uri: format!("/apis/trazor.dev/v1alpha1/namespaces/{NS}/traceprofiles/{}?", profile.name_any()),
+            uri: format!(
+                "/apis/trazor.dev/v1alpha1/namespaces/{NS}/traceprofiles/{}?",
+                profile.name_any()
+            ),
             check: Box::new(|body| {
                 assert_eq!(
                     body,
@@ -200,17 +211,24 @@ impl Call {
         Call {
             what: "apply ConfigMap".into(),
             method: Method::PATCH,
-            uri: format!("/api/v1/namespaces/{AGENT_NS}/configmaps/trazor-node-agent-config{APPLY_QUERY}"),
+            uri: format!(
+                "/api/v1/namespaces/{AGENT_NS}/configmaps/trazor-node-agent-config{APPLY_QUERY}"
+            ),
             check: Box::new(move |body| {
                 assert_eq!(body["apiVersion"], "v1");
                 assert_eq!(body["kind"], "ConfigMap");
                 assert_eq!(body["metadata"]["name"], "trazor-node-agent-config");
                 assert_eq!(body["metadata"]["namespace"], AGENT_NS);
-                assert_eq!(body["metadata"]["labels"]["app.kubernetes.io/managed-by"], "trazor-operator");
+                assert_eq!(
+                    body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+                    "trazor-operator"
+                );
                 assert!(body["metadata"].get("ownerReferences").is_none());
                 let data = body["data"].as_object().expect("ConfigMap data");
                 assert_eq!(data.len(), 1, "only the agent config key: {data:?}");
-                let text = data["agent-config.json"].as_str().expect("config is a string");
+                let text = data["agent-config.json"]
+                    .as_str()
+                    .expect("config is a string");
                 let config: Value = serde_json::from_str(text).expect("config is JSON");
                 assert_eq!(config, json!({"version": 1, "profiles": profiles}));
             }),
@@ -223,16 +241,22 @@ impl Call {
         Call {
             what: "apply DaemonSet".into(),
             method: Method::PATCH,
-            uri: format!("/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/trazor-node-agent{APPLY_QUERY}"),
+            uri: format!(
+                "/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/trazor-node-agent{APPLY_QUERY}"
+            ),
             check: Box::new(|body| {
                 assert_eq!(body["apiVersion"], "apps/v1");
                 assert_eq!(body["kind"], "DaemonSet");
-                let expected = serde_json::to_value(node_agent_daemonset(&test_settings())).expect("json");
+                let expected =
+                    serde_json::to_value(node_agent_daemonset(&test_settings())).expect("json");
                 assert_eq!(body, &expected);
                 // The parts that matter, spelled out rather than only compared to the builder.
                 let pod = &body["spec"]["template"]["spec"];
                 assert_eq!(pod["hostPID"], true);
-                assert_eq!(pod["containers"][0]["image"], "ghcr.io/trazor-dev/trazor-node-agent:test");
+                assert_eq!(
+                    pod["containers"][0]["image"],
+                    "ghcr.io/trazor-dev/trazor-node-agent:test"
+                );
                 assert_eq!(
                     pod["containers"][0]["securityContext"]["capabilities"]["add"],
                     json!(["BPF", "PERFMON"])
@@ -275,7 +299,11 @@ impl Call {
             check: Box::new(move |body| {
                 assert_eq!(body["apiVersion"], "trazor.dev/v1alpha1");
                 assert_eq!(body["kind"], "TraceProfile");
-                assert_eq!(body.as_object().map(|o| o.len()), Some(3), "only apiVersion, kind, status");
+                assert_eq!(
+                    body.as_object().map(|o| o.len()),
+                    Some(3),
+                    "only apiVersion, kind, status"
+                );
                 let mut status = body["status"].clone();
                 for condition in status["conditions"].as_array_mut().expect("conditions") {
                     let time = condition
@@ -343,7 +371,11 @@ async fn serve(handle: &mut ApiServerHandle, call: Call) {
         .unwrap_or_else(|| panic!("service not called for: {}", call.what));
     assert_eq!(request.method(), call.method, "method of: {}", call.what);
     assert_eq!(request.uri().to_string(), call.uri, "URI of: {}", call.what);
-    let bytes = request.into_body().collect_bytes().await.expect("request body");
+    let bytes = request
+        .into_body()
+        .collect_bytes()
+        .await
+        .expect("request body");
     let body: Value = if bytes.is_empty() {
         Value::Null
     } else {
@@ -352,7 +384,9 @@ async fn serve(handle: &mut ApiServerHandle, call: Call) {
     (call.check)(&body);
     let response = match call.reply {
         Reply::Echo => Response::builder().body(Body::from(bytes.to_vec())),
-        Reply::Object(object) => Response::builder().body(Body::from(serde_json::to_vec(&object).expect("json"))),
+        Reply::Object(object) => {
+            Response::builder().body(Body::from(serde_json::to_vec(&object).expect("json")))
+        }
         Reply::Failure(status) => Response::builder().status(status).body(Body::from(
             serde_json::to_vec(&json!({
                 "kind": "Status", "apiVersion": "v1", "status": "Failure",

@@ -43,7 +43,8 @@ pub async fn acquire(client: Client, namespace: &str, identity: &str) -> Result<
             // The manager task ended: it failed for good; its error says why.
             return Err(match task.await {
                 Ok(Err(error)) => Error::Leader(error),
-                _ => Error::CacheNotReady("leader lease"),
+                Ok(Ok(_)) => Error::LeaderElectionStopped("the lease manager ended".to_owned()),
+                Err(join) => Error::LeaderElectionStopped(join.to_string()),
             });
         }
     }
@@ -67,8 +68,154 @@ impl Leadership {
         drop(self.state);
         match self.task.await {
             Ok(Ok(_)) => info!(lease = LEASE_NAME, "released leadership"),
-            Ok(Err(error)) => tracing::warn!(%error, "could not release the lease; it expires on its own"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not release the lease; it expires on its own")
+            }
             Err(error) => tracing::warn!(%error, "lease task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    /// A fake API server that keeps one Lease and answers get, create and patches the way the
+    /// real one does for what the lease manager sends (including the apply conflict on
+    /// `holderIdentity`, which is what keeps two replicas from both leading).
+    fn fake_lease_server(initial: Option<Value>) -> (Client, Arc<Mutex<Option<Value>>>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let lease = Arc::new(Mutex::new(initial));
+        let state = lease.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
+                let apply = request
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v.as_bytes() == b"application/apply-patch+yaml");
+                let body = request.into_body().collect_bytes().await.unwrap();
+                let body: Value = if body.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&body).unwrap()
+                };
+                let mut stored = state.lock().unwrap();
+                let (status, reply) = match (method, stored.as_mut()) {
+                    (Method::GET, Some(lease)) => (StatusCode::OK, lease.clone()),
+                    (Method::GET, None) | (Method::PATCH, None) => {
+                        (StatusCode::NOT_FOUND, status_body(404, "NotFound"))
+                    }
+                    (Method::POST, _) => {
+                        let mut lease = body.clone();
+                        lease["metadata"]["resourceVersion"] = json!("1");
+                        *stored = Some(lease.clone());
+                        (StatusCode::CREATED, lease)
+                    }
+                    (Method::PATCH, Some(lease)) => {
+                        let holder = lease["spec"]["holderIdentity"].clone();
+                        let wanted = &body["spec"]["holderIdentity"];
+                        if apply && !holder.is_null() && wanted != &holder {
+                            (StatusCode::CONFLICT, status_body(409, "Conflict"))
+                        } else {
+                            if !lease["spec"].is_object() {
+                                lease["spec"] = json!({});
+                            }
+                            for (key, value) in
+                                body["spec"].as_object().cloned().unwrap_or_default()
+                            {
+                                let spec = lease["spec"].as_object_mut().unwrap();
+                                if value.is_null() {
+                                    spec.remove(&key);
+                                } else {
+                                    spec.insert(key, value);
+                                }
+                            }
+                            (StatusCode::OK, lease.clone())
+                        }
+                    }
+                    (method, _) => panic!("unexpected {method} on the lease"),
+                };
+                drop(stored);
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+            }
+        });
+        (Client::new(service, "default"), lease)
+    }
+
+    fn status_body(code: u16, reason: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": reason,
+               "reason": reason, "code": code})
+    }
+
+    fn held_by(holder: &str, renewed: k8s_openapi::jiff::Timestamp) -> Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": LEASE_NAME, "namespace": "trazor-system", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "acquireTime": renewed.to_string(), "renewTime": renewed.to_string()}
+        })
+    }
+
+    fn holder(lease: &Mutex<Option<Value>>) -> Value {
+        lease.lock().unwrap().as_ref().unwrap()["spec"]["holderIdentity"].clone()
+    }
+
+    #[tokio::test]
+    async fn first_replica_creates_the_lease_and_leads_then_releases_it() {
+        let (client, lease) = fake_lease_server(None);
+        let leadership = tokio::time::timeout(
+            Duration::from_secs(5),
+            acquire(client, "trazor-system", "operator-a"),
+        )
+        .await
+        .expect("acquired in time")
+        .unwrap();
+        assert_eq!(holder(&lease), json!("operator-a"));
+        leadership.release().await;
+        assert_eq!(holder(&lease), Value::Null);
+    }
+
+    #[tokio::test]
+    async fn second_replica_waits_while_the_leader_renews() {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let (client, lease) = fake_lease_server(Some(held_by("operator-a", now)));
+        let waiting = tokio::time::timeout(
+            Duration::from_millis(1500),
+            acquire(client, "trazor-system", "operator-b"),
+        )
+        .await;
+        assert!(
+            waiting.is_err(),
+            "operator-b must not lead while operator-a holds the lease"
+        );
+        assert_eq!(holder(&lease), json!("operator-a"));
+    }
+
+    #[tokio::test]
+    async fn expired_lease_is_taken_over() {
+        let long_ago = k8s_openapi::jiff::Timestamp::from_second(1_000_000_000).unwrap();
+        let (client, lease) = fake_lease_server(Some(held_by("crashed", long_ago)));
+        let leadership = tokio::time::timeout(
+            Duration::from_secs(10),
+            acquire(client, "trazor-system", "operator-b"),
+        )
+        .await
+        .expect("took over in time")
+        .unwrap();
+        assert_eq!(holder(&lease), json!("operator-b"));
+        drop(leadership);
     }
 }

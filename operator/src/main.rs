@@ -36,7 +36,11 @@ struct Args {
     agent_image_pull_policy: Option<String>,
 
     /// Collector gRPC address the agents stream to.
-    #[arg(long, env = "TRAZOR_COLLECTOR", default_value = "http://trazor-collector:50051")]
+    #[arg(
+        long,
+        env = "TRAZOR_COLLECTOR",
+        default_value = "http://trazor-collector:50051"
+    )]
     collector: String,
 
     /// Secret holding the collector auth token for the agents (none when unset).
@@ -96,7 +100,11 @@ impl Args {
         settings.auth_secret_key = self.auth_secret_key.clone();
         settings.service_account = self.agent_service_account.clone();
         settings.privileged = self.agent_privileged;
-        settings.node_selector = self.agent_node_selector.iter().cloned().collect::<BTreeMap<_, _>>();
+        settings.node_selector = self
+            .agent_node_selector
+            .iter()
+            .cloned()
+            .collect::<BTreeMap<_, _>>();
         settings.tolerations = match &self.agent_tolerations {
             Some(json) if !json.trim().is_empty() => serde_json::from_str::<Vec<Toleration>>(json)
                 .context("--agent-tolerations must be a JSON list of Kubernetes tolerations")?,
@@ -160,7 +168,8 @@ async fn main() -> anyhow::Result<()> {
     });
 
     if let Some(name) = &args.owner_deployment {
-        settings.owner = Some(controller::deployment_owner(client.clone(), &args.namespace, name).await?);
+        settings.owner =
+            Some(controller::deployment_owner(client.clone(), &args.namespace, name).await?);
     }
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -174,7 +183,9 @@ async fn main() -> anyhow::Result<()> {
     let leadership = if args.leader_election {
         let identity = match &args.identity {
             Some(identity) => identity.clone(),
-            None => bail!("leader election needs --identity or POD_NAME (or --leader-election=false)"),
+            None => {
+                bail!("leader election needs --identity or POD_NAME (or --leader-election=false)")
+            }
         };
         tokio::select! {
             held = leader::acquire(client.clone(), &args.namespace, &identity) => Some(held?),
@@ -202,4 +213,56 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["trazor-operator", "--namespace", "obs"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn flags_become_agent_settings() {
+        let settings = args(&[
+            "--agent-image=example/agent:1",
+            "--collector=http://c:50051",
+            "--auth-secret=tok",
+            "--agent-node-selector=pool=tracing",
+            "--agent-tolerations=[{\"key\":\"gpu\",\"operator\":\"Exists\"}]",
+        ])
+        .agent_settings()
+        .unwrap();
+        assert_eq!(settings.namespace, "obs");
+        assert_eq!(settings.image, "example/agent:1");
+        assert_eq!(settings.collector, "http://c:50051");
+        assert_eq!(settings.auth_secret.as_deref(), Some("tok"));
+        assert_eq!(
+            settings.node_selector.get("pool").map(String::as_str),
+            Some("tracing")
+        );
+        assert_eq!(settings.tolerations[0].key.as_deref(), Some("gpu"));
+    }
+
+    #[test]
+    fn defaults_tolerate_everything_and_elect_a_leader() {
+        let parsed = args(&[]);
+        assert!(parsed.leader_election);
+        let settings = parsed.agent_settings().unwrap();
+        assert_eq!(settings.tolerations, tolerate_everything());
+        assert!(settings.auth_secret.is_none());
+        assert!(!args(&["--leader-election=false"]).leader_election);
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_with_a_reason() {
+        assert!(Args::try_parse_from(["x", "--agent-node-selector=novalue"]).is_err());
+        let error = args(&["--agent-tolerations=not json"])
+            .agent_settings()
+            .unwrap_err();
+        assert!(error.to_string().contains("--agent-tolerations"), "{error}");
+    }
 }

@@ -60,14 +60,26 @@ impl Metrics {
     /// Registers every metric under the `trazor_operator_` prefix.
     pub fn register(self, registry: &mut Registry) -> Self {
         let sub = registry.sub_registry_with_prefix("trazor_operator");
-        sub.register("reconciliations", "Reconciles started", self.reconciliations.clone());
-        sub.register("reconcile_failures", "Reconciles that failed, by error kind", self.failures.clone());
+        sub.register(
+            "reconciliations",
+            "Reconciles started",
+            self.reconciliations.clone(),
+        );
+        sub.register(
+            "reconcile_failures",
+            "Reconciles that failed, by error kind",
+            self.failures.clone(),
+        );
         sub.register(
             "reconcile_duration_seconds",
             "Time a reconcile takes",
             self.reconcile_duration.clone(),
         );
-        sub.register("profiles", "TraceProfiles by verdict, as of the last render", self.profiles.clone());
+        sub.register(
+            "profiles",
+            "TraceProfiles by verdict, as of the last render",
+            self.profiles.clone(),
+        );
         sub.register(
             "config_updates",
             "Times the node-agent configuration changed",
@@ -142,9 +154,21 @@ mod tests {
         metrics.reconcile_failed(&Error::CacheNotReady("pods"));
         metrics.set_profiles(2, 1, 0);
         let text = Metrics::encode(&registry);
-        assert!(text.contains("trazor_operator_reconciliations_total 1"), "{text}");
-        assert!(text.contains("trazor_operator_reconcile_failures_total{error=\"cache_not_ready\"} 1"), "{text}");
-        assert!(text.contains("trazor_operator_profiles{reason=\"InvalidSpec\"} 1"), "{text}");
-        assert!(text.contains("trazor_operator_reconcile_duration_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("trazor_operator_reconciliations_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trazor_operator_reconcile_failures_total{error=\"cache_not_ready\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trazor_operator_profiles{reason=\"InvalidSpec\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trazor_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
     }
 }

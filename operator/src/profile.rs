@@ -87,7 +87,11 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
         json_path = ".status.nodesReporting",
         description = "Nodes with matched pods and a ready node agent"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TraceProfileSpec {
@@ -358,7 +362,8 @@ impl TraceProfile {
     pub fn resolve(&self) -> Result<ProfileConfig, Vec<Problem>> {
         let spec = &self.spec;
         let mut problems = Vec::new();
-        let mut problem = |field: String, message: String| problems.push(Problem { field, message });
+        let mut problem =
+            |field: String, message: String| problems.push(Problem { field, message });
 
         let (match_labels, match_expressions) = match resolve_selector(&spec.pod_selector) {
             Ok(resolved) => resolved,
@@ -372,7 +377,10 @@ impl TraceProfile {
             Some(window) if window.subsec_nanos() != 0 => {
                 problem(
                     "spec.window".into(),
-                    format!("{:?} is not a whole number of seconds; use e.g. \"10s\"", spec.window),
+                    format!(
+                        "{:?} is not a whole number of seconds; use e.g. \"10s\"",
+                        spec.window
+                    ),
                 );
                 0
             }
@@ -392,7 +400,10 @@ impl TraceProfile {
             None => {
                 problem(
                     "spec.window".into(),
-                    format!("{:?} is not a duration such as \"10s\" or \"1m\"", spec.window),
+                    format!(
+                        "{:?} is not a duration such as \"10s\" or \"1m\"",
+                        spec.window
+                    ),
                 );
                 0
             }
@@ -407,7 +418,9 @@ impl TraceProfile {
                 Some(_) => {
                     problem(
                         "spec.slowThreshold".into(),
-                        format!("{text:?} is below the 1ms resolution of exemplars; use e.g. \"1ms\""),
+                        format!(
+                            "{text:?} is below the 1ms resolution of exemplars; use e.g. \"1ms\""
+                        ),
                     );
                     None
                 }
@@ -426,15 +439,23 @@ impl TraceProfile {
             if !(p > 0.0 && p < 1.0) {
                 problem(
                     format!("spec.percentiles[{i}]"),
-                    format!("{p} is not strictly between 0 and 1; write the 99th percentile as 0.99"),
+                    format!(
+                        "{p} is not strictly between 0 and 1; write the 99th percentile as 0.99"
+                    ),
                 );
             } else if seen.contains(&p) {
-                problem(format!("spec.percentiles[{i}]"), format!("{p} is listed twice"));
+                problem(
+                    format!("spec.percentiles[{i}]"),
+                    format!("{p} is listed twice"),
+                );
             }
             seen.push(p);
         }
         if spec.percentiles.is_empty() {
-            problem("spec.percentiles".into(), "list at least one quantile, e.g. [0.99]".into());
+            problem(
+                "spec.percentiles".into(),
+                "list at least one quantile, e.g. [0.99]".into(),
+            );
         }
 
         if !(0.0..=1.0).contains(&spec.sample_rate) {
@@ -451,11 +472,17 @@ impl TraceProfile {
         }
         for (i, port) in spec.ports.iter().enumerate() {
             if *port == 0 {
-                problem(format!("spec.ports[{i}]"), "port 0 never carries traffic".into());
+                problem(
+                    format!("spec.ports[{i}]"),
+                    "port 0 never carries traffic".into(),
+                );
             }
         }
         if spec.protocols.is_empty() {
-            problem("spec.protocols".into(), "list at least one protocol, e.g. [http]".into());
+            problem(
+                "spec.protocols".into(),
+                "list at least one protocol, e.g. [http]".into(),
+            );
         }
         for (i, template) in spec.route_templates.iter().enumerate() {
             if let Err(message) = check_route_template(template) {
@@ -528,7 +555,10 @@ fn resolve_selector(
             values,
         });
     }
-    Ok((selector.match_labels.clone().unwrap_or_default(), requirements))
+    Ok((
+        selector.match_labels.clone().unwrap_or_default(),
+        requirements,
+    ))
 }
 
 /// Checks route template syntax: `/` followed by segments that are literals, `{name}`
@@ -545,11 +575,15 @@ pub fn check_route_template(template: &str) -> Result<(), String> {
     for (i, segment) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         if segment.is_empty() {
-            return Err(format!("{template:?} has an empty segment ('//' or a trailing '/')"));
+            return Err(format!(
+                "{template:?} has an empty segment ('//' or a trailing '/')"
+            ));
         }
         if *segment == "*" {
             if !last {
-                return Err(format!("{template:?}: '*' is only allowed as the last segment"));
+                return Err(format!(
+                    "{template:?}: '*' is only allowed as the last segment"
+                ));
             }
             continue;
         }
@@ -606,7 +640,9 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
     let mut rest = text;
     let mut total_nanos: u128 = 0;
     while !rest.is_empty() {
-        let int_len = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let int_len = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if int_len == 0 {
             return None;
         }
@@ -692,7 +728,10 @@ mod tests {
         assert_eq!(config.ports, vec![80, 8080]);
         assert_eq!(config.direction, agent_config::Direction::Both);
         assert_eq!(config.protocols, vec!["http"]);
-        assert_eq!(config.match_labels.get("app").map(String::as_str), Some("checkout"));
+        assert_eq!(
+            config.match_labels.get("app").map(String::as_str),
+            Some("checkout")
+        );
     }
 
     #[test]
@@ -733,7 +772,14 @@ mod tests {
 
     #[test]
     fn route_template_syntax() {
-        for ok in ["/", "/users", "/users/{id}", "/a/{x}/b/{y_2}", "/files/*", "/v1/a-b.c~d"] {
+        for ok in [
+            "/",
+            "/users",
+            "/users/{id}",
+            "/a/{x}/b/{y_2}",
+            "/files/*",
+            "/v1/a-b.c~d",
+        ] {
             assert_eq!(check_route_template(ok), Ok(()), "{ok}");
         }
         for bad in [
@@ -748,7 +794,10 @@ mod tests {
             "/u/x{id}",
             "/a b",
         ] {
-            assert!(check_route_template(bad).is_err(), "{bad} should be rejected");
+            assert!(
+                check_route_template(bad).is_err(),
+                "{bad} should be rejected"
+            );
         }
     }
 
@@ -760,7 +809,16 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
         assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
-        for bad in ["", "10", "s", "1.s", "-1s", "1 s", "1d", "99999999999999999999999999999h"] {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "1.s",
+            "-1s",
+            "1 s",
+            "1d",
+            "99999999999999999999999999999h",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }

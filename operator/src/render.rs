@@ -171,7 +171,11 @@ pub fn render(profiles: &[&TraceProfile], pods: &[PodFacts], agent_namespace: &s
     ordered.sort_by(|a, b| {
         let created = |p: &TraceProfile| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
         // Profiles without a timestamp (not yet stored) sort last.
-        (created(a).is_none(), created(a), a.key()).cmp(&(created(b).is_none(), created(b), b.key()))
+        (created(a).is_none(), created(a), a.key()).cmp(&(
+            created(b).is_none(),
+            created(b),
+            b.key(),
+        ))
     });
 
     let mut rendered = Rendered::default();
@@ -188,7 +192,9 @@ pub fn render(profiles: &[&TraceProfile], pods: &[PodFacts], agent_namespace: &s
         };
         let matched: Vec<&PodFacts> = pods
             .iter()
-            .filter(|pod| pod.active && pod.namespace == config.namespace && selects(&config, &pod.labels))
+            .filter(|pod| {
+                pod.active && pod.namespace == config.namespace && selects(&config, &pod.labels)
+            })
             .collect();
         let nodes: BTreeSet<&str> = matched
             .iter()
@@ -314,7 +320,10 @@ mod tests {
         PodFacts {
             namespace: ns.into(),
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             node_name: Some(node.into()),
             active: true,
             ready: true,
@@ -323,19 +332,37 @@ mod tests {
 
     fn agent(node: &str) -> PodFacts {
         let labels = agent_labels();
-        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         pod("trazor-system", &format!("agent-{node}"), node, &labels)
     }
 
     #[test]
     fn renders_sorted_and_deterministic() {
-        let b = profile("shop", "b", 2, serde_json::json!({"podSelector": {"matchLabels": {"app": "b"}}}));
-        let a = profile("shop", "a", 3, serde_json::json!({"podSelector": {"matchLabels": {"app": "a"}}}));
+        let b = profile(
+            "shop",
+            "b",
+            2,
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "b"}}}),
+        );
+        let a = profile(
+            "shop",
+            "a",
+            3,
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "a"}}}),
+        );
         let z = profile("api", "z", 1, serde_json::json!({"podSelector": {}}));
         let one = render(&[&b, &a, &z], &[], "trazor-system");
         let two = render(&[&z, &a, &b], &[], "trazor-system");
         assert_eq!(one, two);
-        let names: Vec<_> = one.config.profiles.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+        let names: Vec<_> = one
+            .config
+            .profiles
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
         assert_eq!(names, vec!["api/z", "shop/a", "shop/b"]);
         assert_eq!(one.config_json().unwrap(), two.config_json().unwrap());
         assert!(one.verdicts.values().all(|v| *v == Verdict::Applied));
@@ -355,7 +382,11 @@ mod tests {
         assert_eq!(out.config.profiles[0].name, "good");
         let verdict = &out.verdicts["shop/bad"];
         assert_eq!(verdict.reason(), "InvalidSpec");
-        assert!(verdict.message().contains("spec.routeTemplates[0]"), "{}", verdict.message());
+        assert!(
+            verdict.message().contains("spec.routeTemplates[0]"),
+            "{}",
+            verdict.message()
+        );
     }
 
     #[test]
@@ -369,14 +400,24 @@ mod tests {
 
     #[test]
     fn younger_profile_with_other_window_on_same_pods_conflicts() {
-        let old = profile("shop", "old", 1, serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}));
+        let old = profile(
+            "shop",
+            "old",
+            1,
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}),
+        );
         let young = profile(
             "shop",
             "young",
             2,
             serde_json::json!({"podSelector": {"matchLabels": {"tier": "front"}}, "window": "30s"}),
         );
-        let pods = [pod("shop", "web-1", "n1", &[("app", "web"), ("tier", "front")])];
+        let pods = [pod(
+            "shop",
+            "web-1",
+            "n1",
+            &[("app", "web"), ("tier", "front")],
+        )];
         // Whatever the input order, the older profile wins.
         for input in [vec![&old, &young], vec![&young, &old]] {
             let out = render(&input, &pods, "trazor-system");
@@ -385,14 +426,22 @@ mod tests {
                 panic!("young should conflict: {:?}", out.verdicts);
             };
             assert_eq!(winner, "shop/old");
-            assert!(message.contains("web-1") && message.contains("10s"), "{message}");
+            assert!(
+                message.contains("web-1") && message.contains("10s"),
+                "{message}"
+            );
             assert_eq!(out.config.profiles.len(), 1);
         }
     }
 
     #[test]
     fn same_window_or_disjoint_pods_do_not_conflict() {
-        let a = profile("shop", "a", 1, serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}));
+        let a = profile(
+            "shop",
+            "a",
+            1,
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}),
+        );
         let same_window = profile(
             "shop",
             "b",
@@ -405,20 +454,38 @@ mod tests {
             3,
             serde_json::json!({"podSelector": {"matchLabels": {"app": "db"}}, "window": "1m"}),
         );
-        let other_ns = profile("blog", "d", 4, serde_json::json!({"podSelector": {}, "window": "1m"}));
+        let other_ns = profile(
+            "blog",
+            "d",
+            4,
+            serde_json::json!({"podSelector": {}, "window": "1m"}),
+        );
         let pods = [
             pod("shop", "web-1", "n1", &[("app", "web")]),
             pod("shop", "db-1", "n1", &[("app", "db")]),
             pod("blog", "web-1", "n1", &[("app", "web")]),
         ];
-        let out = render(&[&a, &same_window, &disjoint, &other_ns], &pods, "trazor-system");
-        assert!(out.verdicts.values().all(|v| *v == Verdict::Applied), "{:?}", out.verdicts);
+        let out = render(
+            &[&a, &same_window, &disjoint, &other_ns],
+            &pods,
+            "trazor-system",
+        );
+        assert!(
+            out.verdicts.values().all(|v| *v == Verdict::Applied),
+            "{:?}",
+            out.verdicts
+        );
         assert_eq!(out.config.profiles.len(), 4);
     }
 
     #[test]
     fn identical_selectors_conflict_even_without_pods() {
-        let a = profile("shop", "a", 1, serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}));
+        let a = profile(
+            "shop",
+            "a",
+            1,
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}),
+        );
         let b = profile(
             "shop",
             "b",

@@ -48,7 +48,9 @@ impl ExponentialHistogram {
 
     /// Total number of values counted.
     pub fn total(&self) -> u64 {
-        self.bucket_counts.iter().sum()
+        self.bucket_counts
+            .iter()
+            .fold(0u64, |total, &count| total.saturating_add(count))
     }
 
     /// `(bucket index, count)` of every non-empty bucket.
@@ -61,22 +63,45 @@ impl ExponentialHistogram {
     }
 
     /// Adds `other`'s counts to this histogram: exact, since both use the same buckets.
+    ///
+    /// Works on the dense form in place (no allocation when `other`'s range lies within this
+    /// one's), so the collector can merge at ingest rate. Counts saturate instead of
+    /// overflowing: garbage input can make a histogram wrong, never make the process panic.
     pub fn merge(&mut self, other: &Self) -> Result<(), HistogramError> {
         if other.bucket_counts.is_empty() {
             return Ok(());
         }
         if self.bucket_counts.is_empty() {
-            *self = other.clone();
+            self.scale = other.scale;
+            self.offset = other.offset;
+            self.bucket_counts.clear();
+            self.bucket_counts.extend_from_slice(&other.bucket_counts);
             return Ok(());
         }
         if self.scale != other.scale {
             return Err(HistogramError::ScaleMismatch(self.scale, other.scale));
         }
-        let mut sparse: BTreeMap<i32, u64> = self.sparse().collect();
-        for (index, count) in other.sparse() {
-            *sparse.entry(index).or_default() += count;
+        let self_start = i64::from(self.offset);
+        let other_start = i64::from(other.offset);
+        let start = self_start.min(other_start);
+        let end = (self_start + self.bucket_counts.len() as i64)
+            .max(other_start + other.bucket_counts.len() as i64);
+        let width = (end - start) as usize;
+        if width > MAX_DENSE_BUCKETS {
+            return Err(HistogramError::TooWide(width));
         }
-        *self = Self::from_sparse(self.scale, &sparse)?;
+        if start < self_start {
+            let mut widened = vec![0u64; (self_start - start) as usize];
+            widened.extend_from_slice(&self.bucket_counts);
+            self.bucket_counts = widened;
+            // `start` is one of the two offsets, so it fits an i32.
+            self.offset = other.offset;
+        }
+        self.bucket_counts.resize(width, 0);
+        let shift = (other_start - start) as usize;
+        for (into, &count) in self.bucket_counts[shift..].iter_mut().zip(&other.bucket_counts) {
+            *into = into.saturating_add(count);
+        }
         Ok(())
     }
 
@@ -135,6 +160,27 @@ mod tests {
             ab.sparse().collect::<Vec<_>>(),
             vec![(8, 3), (10, 1), (12, 5), (20, 2)]
         );
+    }
+
+    #[test]
+    fn merge_widens_on_either_side_and_matches_sparse_addition() {
+        let mut a = histogram(&[(50, 1), (52, 2)]);
+        a.merge(&histogram(&[(40, 3), (51, 1)])).unwrap();
+        a.merge(&histogram(&[(60, 4)])).unwrap();
+        a.merge(&histogram(&[(45, 5)])).unwrap();
+        assert_eq!(a.offset, 40);
+        assert_eq!(
+            a.sparse().collect::<Vec<_>>(),
+            vec![(40, 3), (45, 5), (50, 1), (51, 1), (52, 2), (60, 4)]
+        );
+        assert_eq!(a.total(), 16);
+        let far = ExponentialHistogram {
+            scale: 6,
+            offset: 40 + MAX_DENSE_BUCKETS as i32,
+            bucket_counts: vec![1],
+        };
+        assert!(matches!(a.merge(&far), Err(HistogramError::TooWide(_))));
+        assert_eq!(a.total(), 16, "a refused merge leaves the histogram as it was");
     }
 
     #[test]

@@ -18,22 +18,70 @@ pub const BUCKETS_PER_DOUBLING: u32 = 1 << HISTOGRAM_SCALE;
 /// point after the top bit: `BOUNDARIES[k] = floor(2^63 * 2^(k/64))`, computed exactly
 /// (integer 64th roots). A test recomputes them.
 pub const BOUNDARIES: [u64; 64] = [
-    0x8000000000000000, 0x8164d1f3bc030773, 0x82cd8698ac2ba1d7, 0x843a28c3acde4046,
-    0x85aac367cc487b14, 0x871f61969e8d1010, 0x88980e8092da8527, 0x8a14d575496efd9a,
-    0x8b95c1e3ea8bd6e6, 0x8d1adf5b7e5ba9e5, 0x8ea4398b45cd53c0, 0x9031dc431466b1dc,
-    0x91c3d373ab11c336, 0x935a2b2f13e6e92b, 0x94f4efa8fef70961, 0x96942d3720185a00,
-    0x9837f0518db8a96f, 0x99e0459320b7fa64, 0x9b8d39b9d54e5538, 0x9d3ed9a72cffb750,
-    0x9ef5326091a111ad, 0xa0b0510fb9714fc2, 0xa27043030c496818, 0xa43515ae09e6809e,
-    0xa5fed6a9b15138ea, 0xa7cd93b4e9653569, 0xa9a15ab4ea7c0ef8, 0xab7a39b5a93ed337,
-    0xad583eea42a14ac6, 0xaf3b78ad690a4374, 0xb123f581d2ac258f, 0xb311c412a9112489,
-    0xb504f333f9de6484, 0xb6fd91e328d17791, 0xb8fbaf4762fb9ee9, 0xbaff5ab2133e45fb,
-    0xbd08a39f580c36be, 0xbf1799b67a731082, 0xc12c4cca66709456, 0xc346ccda24976407,
-    0xc5672a115506dadd, 0xc78d74c8abb9b15c, 0xc9b9bd866e2f27a2, 0xcbec14fef2727c5c,
-    0xce248c151f8480e3, 0xd06333daef2b2594, 0xd2a81d91f12ae45a, 0xd4f35aabcfedfa1f,
-    0xd744fccad69d6af4, 0xd99d15c278afd7b5, 0xdbfbb797daf23755, 0xde60f4825e0e9123,
-    0xe0ccdeec2a94e111, 0xe33f8972be8a5a51, 0xe5b906e77c8348a8, 0xe8396a503c4bdc68,
-    0xeac0c6e7dd24392e, 0xed4f301ed9942b84, 0xefe4b99bdcdaf5cb, 0xf281773c59ffb139,
-    0xf5257d152486cc2c, 0xf7d0df730ad13bb8, 0xfa83b2db722a033a, 0xfd3e0c0cf486c174,
+    0x8000000000000000,
+    0x8164d1f3bc030773,
+    0x82cd8698ac2ba1d7,
+    0x843a28c3acde4046,
+    0x85aac367cc487b14,
+    0x871f61969e8d1010,
+    0x88980e8092da8527,
+    0x8a14d575496efd9a,
+    0x8b95c1e3ea8bd6e6,
+    0x8d1adf5b7e5ba9e5,
+    0x8ea4398b45cd53c0,
+    0x9031dc431466b1dc,
+    0x91c3d373ab11c336,
+    0x935a2b2f13e6e92b,
+    0x94f4efa8fef70961,
+    0x96942d3720185a00,
+    0x9837f0518db8a96f,
+    0x99e0459320b7fa64,
+    0x9b8d39b9d54e5538,
+    0x9d3ed9a72cffb750,
+    0x9ef5326091a111ad,
+    0xa0b0510fb9714fc2,
+    0xa27043030c496818,
+    0xa43515ae09e6809e,
+    0xa5fed6a9b15138ea,
+    0xa7cd93b4e9653569,
+    0xa9a15ab4ea7c0ef8,
+    0xab7a39b5a93ed337,
+    0xad583eea42a14ac6,
+    0xaf3b78ad690a4374,
+    0xb123f581d2ac258f,
+    0xb311c412a9112489,
+    0xb504f333f9de6484,
+    0xb6fd91e328d17791,
+    0xb8fbaf4762fb9ee9,
+    0xbaff5ab2133e45fb,
+    0xbd08a39f580c36be,
+    0xbf1799b67a731082,
+    0xc12c4cca66709456,
+    0xc346ccda24976407,
+    0xc5672a115506dadd,
+    0xc78d74c8abb9b15c,
+    0xc9b9bd866e2f27a2,
+    0xcbec14fef2727c5c,
+    0xce248c151f8480e3,
+    0xd06333daef2b2594,
+    0xd2a81d91f12ae45a,
+    0xd4f35aabcfedfa1f,
+    0xd744fccad69d6af4,
+    0xd99d15c278afd7b5,
+    0xdbfbb797daf23755,
+    0xde60f4825e0e9123,
+    0xe0ccdeec2a94e111,
+    0xe33f8972be8a5a51,
+    0xe5b906e77c8348a8,
+    0xe8396a503c4bdc68,
+    0xeac0c6e7dd24392e,
+    0xed4f301ed9942b84,
+    0xefe4b99bdcdaf5cb,
+    0xf281773c59ffb139,
+    0xf5257d152486cc2c,
+    0xf7d0df730ad13bb8,
+    0xfa83b2db722a033a,
+    0xfd3e0c0cf486c174,
 ];
 
 /// Index of the histogram bucket holding a latency of `nanos` nanoseconds.
@@ -115,13 +163,19 @@ pub struct SeriesKey {
     pub window: u32,
     /// Process (tgid) that served or made the request.
     pub tgid: u32,
+    /// [`route_hash`] of the request path (ids normalised), 0 when not captured.
+    pub route: u32,
+    /// Remote IPv4 address (network byte order) of a client-side request; 0 otherwise.
+    pub peer_addr: u32,
+    /// Remote port of a client-side request (host byte order); 0 otherwise.
+    pub peer_port: u16,
     /// [`Direction`] as u8.
     pub direction: u8,
     /// One of [`method`].
     pub method: u8,
     /// First digit of the status code (1..=5), 0 when unknown.
     pub status_class: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 3],
 }
 
 /// Totals of one series in one window, per CPU (summed by user space).
@@ -153,10 +207,106 @@ pub struct AgentSettings {
     /// CLOCK_REALTIME - CLOCK_MONOTONIC in ns, so the kernel's monotonic clock can be turned
     /// into wall-clock window numbers. User space refreshes it every window.
     pub realtime_offset_nanos: u64,
+    /// Requests at least this slow are sent to user space as exemplars; 0 disables.
+    pub slow_threshold_nanos: u64,
+    /// Other requests are sampled as exemplars when `bpf_get_prandom_u32() < sample_below`.
+    pub sample_below: u32,
     /// 1: trace every process (standalone mode). 0: only cgroups in `TRACED_CGROUPS`.
     pub trace_all: u32,
     /// The agent's own tgid, never traced (its own HTTP endpoints would feed back).
     pub agent_tgid: u32,
+    /// Which directions to trace: bit 0 server, bit 1 client.
+    pub directions: u32,
+}
+
+/// Bytes of a request path kept for routes and exemplars.
+pub const PATH_LEN: usize = 64;
+
+/// Flags of a [`RequestEvent`].
+pub mod event_flag {
+    /// First request of its series in this window: carries the path the route hash stands for.
+    pub const NEW_SERIES: u8 = 1;
+    /// Slow, failed or sampled: keep as an exemplar.
+    pub const EXEMPLAR: u8 = 2;
+}
+
+/// One request sent to user space through the `EVENTS` ring buffer: only for new series
+/// (to name routes) and exemplars, never for every request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestEvent {
+    pub series: SeriesKey,
+    /// `bpf_ktime_get_ns` at the request's start.
+    pub start_nanos: u64,
+    pub duration_nanos: u64,
+    pub tid: u32,
+    pub status: u16,
+    /// [`event_flag`] bits.
+    pub flags: u8,
+    /// Valid bytes in `path`.
+    pub path_len: u8,
+    pub path: [u8; PATH_LEN],
+}
+
+/// FNV-1a over a request path with its all-digit segments replaced by `{id}`, so
+/// `/users/42` and `/users/7` share a series; and the path's length. Stops at `?`, `#`, a
+/// space, a line end or NUL.
+///
+/// Written for the BPF verifier: one bounded loop whose only data-dependent state is two
+/// one-bit flags, so verification stays linear in PATH_LEN. (Longer id shapes such as UUIDs
+/// are folded in user space, when routes are named.)
+#[inline(always)]
+pub fn route_hash(path: &[u8; PATH_LEN]) -> (u32, usize) {
+    let mut hash = FNV_OFFSET;
+    let mut segment = FNV_OFFSET;
+    let mut all_digits = 1u32;
+    let mut non_empty = 0u32;
+    let mut index = 0usize;
+    while index < PATH_LEN {
+        let byte = path[index];
+        if byte == b'?'
+            || byte == b'#'
+            || byte == b' '
+            || byte == b'\r'
+            || byte == b'\n'
+            || byte == 0
+        {
+            break;
+        }
+        if byte == b'/' {
+            hash = fold_segment(hash, segment, all_digits, non_empty);
+            hash = (hash ^ u32::from(b'/')).wrapping_mul(FNV_PRIME);
+            segment = FNV_OFFSET;
+            all_digits = 1;
+            non_empty = 0;
+        } else {
+            segment = (segment ^ u32::from(byte)).wrapping_mul(FNV_PRIME);
+            non_empty = 1;
+            if !byte.is_ascii_digit() {
+                all_digits = 0;
+            }
+        }
+        index += 1;
+    }
+    hash = fold_segment(hash, segment, all_digits, non_empty);
+    // 0 means "no route": keep real hashes away from it.
+    (if hash == 0 { 1 } else { hash }, index)
+}
+
+const FNV_OFFSET: u32 = 0x811c_9dc5;
+const FNV_PRIME: u32 = 0x0100_0193;
+/// Mixed in for an id segment: "{id}" as a u32.
+const ID_MARK: u32 = 0x7b69_647d;
+
+#[inline(always)]
+fn fold_segment(hash: u32, segment: u32, all_digits: u32, non_empty: u32) -> u32 {
+    if non_empty == 0 {
+        hash
+    } else if all_digits == 1 {
+        (hash ^ ID_MARK).wrapping_mul(FNV_PRIME)
+    } else {
+        (hash ^ segment).wrapping_mul(FNV_PRIME)
+    }
 }
 
 /// Indices of the per-CPU `DROPS` counters: every place the kernel side gives up on a
@@ -172,8 +322,13 @@ pub mod drop_reason {
     pub const HISTOGRAM_TABLE_FULL: u32 = 3;
     /// A connection closed while a request on it had no response yet.
     pub const UNANSWERED_AT_CLOSE: u32 = 4;
+    /// A connection entry was replaced (fd reused after a close we did not see) while a
+    /// request on it was in flight: that request is discarded, never given a bogus time.
+    pub const STALE_REQUEST_DISCARDED: u32 = 5;
+    /// The ring buffer to user space was full: an exemplar or route name was lost.
+    pub const EVENT_RING_FULL: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
 
     /// Stable metric label of a counter.
     pub fn name(reason: u32) -> &'static str {
@@ -183,6 +338,8 @@ pub mod drop_reason {
             SERIES_TABLE_FULL => "series_table_full",
             HISTOGRAM_TABLE_FULL => "histogram_table_full",
             UNANSWERED_AT_CLOSE => "unanswered_at_close",
+            STALE_REQUEST_DISCARDED => "stale_request_discarded",
+            EVENT_RING_FULL => "event_ring_full",
             _ => "unknown",
         }
     }
@@ -196,6 +353,7 @@ mod user {
     unsafe impl aya::Pod for super::SeriesTotals {}
     unsafe impl aya::Pod for super::BucketKey {}
     unsafe impl aya::Pod for super::AgentSettings {}
+    unsafe impl aya::Pod for super::RequestEvent {}
 }
 
 #[cfg(test)]
@@ -208,7 +366,10 @@ mod tests {
         for (k, &boundary) in BOUNDARIES.iter().enumerate() {
             let exact = 2f64.powf(k as f64 / 64.0) * 2f64.powi(63);
             let relative = (boundary as f64 - exact).abs() / exact;
-            assert!(relative < 1e-14, "BOUNDARIES[{k}] = {boundary:#x}, expected ≈ {exact}");
+            assert!(
+                relative < 1e-14,
+                "BOUNDARIES[{k}] = {boundary:#x}, expected ≈ {exact}"
+            );
         }
         assert!(BOUNDARIES.windows(2).all(|pair| pair[0] < pair[1]));
     }
@@ -255,9 +416,39 @@ mod tests {
     #[test]
     fn shared_types_have_no_implicit_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<SeriesKey>(), 24);
-        assert_eq!(size_of::<BucketKey>(), 32);
+        assert_eq!(size_of::<SeriesKey>(), 32);
+        assert_eq!(size_of::<BucketKey>(), 40);
         assert_eq!(size_of::<SeriesTotals>(), 32);
-        assert_eq!(size_of::<AgentSettings>(), 24);
+        assert_eq!(size_of::<AgentSettings>(), 40);
+        assert_eq!(
+            size_of::<RequestEvent>(),
+            32 + 8 + 8 + 4 + 2 + 1 + 1 + PATH_LEN
+        );
+    }
+
+    fn hash(path: &str) -> u32 {
+        let mut buffer = [0u8; PATH_LEN];
+        let len = path.len().min(PATH_LEN);
+        buffer[..len].copy_from_slice(&path.as_bytes()[..len]);
+        route_hash(&buffer).0
+    }
+
+    #[test]
+    fn route_hash_folds_ids_and_ignores_queries() {
+        assert_eq!(hash("/users/42"), hash("/users/7"));
+        assert_eq!(hash("/users/42/orders"), hash("/users/1/orders"));
+        assert_ne!(hash("/users/42"), hash("/users/42/orders"));
+        assert_ne!(hash("/users/me"), hash("/users/42"));
+        assert_eq!(hash("/items?page=2"), hash("/items"));
+        assert_eq!(hash("/a HTTP/1.1"), hash("/a"));
+        let mut buffer = [0u8; PATH_LEN];
+        buffer[..9].copy_from_slice(b"/a/1?q=2 ");
+        assert_eq!(route_hash(&buffer).1, 4, "length stops at the query");
+        assert_ne!(
+            hash("/v1/items"),
+            hash("/v2/items"),
+            "short mixed segments stay"
+        );
+        assert_ne!(hash(""), 0);
     }
 }

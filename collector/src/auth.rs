@@ -1,0 +1,143 @@
+//! Auth: agents present `authorization: Bearer <token>` on their stream; the collector
+//! compares it, in constant time, with the token it was given.
+//!
+//! In a cluster the token comes from a Kubernetes Secret mounted as a file
+//! (`--token-file`); locally it can come from the `TRAZOR_TOKEN` environment variable.
+//! Without a token the collector accepts every stream (and says so at start).
+
+use std::{
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+};
+
+use tonic::{Request, Status, service::Interceptor};
+
+use crate::{Error, Result, stats::CollectorStats};
+
+/// The environment variable holding the token when no file is given.
+pub const TOKEN_ENV: &str = "TRAZOR_TOKEN";
+
+/// Reads the token from `file` (trimmed), else from `TRAZOR_TOKEN`; `None` when neither is
+/// set. An empty token is an error: it would silently accept every agent.
+pub fn load_token(file: Option<&Path>) -> Result<Option<String>> {
+    let token = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| Error::TokenFile {
+                    path: path.to_owned(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var(TOKEN_ENV)
+            .ok()
+            .map(|token| token.trim().to_owned()),
+    };
+    match token {
+        Some(token) if token.is_empty() => Err(Error::Config(format!(
+            "the token is empty; put a secret in the file (or {TOKEN_ENV}), or set neither to \
+             run without authentication"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Equal-length comparison that takes the same time wherever the first difference is.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// The gRPC interceptor: refuses streams whose bearer token does not match.
+#[derive(Clone)]
+pub struct BearerAuth {
+    expected: Option<Arc<[u8]>>,
+    stats: Arc<CollectorStats>,
+}
+
+impl BearerAuth {
+    pub fn new(token: Option<&str>, stats: Arc<CollectorStats>) -> Self {
+        Self {
+            expected: token.map(|token| Arc::from(token.as_bytes())),
+            stats,
+        }
+    }
+
+    fn refuse(&self, request: &Request<()>, reason: &str) -> Status {
+        self.stats
+            .streams_unauthenticated
+            .fetch_add(1, Ordering::Relaxed);
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |address| address.to_string());
+        tracing::warn!(%peer, "refused an agent stream: {reason}");
+        Status::unauthenticated(reason)
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let Some(header) = request.metadata().get("authorization") else {
+            return Err(self.refuse(
+                &request,
+                "missing `authorization: Bearer <token>` metadata; give the agent the \
+                 collector's token (--token-file or TRAZOR_TOKEN)",
+            ));
+        };
+        let presented = header
+            .as_bytes()
+            .strip_prefix(b"Bearer ")
+            .unwrap_or_default();
+        if constant_time_eq(presented, expected) {
+            Ok(request)
+        } else {
+            Err(self.refuse(
+                &request,
+                "the bearer token does not match the collector's; check that agent and \
+                 collector read the same Secret",
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(authorization: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        request
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_passes() {
+        let stats = Arc::new(CollectorStats::default());
+        let mut auth = BearerAuth::new(Some("s3cret"), stats.clone());
+        assert!(auth.call(request(Some("Bearer s3cret"))).is_ok());
+        for bad in [None, Some("Bearer s3cre"), Some("s3cret"), Some("Bearer s3cret2")] {
+            let status = auth.call(request(bad)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+        assert_eq!(stats.streams_unauthenticated.load(Ordering::Relaxed), 4);
+        let mut open = BearerAuth::new(None, stats);
+        assert!(open.call(request(None)).is_ok());
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,472 @@
+//! Merge: windows of the same workload (or pod, or process name when there is no pod) and
+//! the same wall-clock window, from every agent, added into one aggregate.
+//!
+//! The merge is exact: counts, errors, sums and status classes add, min and max take the
+//! extremes, and the histograms add bucket by bucket ([`ExponentialHistogram::merge`]), so
+//! the aggregate's percentiles are what one agent counting every request would report —
+//! never an average of percentiles.
+//!
+//! An aggregate stays open until `grace` after its window's end, then is closed and
+//! published. A window arriving after that is late: it is still published on its own (it
+//! is counted exactly once), counted in `trazor_collector_windows_late_total`, and not
+//! merged (its aggregate is already out).
+
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Mutex,
+    time::Duration,
+};
+
+use serde::Serialize;
+use trazor_proto::{
+    histogram::MAX_DENSE_BUCKETS,
+    v1::{ExponentialHistogram, LatencyWindow},
+};
+
+use crate::view::{HistogramView, percentile_label};
+
+/// What an aggregate is about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Subject {
+    /// A Kubernetes workload, e.g. Deployment shop/checkout: every pod of it, every node.
+    Workload {
+        namespace: String,
+        workload_kind: String,
+        workload_name: String,
+    },
+    /// A pod without a known owner.
+    Pod { namespace: String, name: String },
+    /// Standalone mode: every process of this name, on every node.
+    Process { name: String },
+}
+
+impl Subject {
+    pub fn of(window: &LatencyWindow) -> Self {
+        let source = window.source.as_ref();
+        match source.and_then(|source| source.pod.as_ref()) {
+            Some(pod) if !pod.workload_name.is_empty() => Self::Workload {
+                namespace: pod.namespace.clone(),
+                workload_kind: pod.workload_kind.clone(),
+                workload_name: pod.workload_name.clone(),
+            },
+            Some(pod) => Self::Pod {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+            },
+            None => Self::Process {
+                name: source.map(|s| s.process_name.clone()).unwrap_or_default(),
+            },
+        }
+    }
+
+    /// Whether `window` belongs to this subject, without allocating.
+    fn matches(&self, window: &LatencyWindow) -> bool {
+        let source = window.source.as_ref();
+        match (self, source.and_then(|source| source.pod.as_ref())) {
+            (
+                Self::Workload {
+                    namespace,
+                    workload_kind,
+                    workload_name,
+                },
+                Some(pod),
+            ) => {
+                !pod.workload_name.is_empty()
+                    && *namespace == pod.namespace
+                    && *workload_kind == pod.workload_kind
+                    && *workload_name == pod.workload_name
+            }
+            (Self::Pod { namespace, name }, Some(pod)) => {
+                pod.workload_name.is_empty() && *namespace == pod.namespace && *name == pod.name
+            }
+            (Self::Process { name }, None) => {
+                *name == source.map_or("", |source| source.process_name.as_str())
+            }
+            _ => false,
+        }
+    }
+
+    fn hash_window(window: &LatencyWindow, hasher: &mut impl Hasher) {
+        let source = window.source.as_ref();
+        match source.and_then(|source| source.pod.as_ref()) {
+            Some(pod) if !pod.workload_name.is_empty() => {
+                (0u8, &pod.namespace, &pod.workload_kind, &pod.workload_name).hash(hasher);
+            }
+            Some(pod) => (1u8, &pod.namespace, &pod.name).hash(hasher),
+            None => (2u8, source.map_or("", |source| source.process_name.as_str())).hash(hasher),
+        }
+    }
+}
+
+/// Why a window cannot be accepted at all (it is acknowledged and dropped, and counted).
+pub fn validate(window: &LatencyWindow) -> Result<(), String> {
+    if window.sequence == 0 {
+        return Err("sequence 0 (sequences start at 1)".into());
+    }
+    if window.end_unix_nanos <= window.start_unix_nanos {
+        return Err(format!(
+            "window end {} is not after its start {}",
+            window.end_unix_nanos, window.start_unix_nanos
+        ));
+    }
+    if let Some(histogram) = &window.histogram
+        && histogram.bucket_counts.len() > MAX_DENSE_BUCKETS
+    {
+        return Err(format!(
+            "histogram has {} buckets, more than the limit of {MAX_DENSE_BUCKETS}",
+            histogram.bucket_counts.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Windows of one subject and window, merged.
+#[derive(Debug, Clone)]
+pub struct Aggregate {
+    pub subject: Subject,
+    pub direction: i32,
+    pub profile: String,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    /// Windows merged in.
+    pub windows: u64,
+    pub count: u64,
+    pub error_count: u64,
+    pub sum_nanos: u64,
+    pub min_nanos: u64,
+    pub max_nanos: u64,
+    pub status_class_counts: Vec<u64>,
+    pub histogram: ExponentialHistogram,
+    /// Quantiles to report: those the agents asked for.
+    pub quantiles: Vec<f64>,
+    /// Windows whose histogram could not be merged (other scale): counted, not merged.
+    pub unmergeable: u64,
+}
+
+impl Aggregate {
+    fn new(window: &LatencyWindow) -> Self {
+        Self {
+            subject: Subject::of(window),
+            direction: window.direction,
+            profile: window.profile.clone(),
+            start_unix_nanos: window.start_unix_nanos,
+            end_unix_nanos: window.end_unix_nanos,
+            windows: 0,
+            count: 0,
+            error_count: 0,
+            sum_nanos: 0,
+            min_nanos: u64::MAX,
+            max_nanos: 0,
+            status_class_counts: Vec::new(),
+            histogram: ExponentialHistogram::default(),
+            quantiles: Vec::new(),
+            unmergeable: 0,
+        }
+    }
+
+    fn matches(&self, window: &LatencyWindow) -> bool {
+        self.start_unix_nanos == window.start_unix_nanos
+            && self.end_unix_nanos == window.end_unix_nanos
+            && self.direction == window.direction
+            && self.profile == window.profile
+            && self.subject.matches(window)
+    }
+
+    /// Adds one window: exact for every field.
+    pub fn add(&mut self, window: &LatencyWindow) {
+        self.windows += 1;
+        if let Some(stats) = &window.stats {
+            self.count = self.count.saturating_add(stats.count);
+            self.error_count = self.error_count.saturating_add(stats.error_count);
+            self.sum_nanos = self.sum_nanos.saturating_add(stats.sum_nanos);
+            if stats.count > 0 {
+                self.min_nanos = self.min_nanos.min(stats.min_nanos);
+                self.max_nanos = self.max_nanos.max(stats.max_nanos);
+            }
+            for quantile in &stats.quantiles {
+                if !self.quantiles.contains(&quantile.quantile) {
+                    self.quantiles.push(quantile.quantile);
+                }
+            }
+        }
+        if self.status_class_counts.len() < window.status_class_counts.len() {
+            self.status_class_counts
+                .resize(window.status_class_counts.len().min(16), 0);
+        }
+        for (into, count) in self
+            .status_class_counts
+            .iter_mut()
+            .zip(&window.status_class_counts)
+        {
+            *into = into.saturating_add(*count);
+        }
+        if let Some(histogram) = &window.histogram
+            && self.histogram.merge(histogram).is_err()
+        {
+            self.unmergeable += 1;
+        }
+    }
+
+    /// The aggregate as a feed document.
+    pub fn view(&self) -> AggregateView {
+        let millis = |nanos: u64| (nanos as f64 / 1e3).round() / 1e3;
+        let min = if self.count == 0 { 0 } else { self.min_nanos };
+        let percentiles = self
+            .quantiles
+            .iter()
+            .filter_map(|&q| {
+                let value = self.histogram.quantile(q)?;
+                // Clamped to what was seen, as the agent does.
+                let nanos = (value as u64).clamp(min, self.max_nanos.max(min));
+                Some((percentile_label(q), millis(nanos).into()))
+            })
+            .collect();
+        AggregateView {
+            kind: "aggregate",
+            subject: self.subject.clone(),
+            direction: crate::view::direction_name(self.direction),
+            profile: self.profile.clone(),
+            start_unix_ms: self.start_unix_nanos / 1_000_000,
+            end_unix_ms: self.end_unix_nanos / 1_000_000,
+            windows: self.windows,
+            count: self.count,
+            errors: self.error_count,
+            min_ms: millis(min),
+            mean_ms: self.sum_nanos.checked_div(self.count).map_or(0.0, millis),
+            max_ms: millis(self.max_nanos),
+            percentiles,
+            status_class_counts: self.status_class_counts.clone(),
+            histogram: HistogramView {
+                scale: self.histogram.scale,
+                offset: self.histogram.offset,
+                counts: self.histogram.bucket_counts.clone(),
+            },
+        }
+    }
+}
+
+/// The JSON of a closed aggregate on the feed (`"type": "aggregate"`).
+#[derive(Debug, Serialize)]
+pub struct AggregateView {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub subject: Subject,
+    pub direction: &'static str,
+    pub profile: String,
+    pub start_unix_ms: u64,
+    pub end_unix_ms: u64,
+    pub windows: u64,
+    pub count: u64,
+    pub errors: u64,
+    pub min_ms: f64,
+    pub mean_ms: f64,
+    pub max_ms: f64,
+    pub percentiles: serde_json::Map<String, serde_json::Value>,
+    pub status_class_counts: Vec<u64>,
+    pub histogram: HistogramView,
+}
+
+/// What happened to a window handed to [`WindowMerger::accept`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merged {
+    /// Added to its open aggregate.
+    Merged,
+    /// Arrived after its aggregate closed (window end + grace).
+    Late,
+}
+
+/// Open aggregates, keyed by a hash of (subject, window, direction, profile).
+#[derive(Debug)]
+pub struct WindowMerger {
+    grace: Duration,
+    open: Mutex<HashMap<u64, Vec<Aggregate>>>,
+}
+
+impl WindowMerger {
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    fn key(window: &LatencyWindow) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        Subject::hash_window(window, &mut hasher);
+        (
+            window.start_unix_nanos,
+            window.end_unix_nanos,
+            window.direction,
+            &window.profile,
+        )
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn closes_at(&self, end_unix_nanos: u64) -> u64 {
+        end_unix_nanos.saturating_add(self.grace.as_nanos() as u64)
+    }
+
+    /// Merges `window` into its aggregate unless that has closed (`now` past its end plus
+    /// the grace period).
+    pub fn accept(&self, window: &LatencyWindow, now_unix_nanos: u64) -> Merged {
+        if now_unix_nanos > self.closes_at(window.end_unix_nanos) {
+            return Merged::Late;
+        }
+        let key = Self::key(window);
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let bucket = open.entry(key).or_default();
+        match bucket.iter_mut().find(|aggregate| aggregate.matches(window)) {
+            Some(aggregate) => aggregate.add(window),
+            None => {
+                let mut aggregate = Aggregate::new(window);
+                aggregate.add(window);
+                bucket.push(aggregate);
+            }
+        }
+        Merged::Merged
+    }
+
+    /// Removes and returns the aggregates whose grace period is over, oldest first.
+    pub fn close_due(&self, now_unix_nanos: u64) -> Vec<Aggregate> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut closed = Vec::new();
+        open.retain(|_, bucket| {
+            bucket.retain(|aggregate| {
+                if now_unix_nanos > self.closes_at(aggregate.end_unix_nanos) {
+                    closed.push(aggregate.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            !bucket.is_empty()
+        });
+        closed.sort_by_key(|aggregate| aggregate.start_unix_nanos);
+        closed
+    }
+
+    /// Aggregates open now.
+    pub fn open_len(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use trazor_proto::v1::{LatencyStats, PodIdentity, Quantile, Source};
+
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn window(pod: &str, workload: &str, latencies: &[(i32, u64)]) -> LatencyWindow {
+        let histogram =
+            ExponentialHistogram::from_sparse(6, &latencies.iter().copied().collect::<BTreeMap<_, _>>())
+                .unwrap();
+        let count = histogram.total();
+        LatencyWindow {
+            sequence: 1,
+            source: Some(Source {
+                node_name: format!("node-of-{pod}"),
+                pod: Some(PodIdentity {
+                    namespace: "shop".into(),
+                    name: pod.into(),
+                    workload_kind: "Deployment".into(),
+                    workload_name: workload.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            start_unix_nanos: 100 * SECOND,
+            end_unix_nanos: 110 * SECOND,
+            stats: Some(LatencyStats {
+                count,
+                error_count: 1,
+                sum_nanos: count * 1_000,
+                min_nanos: 900,
+                max_nanos: 5_000,
+                quantiles: vec![Quantile {
+                    quantile: 0.5,
+                    value_nanos: 1_000,
+                }],
+            }),
+            histogram: Some(histogram),
+            status_class_counts: vec![0, 0, count - 1, 0, 0, 1],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn workload_windows_from_several_agents_merge_exactly() {
+        let merger = WindowMerger::new(Duration::from_secs(5));
+        let now = 111 * SECOND;
+        // Two pods of one Deployment on two nodes, plus another workload.
+        let a = window("checkout-1", "checkout", &[(600, 3), (640, 1)]);
+        let b = window("checkout-2", "checkout", &[(600, 1), (700, 5)]);
+        let other = window("cart-1", "cart", &[(500, 2)]);
+        for w in [&a, &b, &other] {
+            assert_eq!(merger.accept(w, now), Merged::Merged);
+        }
+        assert_eq!(merger.open_len(), 2);
+        assert!(merger.close_due(now).is_empty(), "still within grace");
+        let closed = merger.close_due(116 * SECOND);
+        assert_eq!(closed.len(), 2);
+        let checkout = closed
+            .iter()
+            .find(|aggregate| {
+                matches!(&aggregate.subject, Subject::Workload { workload_name, .. } if workload_name == "checkout")
+            })
+            .unwrap();
+        assert_eq!((checkout.windows, checkout.count, checkout.error_count), (2, 10, 2));
+        let mut expected = a.histogram.clone().unwrap();
+        expected.merge(b.histogram.as_ref().unwrap()).unwrap();
+        assert_eq!(checkout.histogram, expected);
+        // The median of the merged distribution, not the mean of two medians.
+        assert_eq!(checkout.histogram.quantile(0.5), expected.quantile(0.5));
+        assert_eq!(checkout.status_class_counts, vec![0, 0, 8, 0, 0, 2]);
+        let json = serde_json::to_value(checkout.view()).unwrap();
+        assert_eq!(json["type"], "aggregate");
+        assert_eq!(json["subject"]["kind"], "workload");
+        assert!(json["percentiles"]["p50"].as_f64().is_some());
+        assert_eq!(merger.open_len(), 0);
+    }
+
+    #[test]
+    fn windows_after_the_grace_period_are_late() {
+        let merger = WindowMerger::new(Duration::from_secs(5));
+        let w = window("p", "w", &[(600, 1)]);
+        assert_eq!(merger.accept(&w, 115 * SECOND), Merged::Merged);
+        assert_eq!(merger.accept(&w, 115 * SECOND + 1), Merged::Late);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut w = window("p", "w", &[(600, 1)]);
+        assert!(validate(&w).is_ok());
+        w.sequence = 0;
+        assert!(validate(&w).unwrap_err().contains("sequence 0"));
+        w.sequence = 1;
+        w.end_unix_nanos = w.start_unix_nanos;
+        assert!(validate(&w).unwrap_err().contains("not after"));
+    }
+}
