@@ -37,6 +37,30 @@ pub struct WindowView {
     /// Arrived after its aggregate closed (see `merge`): counted once, not merged.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub late: bool,
+    /// Route template, "other" past the series cap, "" when the path was not captured.
+    pub route: String,
+    /// Remote end of client-side windows.
+    pub peer: Option<PeerView>,
+    /// TraceProfile (namespace/name) that selected the source; "" in standalone mode.
+    pub profile: String,
+    pub exemplars: Vec<ExemplarView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerView {
+    pub address: String,
+    pub port: u32,
+}
+
+/// One request kept as an example (slow, failed or sampled).
+#[derive(Debug, Serialize)]
+pub struct ExemplarView {
+    pub start: String,
+    pub duration_ms: f64,
+    pub method: String,
+    pub status: u32,
+    pub path: String,
+    pub tid: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -141,6 +165,24 @@ impl WindowView {
                 offset: histogram.offset,
                 counts: histogram.bucket_counts,
             },
+            route: window.route.clone(),
+            peer: window.peer.as_ref().map(|peer| PeerView {
+                address: peer.address.clone(),
+                port: peer.port,
+            }),
+            profile: window.profile.clone(),
+            exemplars: window
+                .exemplars
+                .iter()
+                .map(|exemplar| ExemplarView {
+                    start: rfc3339(exemplar.start_unix_nanos),
+                    duration_ms: millis(exemplar.duration_nanos),
+                    method: exemplar.method.clone(),
+                    status: exemplar.status_code,
+                    path: exemplar.path.clone(),
+                    tid: exemplar.tid,
+                })
+                .collect(),
         }
     }
 }

@@ -573,10 +573,17 @@ fn finish_request(connection: *mut Connection, tgid: u32, status: u16) -> Result
     if settings.window_nanos == 0 {
         return Ok(());
     }
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // A connection opened while its cgroup was selected stops counting as soon as the
+    // selection drops it: one lookup per request, not per syscall.
+    // SAFETY: the value is a plain u8 and only tested for presence.
+    if settings.trace_all == 0 && unsafe { TRACED_CGROUPS.get(&cgroup_id) }.is_none() {
+        return Ok(());
+    }
     let latency = end - start;
     let series = SeriesKey {
-        // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id,
         window: ((end + settings.realtime_offset_nanos) / settings.window_nanos) as u32,
         tgid,
         route: connection.route,

@@ -1,30 +1,38 @@
 //! The agent's main loop: at each window boundary, drain the closed windows from the kernel,
-//! attribute and build them, and hand them to the shipper.
+//! attribute and build them, and hand them to the shipper. With profiles, it also follows
+//! the operator's configuration and the node's pods, and re-targets the kernel when either
+//! changes, without a restart and without losing a window.
 
 use std::{
-    path::PathBuf,
-    sync::Arc,
+    collections::HashMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::task::JoinHandle;
-use trazor_proto::v1::AgentHello;
-
-use std::os::unix::fs::MetadataExt as _;
-
+use tokio::{sync::watch, task::JoinHandle};
 use trazor_node_agent_ebpf_common::RequestEvent;
+use trazor_proto::{agent_config::NodeAgentConfig, v1::AgentHello};
 
 use crate::{
     Error, Result,
     attribute::{SourceResolver, cgroup2_mount},
     capture::{CaptureSettings, KernelCapture},
+    pods::{PodDirectory, PodSource, follow},
     route::{RouteNamer, RouteTemplate},
+    select::{Selection, pod_cgroups, profile_settings, select},
     ship::{Outbox, ShipperStats, collector_endpoint, deliver},
     window::WindowBuilder,
 };
 
 /// How often the kernel's event ring buffer is emptied between window boundaries.
 const EVENT_POLL: Duration = Duration::from_millis(200);
+/// How often the configuration file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
 /// Events held between two window closes at most; beyond, they are dropped and counted.
 const MAX_PENDING_EVENTS: usize = 200_000;
 
@@ -64,6 +72,21 @@ pub struct AgentConfig {
     pub route_templates: Vec<String>,
     /// Distinct (route, peer) series per process and window; the rest go to `other`.
     pub max_series_per_source: usize,
+    /// Select what to trace from TraceProfiles and pods instead of the settings above.
+    pub profiles: Option<ProfileSource>,
+}
+
+/// Where profile-driven selection comes from (Kubernetes mode, or a local equivalent).
+#[derive(Clone, Debug)]
+pub struct ProfileSource {
+    /// The operator's configuration document (the mounted ConfigMap key), watched for
+    /// changes and applied without a restart.
+    pub config_file: PathBuf,
+    /// The pods on this node.
+    pub pods: PodSource,
+    /// Also watch the document in this ConfigMap (namespace, name) through the API, for
+    /// reloads within seconds.
+    pub config_map: Option<(String, String)>,
 }
 
 impl AgentConfig {
@@ -85,6 +108,7 @@ impl AgentConfig {
             sample_rate: 0.0,
             route_templates: Vec::new(),
             max_series_per_source: 200,
+            profiles: None,
         }
     }
 }
@@ -113,6 +137,23 @@ impl AgentConfig {
                 "buffer size must be at least 1 window".into(),
             ));
         }
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return Err(Error::Config(format!(
+                "sample rate {} is out of range: use 0 to 1",
+                self.sample_rate
+            )));
+        }
+        if !self.server && !self.client {
+            return Err(Error::Config(
+                "nothing to measure: enable server side, client side or both".into(),
+            ));
+        }
+        if self.max_series_per_source == 0 {
+            return Err(Error::Config("the series cap must be at least 1".into()));
+        }
+        for template in &self.route_templates {
+            RouteTemplate::parse(template).map_err(Error::Config)?;
+        }
         collector_endpoint(&self.collector)?;
         Ok(())
     }
@@ -122,6 +163,8 @@ impl AgentConfig {
 pub struct RunningAgent {
     pub stats: Arc<ShipperStats>,
     pub outbox: Arc<Outbox>,
+    /// Configurations applied so far (1 after start with profiles; +1 per reload).
+    pub config_generation: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -146,22 +189,13 @@ impl RunningAgent {
 pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
     config.validate()?;
     let endpoint = collector_endpoint(&config.collector)?;
-    let templates = config
-        .route_templates
-        .iter()
-        .map(|template| RouteTemplate::parse(template).map_err(Error::Config))
-        .collect::<Result<Vec<_>>>()?;
     let cgroup_root = cgroup2_mount();
     let cgroups = resolve_cgroups(&config.select_cgroups, cgroup_root.as_deref())?;
-    let mut capture = KernelCapture::load(&config.tracefs)?;
-    capture.configure(&CaptureSettings {
-        window: config.window,
-        slow_threshold: config.slow_threshold,
-        sample_rate: config.sample_rate,
-        server: config.server,
-        client: config.client,
-        cgroups,
-    })?;
+    let profiles = match &config.profiles {
+        Some(source) => Some(read_profiles(&source.config_file)?),
+        None => None,
+    };
+    let capture = KernelCapture::load(&config.tracefs)?;
 
     let stats = Arc::new(ShipperStats::default());
     let outbox = Arc::new(Outbox::new(config.buffer_windows, stats.clone()));
@@ -170,37 +204,110 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         agent_id: config.agent_id.clone(),
         boot_id: boot_id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        capabilities: vec!["http1-server".to_owned()],
+        capabilities: vec!["http1-server".to_owned(), "http1-client".to_owned()],
     };
+    let mut tasks = vec![tokio::spawn(deliver(
+        endpoint,
+        hello.clone(),
+        outbox.clone(),
+    ))];
+    let pods = PodDirectory::default();
+    let (pods_changed_sender, pods_changed) = watch::channel(0u64);
+    let mut resolver = SourceResolver::new(config.node_name.clone(), cgroup_root.clone());
+    if let Some(source) = &config.profiles {
+        resolver = resolver.with_pods(pods.clone());
+        tasks.push(tokio::spawn(follow(
+            source.pods.clone(),
+            pods.clone(),
+            pods_changed_sender,
+        )));
+    }
+    let config_generation = Arc::new(AtomicU64::new(0));
+    let mut windows = WindowLoop {
+        settings: CaptureSettings {
+            window: config.window,
+            slow_threshold: config.slow_threshold,
+            sample_rate: config.sample_rate,
+            server: config.server,
+            client: config.client,
+            cgroups,
+        },
+        builder: WindowBuilder::new(config.window, config.quantiles.clone()),
+        routes: RouteNamer::new(
+            parse_templates(&config.route_templates)?,
+            config.max_series_per_source,
+        ),
+        capture,
+        resolver,
+        outbox: outbox.clone(),
+        cgroup_root,
+        pods,
+        pods_changed,
+        profiles: None,
+        config_updates: None,
+        profile_of_pod: HashMap::new(),
+        config_generation: config_generation.clone(),
+        events: Vec::new(),
+        events_dropped: 0,
+        requests_over_cap: 0,
+        reported_drops: Vec::new(),
+    };
+    match (profiles, &config.profiles) {
+        (Some(document), Some(source)) => {
+            if let Some((namespace, name)) = source.config_map.clone() {
+                let (sender, receiver) = watch::channel(document.0.clone());
+                tasks.push(tokio::spawn(crate::pods::follow_config_map(
+                    namespace,
+                    name,
+                    trazor_proto::agent_config::CONFIG_KEY.to_owned(),
+                    sender,
+                )));
+                windows.config_updates = Some(receiver);
+            }
+            windows.apply_profiles(source.config_file.clone(), document)?;
+        }
+        _ => windows.capture.configure(&windows.settings)?,
+    }
     tracing::info!(
         node = %config.node_name,
         boot_id = %hello.boot_id,
-        window = %humantime::format_duration(config.window),
-        "eBPF programs attached; tracing HTTP/1.x servers on this host"
+        window = %humantime::format_duration(windows.settings.window),
+        mode = if config.profiles.is_some() { "profiles" } else { "standalone: every process" },
+        "eBPF programs attached; measuring HTTP/1.x requests"
     );
-    let shipper = tokio::spawn(deliver(endpoint, hello, outbox.clone()));
-    let resolver = SourceResolver::new(config.node_name.clone(), cgroup_root);
-    let routes = RouteNamer::new(templates, config.max_series_per_source);
-    let builder = WindowBuilder::new(config.window, config.quantiles.clone());
-    let windows = tokio::spawn(close_windows(
-        capture,
-        resolver,
-        routes,
-        builder,
-        outbox.clone(),
-    ));
+    tasks.push(tokio::spawn(windows.run()));
     Ok(RunningAgent {
         stats,
         outbox,
-        tasks: vec![shipper, windows],
+        config_generation,
+        tasks,
     })
 }
 
+fn parse_templates(templates: &[String]) -> Result<Vec<RouteTemplate>> {
+    templates
+        .iter()
+        .map(|template| RouteTemplate::parse(template).map_err(Error::Config))
+        .collect()
+}
+
+/// Reads and parses the operator's configuration document.
+fn read_profiles(path: &Path) -> Result<(String, NodeAgentConfig)> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        what: format!("reading the agent configuration {}", path.display()),
+        source,
+    })?;
+    let document = serde_json::from_str(&text).map_err(|error| {
+        Error::Config(format!(
+            "{} is not a valid agent configuration: {error}",
+            path.display()
+        ))
+    })?;
+    Ok((text, document))
+}
+
 /// cgroup ids (directory inodes) of the selected cgroups; None selects every process.
-fn resolve_cgroups(
-    selected: &[PathBuf],
-    cgroup_root: Option<&std::path::Path>,
-) -> Result<Option<Vec<u64>>> {
+fn resolve_cgroups(selected: &[PathBuf], cgroup_root: Option<&Path>) -> Result<Option<Vec<u64>>> {
     if selected.is_empty() {
         return Ok(None);
     }
@@ -227,67 +334,112 @@ fn resolve_cgroups(
         .map(Some)
 }
 
-async fn close_windows(
-    mut capture: KernelCapture,
-    mut resolver: SourceResolver,
-    mut routes: RouteNamer,
+/// The loop that owns the kernel side: closes windows, follows configuration and pods.
+struct WindowLoop {
+    capture: KernelCapture,
+    settings: CaptureSettings,
     builder: WindowBuilder,
+    routes: RouteNamer,
+    resolver: SourceResolver,
     outbox: Arc<Outbox>,
-) {
-    let window_nanos = builder.window().as_nanos();
-    let mut reported_drops: Vec<u64> = Vec::new();
-    let mut events: Vec<RequestEvent> = Vec::new();
-    let mut events_dropped = 0u64;
-    let mut requests_over_cap = 0u64;
-    let mut open_window = unix_nanos() / window_nanos;
-    loop {
-        tokio::time::sleep(EVENT_POLL).await;
-        let fresh = capture.drain_events();
-        let room = MAX_PENDING_EVENTS.saturating_sub(events.len());
-        events_dropped += fresh.len().saturating_sub(room) as u64;
-        events.extend(fresh.into_iter().take(room));
+    cgroup_root: Option<PathBuf>,
+    pods: PodDirectory,
+    pods_changed: watch::Receiver<u64>,
+    /// The configuration's source, its last text, and what it said.
+    profiles: Option<(PathBuf, String, NodeAgentConfig)>,
+    /// New configuration texts from the API (kubernetes mode).
+    config_updates: Option<watch::Receiver<String>>,
+    profile_of_pod: HashMap<String, String>,
+    config_generation: Arc<AtomicU64>,
+    events: Vec<RequestEvent>,
+    events_dropped: u64,
+    requests_over_cap: u64,
+    reported_drops: Vec<u64>,
+}
 
-        // Close when the boundary plus the grace has passed.
-        let now = unix_nanos();
-        let grace = DRAIN_GRACE.as_nanos();
-        if now.saturating_sub(grace) / window_nanos <= open_window {
-            continue;
+impl WindowLoop {
+    async fn run(mut self) {
+        let mut open_window = unix_nanos() / self.builder.window().as_nanos();
+        let mut since_config_check = Duration::ZERO;
+        loop {
+            tokio::time::sleep(EVENT_POLL).await;
+            self.take_events();
+
+            since_config_check += EVENT_POLL;
+            if since_config_check >= CONFIG_POLL {
+                since_config_check = Duration::ZERO;
+                self.reload_if_changed();
+            }
+            if self.pods_changed.has_changed().unwrap_or(false) {
+                self.pods_changed.mark_unchanged();
+                self.reselect();
+            }
+
+            // Close when the boundary plus the grace has passed.
+            let window_nanos = self.builder.window().as_nanos();
+            let now = unix_nanos().saturating_sub(DRAIN_GRACE.as_nanos());
+            if now / window_nanos <= open_window {
+                continue;
+            }
+            open_window = now / window_nanos;
+            self.close_windows_before(open_window as u32);
         }
-        open_window = now.saturating_sub(grace) / window_nanos;
-        events.extend(capture.drain_events());
-        if let Err(error) = capture.refresh_clock() {
+    }
+
+    fn take_events(&mut self) {
+        let fresh = self.capture.drain_events();
+        let room = MAX_PENDING_EVENTS.saturating_sub(self.events.len());
+        self.events_dropped += fresh.len().saturating_sub(room) as u64;
+        self.events.extend(fresh.into_iter().take(room));
+    }
+
+    /// Drains, builds and ships every window numbered below `open_window`.
+    fn close_windows_before(&mut self, open_window: u32) {
+        self.take_events();
+        if let Err(error) = self.capture.refresh_clock() {
             tracing::warn!(%error, "could not refresh the kernel's clock offset");
         }
-        let closed = match capture.drain_closed(open_window as u32) {
+        let closed = match self.capture.drain_closed(open_window) {
             Ok(closed) => closed,
             Err(error) => {
                 tracing::error!(%error, "reading closed windows failed; retrying next window");
-                continue;
+                return;
             }
         };
         // Events of the still-open window wait for it to close.
-        let (closing, pending): (Vec<RequestEvent>, Vec<RequestEvent>) = events
+        let (closing, pending): (Vec<RequestEvent>, Vec<RequestEvent>) = self
+            .events
             .drain(..)
-            .partition(|event| u128::from(event.series.window) < open_window);
-        events = pending;
-        let (windows, report) = builder.build(
+            .partition(|event| event.series.window < open_window);
+        self.events = pending;
+        let (mut windows, report) = self.builder.build(
             closed,
             &closing,
-            capture.realtime_offset_nanos(),
-            &mut resolver,
-            &mut routes,
+            self.capture.realtime_offset_nanos(),
+            &mut self.resolver,
+            &mut self.routes,
         );
+        for window in &mut windows {
+            let uid = window
+                .source
+                .as_ref()
+                .and_then(|source| source.pod.as_ref())
+                .map(|pod| pod.uid.as_str());
+            if let Some(profile) = uid.and_then(|uid| self.profile_of_pod.get(uid)) {
+                window.profile = profile.clone();
+            }
+        }
         if report.requests_over_series_cap > 0 {
-            requests_over_cap += report.requests_over_series_cap;
+            self.requests_over_cap += report.requests_over_series_cap;
             tracing::warn!(
-                total = requests_over_cap,
+                total = self.requests_over_cap,
                 "requests folded into route \"other\" by the per-process series cap \
                  (raise it, or add route templates)"
             );
         }
-        if events_dropped > 0 {
+        if self.events_dropped > 0 {
             tracing::warn!(
-                total = events_dropped,
+                total = self.events_dropped,
                 "exemplar events dropped: agent backlog full"
             );
         }
@@ -303,20 +455,136 @@ async fn close_windows(
                 );
             }
         }
-        outbox.push(windows);
-        match capture.drop_counts() {
+        self.outbox.push(windows);
+        self.report_kernel_drops();
+    }
+
+    fn report_kernel_drops(&mut self) {
+        match self.capture.drop_counts() {
             Ok(drops) => {
                 let counts: Vec<u64> = drops.iter().map(|(_, count)| *count).collect();
-                if counts != reported_drops {
+                if counts != self.reported_drops {
                     for (reason, count) in &drops {
                         if *count > 0 {
                             tracing::warn!(reason, count, "kernel-side drops (cumulative)");
                         }
                     }
-                    reported_drops = counts;
+                    self.reported_drops = counts;
                 }
             }
             Err(error) => tracing::warn!(%error, "could not read kernel drop counters"),
+        }
+    }
+
+    /// Takes a changed configuration, from the API or the file, and applies it if valid.
+    fn reload_if_changed(&mut self) {
+        let Some((path, last_text, _)) = &self.profiles else {
+            return;
+        };
+        let path = path.clone();
+        let from_api = self
+            .config_updates
+            .as_mut()
+            .filter(|updates| updates.has_changed().unwrap_or(false))
+            .map(|updates| updates.borrow_and_update().clone());
+        let text = match from_api {
+            Some(text) => text,
+            None => match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot read the configuration file");
+                    return;
+                }
+            },
+        };
+        if &text == last_text {
+            return;
+        }
+        match serde_json::from_str::<NodeAgentConfig>(&text) {
+            Ok(document) => {
+                if let Err(error) = self.apply_profiles(path, (text, document)) {
+                    tracing::error!(%error, "could not apply the new configuration; keeping the old one");
+                }
+            }
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "ignoring an invalid agent configuration; keeping the last good one"
+                );
+                // Do not complain again until it changes.
+                if let Some((_, last_text, _)) = &mut self.profiles {
+                    *last_text = text;
+                }
+            }
+        }
+    }
+
+    /// Makes `document` the configuration: settings, then selection.
+    fn apply_profiles(
+        &mut self,
+        path: PathBuf,
+        (text, document): (String, NodeAgentConfig),
+    ) -> Result<()> {
+        let settings = profile_settings(&document);
+        if let Some(new) = &settings {
+            if new.window != self.builder.window() {
+                // The kernel numbers windows by their length: close everything counted under
+                // the old length first (the current window closes early; nothing is lost).
+                self.close_windows_before(u32::MAX);
+                self.builder = WindowBuilder::new(new.window, new.quantiles.clone());
+            } else {
+                self.builder = WindowBuilder::new(new.window, new.quantiles.clone());
+            }
+            self.routes = RouteNamer::new(
+                parse_templates(&new.route_templates)?,
+                new.max_series_per_source,
+            );
+            self.settings.window = new.window;
+            self.settings.slow_threshold = new.slow_threshold;
+            self.settings.sample_rate = new.sample_rate;
+            self.settings.server = new.server;
+            self.settings.client = new.client;
+        }
+        self.profiles = Some((path, text, document));
+        self.reselect();
+        let generation = self.config_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(
+            generation,
+            profiles = self.profiles.as_ref().map_or(0, |(_, _, d)| d.profiles.len()),
+            window = %humantime::format_duration(self.settings.window),
+            "configuration applied"
+        );
+        Ok(())
+    }
+
+    /// Recomputes which cgroups are traced from the profiles and the pods.
+    fn reselect(&mut self) {
+        let Some((_, _, document)) = &self.profiles else {
+            return;
+        };
+        let cgroups = self
+            .cgroup_root
+            .as_deref()
+            .map(pod_cgroups)
+            .unwrap_or_default();
+        let Selection {
+            cgroup_ids,
+            profile_of_pod,
+        } = select(
+            document,
+            &self.pods.snapshot(),
+            &self.pods.node_labels(),
+            &cgroups,
+        );
+        tracing::info!(
+            pods = profile_of_pod.len(),
+            cgroups = cgroup_ids.len(),
+            "selection updated"
+        );
+        self.profile_of_pod = profile_of_pod;
+        self.settings.cgroups = Some(cgroup_ids);
+        if let Err(error) = self.capture.configure(&self.settings) {
+            tracing::error!(%error, "could not update the kernel's selection");
         }
     }
 }

@@ -2,8 +2,9 @@
 //! them into a [`Source`]: the cgroup's path (the inode number of a cgroup directory is its
 //! id) and the process name.
 //!
-//! Standalone mode stops there. Kubernetes attribution (cgroup path → container → pod via
-//! the API) builds on the same paths.
+//! With a pod source (see [`crate::pods`]), a cgroup path that names a pod UID and a
+//! container id is resolved further to the pod's namespace, name, container and owning
+//! workload. Standalone, it stops at the cgroup path and the process.
 
 use std::{
     collections::HashMap,
@@ -12,7 +13,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use trazor_proto::v1::Source;
+use trazor_proto::v1::{PodIdentity, Source};
+
+use crate::pods::{PodDirectory, pod_in_cgroup_path};
 
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones.
@@ -35,6 +38,7 @@ pub struct SourceResolver {
     node_name: String,
     cgroup_root: Option<PathBuf>,
     cgroup_paths: HashMap<u64, String>,
+    pods: Option<PodDirectory>,
 }
 
 impl SourceResolver {
@@ -43,19 +47,46 @@ impl SourceResolver {
             node_name,
             cgroup_root,
             cgroup_paths: HashMap::new(),
+            pods: None,
         }
+    }
+
+    /// Resolves pod cgroups through `pods`.
+    pub fn with_pods(mut self, pods: PodDirectory) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     /// The source of requests counted under `cgroup_id` in process `tgid`.
     pub fn resolve(&mut self, cgroup_id: u64, tgid: u32) -> Source {
+        let cgroup_path = self.cgroup_path(cgroup_id);
+        let pod = self.pod_of(&cgroup_path);
         Source {
             node_name: self.node_name.clone(),
             cgroup_id,
-            cgroup_path: self.cgroup_path(cgroup_id),
+            cgroup_path,
             pid: tgid,
             process_name: process_name(tgid),
-            pod: None,
+            pod,
         }
+    }
+
+    /// The pod (and container) a cgroup path belongs to, when the pod source knows it.
+    fn pod_of(&self, cgroup_path: &str) -> Option<PodIdentity> {
+        let (uid, container_id) = pod_in_cgroup_path(cgroup_path)?;
+        let pod = self.pods.as_ref()?.get(&uid)?;
+        let container = container_id
+            .and_then(|id| pod.containers.iter().find(|c| c.id == id))
+            .map(|container| container.name.clone())
+            .unwrap_or_default();
+        Some(PodIdentity {
+            namespace: pod.namespace,
+            name: pod.name,
+            uid: pod.uid,
+            container,
+            workload_kind: pod.workload_kind,
+            workload_name: pod.workload_name,
+        })
     }
 
     /// The cgroup's path relative to the cgroup2 mount ("/" for the root), or "" if unknown

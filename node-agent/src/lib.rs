@@ -10,7 +10,9 @@ pub mod agent;
 pub mod attribute;
 pub mod capture;
 mod error;
+pub mod pods;
 pub mod route;
+pub mod select;
 pub mod ship;
 pub mod window;
 

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use trazor_node_agent::AgentConfig;
+use trazor_node_agent::{AgentConfig, agent::ProfileSource, pods::PodSource};
 
 /// Measures the latency of every HTTP/1.x request served on this host, with eBPF.
 #[derive(Parser, Debug)]
@@ -54,9 +54,35 @@ struct Flags {
     /// Distinct routes (and peers) per process and window; the rest go to route "other".
     #[arg(long, default_value_t = 200)]
     max_series: usize,
+    /// standalone: trace this host's processes (all, or --select-cgroup). kubernetes: trace
+    /// the pods the TraceProfiles select (--config), watching this node's pods in the API.
+    #[arg(long, value_enum, default_value = "standalone")]
+    mode: Mode,
+    /// The operator's configuration document (the mounted ConfigMap); re-read when it
+    /// changes. Default in kubernetes mode: /etc/trazor/agent-config.json.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Without a cluster: take the node's pods from this JSON file (an array of
+    /// {namespace, name, uid, labels, containers: [{name, id}], workloadKind, workloadName})
+    /// instead of the API; used with --config.
+    #[arg(long, value_name = "FILE")]
+    pods_file: Option<PathBuf>,
+    /// Kubernetes mode: the ConfigMap holding the configuration, watched through the API so
+    /// changes apply within seconds (the mounted file lags by up to a minute).
+    #[arg(long, default_value = "trazor-node-agent-config")]
+    config_map: String,
+    /// Namespace of --config-map (the agent's own, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
     /// Log filter, e.g. `info` or `trazor_node_agent=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Standalone,
+    Kubernetes,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +117,35 @@ async fn main() -> ExitCode {
     config.sample_rate = flags.sample_rate;
     config.route_templates = flags.route_templates;
     config.max_series_per_source = flags.max_series;
+    config.profiles = match (flags.mode, flags.config, flags.pods_file) {
+        (Mode::Standalone, None, None) => None,
+        (Mode::Standalone, Some(config_file), Some(pods_file)) => Some(ProfileSource {
+            config_file,
+            pods: PodSource::File(pods_file),
+            config_map: None,
+        }),
+        (Mode::Standalone, _, _) => {
+            eprintln!(
+                "trazor-node-agent: error: --config and --pods-file go together in standalone \
+                 mode (profiles select pods); or use --mode kubernetes to take pods from the API"
+            );
+            return ExitCode::FAILURE;
+        }
+        (Mode::Kubernetes, config_file, pods_file) => Some(ProfileSource {
+            config_file: config_file
+                .unwrap_or_else(|| PathBuf::from("/etc/trazor/agent-config.json")),
+            config_map: match (&pods_file, flags.namespace) {
+                (None, Some(namespace)) => Some((namespace, flags.config_map)),
+                _ => None,
+            },
+            pods: match pods_file {
+                Some(path) => PodSource::File(path),
+                None => PodSource::Api {
+                    node_name: config.node_name.clone(),
+                },
+            },
+        }),
+    };
     let agent = match trazor_node_agent::start(config).await {
         Ok(agent) => agent,
         Err(error) => {

@@ -43,6 +43,11 @@ pub struct BuildReport {
     pub requests_over_series_cap: u64,
 }
 
+/// (window, cgroup id, tgid): the unit the series cap applies to.
+type SourceInWindow = (u32, u64, u32);
+/// (route, peer address, peer port, direction): one series of a source.
+type SeriesIdentity = (String, u32, u16, u8);
+
 #[derive(Hash, PartialEq, Eq, PartialOrd, Ord, Clone, Debug)]
 struct WindowKey {
     window: u32,
@@ -94,7 +99,7 @@ impl WindowBuilder {
         }
         let mut report = BuildReport::default();
         let mut grouped: HashMap<WindowKey, Accumulator> = HashMap::new();
-        let mut series_per_source: HashMap<(u32, u64, u32), HashSet<(String, u32, u16, u8)>> =
+        let mut series_per_source: HashMap<SourceInWindow, HashSet<SeriesIdentity>> =
             HashMap::new();
         let key_of = |series: &SeriesKey,
                       routes: &RouteNamer,
@@ -131,7 +136,7 @@ impl WindowBuilder {
         };
         let mut closed = closed;
         // Busiest series first, so the cap folds the long tail, not the main routes.
-        closed.sort_by(|a, b| b.totals.count.cmp(&a.totals.count));
+        closed.sort_by_key(|series| std::cmp::Reverse(series.totals.count));
         let mut keys_by_series: HashMap<SeriesKey, WindowKey> = HashMap::new();
         for series in closed {
             if series.totals.count == 0 {
@@ -210,7 +215,7 @@ impl WindowBuilder {
                     .collect();
                 totals
                     .exemplars
-                    .sort_by(|a, b| b.duration_nanos.cmp(&a.duration_nanos));
+                    .sort_by_key(|exemplar| std::cmp::Reverse(exemplar.duration_nanos));
                 totals.exemplars.truncate(MAX_EXEMPLARS_PER_WINDOW);
                 let start = u64::from(key.window) * window_nanos;
                 let client = key.direction == 2;

@@ -36,8 +36,16 @@ async fn main() -> ExitCode {
         }
     };
     println!(
-        "{:<8} {:<24} {:<22} {:>6} {:>4} {:>9} {:>9} {:>9} {:>9}",
-        "window", "process[pid]", "cgroup", "count", "5xx", "p50 ms", "p95 ms", "p99 ms", "max ms"
+        "{:<8} {:<24} {:<28} {:>6} {:>4} {:>9} {:>9} {:>9} {:>9}",
+        "window",
+        "process[pid]",
+        "route (→ peer)",
+        "count",
+        "5xx",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms"
     );
     let mut shown = 0usize;
     while let Some(message) = socket.next().await {
@@ -74,17 +82,29 @@ async fn main() -> ExitCode {
         let ms = |key: &str| window["percentiles"][key].as_f64().unwrap_or(f64::NAN);
         let start = window["start"].as_str().unwrap_or("");
         let time = start.get(11..19).unwrap_or(start);
-        let cgroup = window["cgroup_path"].as_str().unwrap_or("");
-        let cgroup = if cgroup.len() > 22 {
-            &cgroup[cgroup.len() - 22..]
-        } else {
-            cgroup
+        let mut route = window["route"].as_str().unwrap_or("").to_owned();
+        if route.is_empty() {
+            route.push('-');
+        }
+        if window["direction"] == "client" {
+            route = format!(
+                "{route} → {}:{}",
+                window["peer"]["address"].as_str().unwrap_or("?"),
+                window["peer"]["port"]
+            );
+        }
+        let who = match window["pod"]["name"].as_str() {
+            Some(pod) => format!(
+                "{}/{pod}",
+                window["pod"]["namespace"].as_str().unwrap_or("")
+            ),
+            None => format!("{process}[{}]", window["pid"]),
         };
         println!(
-            "{:<8} {:<24} {:<22} {:>6} {:>4} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            "{:<8} {:<24} {:<28} {:>6} {:>4} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             time,
-            format!("{process}[{}]", window["pid"]),
-            cgroup,
+            who,
+            route,
             window["count"].as_u64().unwrap_or(0),
             window["errors"].as_u64().unwrap_or(0),
             ms("p50"),

@@ -1,15 +1,22 @@
 //! `trazor-sample-server`: an HTTP/1.1 server whose response time is known, for tests,
 //! benchmarks and the demo. Thread per connection, keep-alive, blocking std sockets: the
 //! same read/write syscalls real servers make.
+//!
+//! With `--latency-log FILE` it appends, per request, the latency it measured itself over
+//! the same interval the agent measures (from the return of the read that brought the
+//! request's first bytes to the return of the write carrying the status line), so tests
+//! compare the agent's percentiles with true ones, not with the configured sleep.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    fs::File,
+    io::{BufRead as _, BufReader, Read, Write as _},
     net::{TcpListener, TcpStream},
     process::ExitCode,
+    sync::{Arc, Mutex},
     thread,
-    time::Duration,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use rand::Rng as _;
 
 /// Serves HTTP/1.1 requests after a configured delay.
@@ -22,6 +29,9 @@ struct Flags {
     /// Time each request takes.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     delay: Duration,
+    /// Extra time, uniform in [0, jitter), added to every request's delay.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    jitter: Duration,
     /// Fraction of requests that take --slow-delay instead (a bimodal distribution).
     #[arg(long, default_value_t = 0.0)]
     slow_fraction: f64,
@@ -31,10 +41,47 @@ struct Flags {
     /// Fraction of requests answered 500.
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
+    /// How the response is written.
+    #[arg(long, value_enum, default_value_t = Shape::Single)]
+    shape: Shape,
+    /// Pause between the writes of a split or chunked response.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    part_pause: Duration,
+    /// Append each request's measured latency here: one line per request,
+    /// "<latency ns> <wall-clock ns when the status line's write returned>".
+    #[arg(long)]
+    latency_log: Option<std::path::PathBuf>,
 }
+
+/// How a response goes out on the socket.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Status line, headers and body in one write.
+    Single,
+    /// Status line and headers in one write, then (after --part-pause) the body in another.
+    Split,
+    /// `Transfer-Encoding: chunked`: the head, then three chunks and the last chunk, each in
+    /// its own write with --part-pause between them.
+    Chunked,
+}
+
+type LatencyLog = Option<Arc<Mutex<File>>>;
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    let log: LatencyLog = match &flags.latency_log {
+        Some(path) => match File::options().create(true).append(true).open(path) {
+            Ok(file) => Some(Arc::new(Mutex::new(file))),
+            Err(error) => {
+                eprintln!(
+                    "trazor-sample-server: error: cannot open {}: {error}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let listener = match TcpListener::bind(&flags.listen) {
         Ok(listener) => listener,
         Err(error) => {
@@ -57,8 +104,9 @@ fn main() -> ExitCode {
         match connection {
             Ok(stream) => {
                 let flags = flags.clone();
+                let log = log.clone();
                 thread::spawn(move || {
-                    let _ = serve_connection(stream, &flags);
+                    let _ = serve_connection(stream, &flags, &log);
                 });
             }
             Err(error) => eprintln!("trazor-sample-server: accept failed: {error}"),
@@ -67,17 +115,49 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn serve_connection(stream: TcpStream, flags: &Flags) -> std::io::Result<()> {
+/// The socket, remembering when the first read after [`TimedReads::arm`] returned bytes.
+struct TimedReads<'a> {
+    stream: &'a TcpStream,
+    first_return: Option<Instant>,
+}
+
+impl TimedReads<'_> {
+    fn arm(&mut self) {
+        self.first_return = None;
+    }
+}
+
+impl Read for TimedReads<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = (&mut &*self.stream).read(buf)?;
+        if read > 0 && self.first_return.is_none() {
+            self.first_return = Some(Instant::now());
+        }
+        Ok(read)
+    }
+}
+
+fn serve_connection(stream: TcpStream, flags: &Flags, log: &LatencyLog) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     // Reads and writes on the same fd (no try_clone/dup): the agent follows a connection by
     // (process, fd), as it sees it in the syscalls.
     let mut writer = &stream;
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(TimedReads {
+        stream: &stream,
+        first_return: None,
+    });
     loop {
+        // A request already buffered (pipelined) arrived with the read that brought the
+        // previous one: its start is that read's return, so only re-arm when nothing is.
+        if reader.buffer().is_empty() {
+            reader.get_mut().arm();
+        }
         let mut request_line = String::new();
         if reader.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
+        // Armed: the read that just brought the request line. Not armed: unchanged.
+        let start = reader.get_ref().first_return;
         let mut content_length = 0usize;
         let mut close = request_line.ends_with("HTTP/1.0\r\n");
         loop {
@@ -99,11 +179,14 @@ fn serve_connection(stream: TcpStream, flags: &Flags) -> std::io::Result<()> {
         reader.read_exact(&mut body)?;
 
         let mut rng = rand::rng();
-        let delay = if rng.random_bool(flags.slow_fraction.clamp(0.0, 1.0)) {
+        let mut delay = if rng.random_bool(flags.slow_fraction.clamp(0.0, 1.0)) {
             flags.slow_delay
         } else {
             flags.delay
         };
+        if !flags.jitter.is_zero() {
+            delay += flags.jitter.mul_f64(rng.random::<f64>());
+        }
         thread::sleep(delay);
         let (status, body) = if rng.random_bool(flags.error_rate.clamp(0.0, 1.0)) {
             ("500 Internal Server Error", "error\n")
@@ -111,11 +194,51 @@ fn serve_connection(stream: TcpStream, flags: &Flags) -> std::io::Result<()> {
             ("200 OK", "ok\n")
         };
         let connection = if close { "close" } else { "keep-alive" };
-        let response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
-            body.len()
-        );
-        writer.write_all(response.as_bytes())?;
+        let head = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n");
+        let answered = match flags.shape {
+            Shape::Single => {
+                let response = format!(
+                    "{head}Content-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+                    body.len()
+                );
+                writer.write_all(response.as_bytes())?;
+                Instant::now()
+            }
+            Shape::Split => {
+                let head = format!(
+                    "{head}Content-Length: {}\r\nConnection: {connection}\r\n\r\n",
+                    body.len()
+                );
+                writer.write_all(head.as_bytes())?;
+                let answered = Instant::now();
+                thread::sleep(flags.part_pause);
+                writer.write_all(body.as_bytes())?;
+                answered
+            }
+            Shape::Chunked => {
+                let head =
+                    format!("{head}Transfer-Encoding: chunked\r\nConnection: {connection}\r\n\r\n");
+                writer.write_all(head.as_bytes())?;
+                let answered = Instant::now();
+                for chunk in [body, "more\n", "last\n"] {
+                    thread::sleep(flags.part_pause);
+                    writer.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())?;
+                }
+                thread::sleep(flags.part_pause);
+                writer.write_all(b"0\r\n\r\n")?;
+                answered
+            }
+        };
+        if let (Some(log), Some(start)) = (log, start) {
+            let latency = answered.duration_since(start).as_nanos();
+            let wall = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos())
+                .saturating_sub(answered.elapsed().as_nanos());
+            let line = format!("{latency} {wall}\n");
+            let mut file = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            file.write_all(line.as_bytes())?;
+        }
         if close {
             return Ok(());
         }

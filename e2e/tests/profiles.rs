@@ -1,0 +1,306 @@
+//! Profile-driven selection and Kubernetes attribution, without a cluster: the test builds a
+//! kubelet-like cgroup v2 hierarchy (systemd driver, containerd), moves two sample servers
+//! into two "pods", describes the pods in a pods file, and gives the agent the operator's
+//! configuration document. Then it rewrites that document under the running agent and checks
+//! the new selection takes effect with no window lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use trazor_collector::{BoundCollector, CollectorConfig};
+use trazor_e2e::{HttpClient, SampleServer, require_ebpf_privileges};
+use trazor_node_agent::{
+    AgentConfig, agent::ProfileSource, attribute::cgroup2_mount, pods::PodSource,
+};
+
+const SAMPLE_SERVER: &str = env!("CARGO_BIN_EXE_trazor-sample-server");
+
+/// A pod's cgroups as the kubelet (systemd driver) and containerd lay them out; removed on
+/// drop, after moving its processes back to the root cgroup.
+struct PodCgroup {
+    root: PathBuf,
+    pod: PathBuf,
+    container: PathBuf,
+}
+
+impl PodCgroup {
+    fn create(root: &Path, uid: &str, container_id: &str) -> Self {
+        let pod = root.join(format!(
+            "trazor-e2e-kubepods.slice/trazor-e2e-kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let container = pod.join(format!("cri-containerd-{container_id}.scope"));
+        std::fs::create_dir_all(&container).expect("creating cgroups under the cgroup2 mount");
+        Self {
+            root: root.to_path_buf(),
+            pod,
+            container,
+        }
+    }
+
+    fn adopt(&self, pid: u32) {
+        std::fs::write(self.container.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.container.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.container);
+        let _ = std::fs::remove_dir(&self.pod);
+        // The shared parents go once empty (the other pod may still hold them).
+        for parent in self.pod.ancestors().skip(1).take(2) {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn profile_document(app: &str) -> String {
+    json!({
+        "version": 1,
+        "profiles": [{
+            "namespace": "shop",
+            "name": app,
+            "matchLabels": {"app": app},
+            "windowSeconds": 1,
+            "percentiles": [0.5, 0.99],
+        }]
+    })
+    .to_string()
+}
+
+fn pod(name: &str, uid: &str, app: &str, container_id: &str) -> Value {
+    json!({
+        "namespace": "shop",
+        "name": name,
+        "uid": uid,
+        "labels": {"app": app},
+        "containers": [{"name": "server", "id": container_id}],
+        "workloadKind": "Deployment",
+        "workloadName": app,
+    })
+}
+
+/// Replaces a file the way the kubelet updates a mounted ConfigMap: write aside, rename.
+fn replace_file(path: &Path, contents: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, contents).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+fn send(address: SocketAddr, count: u64) {
+    let mut client = HttpClient::new(address);
+    for n in 0..count {
+        assert_eq!(
+            client.get(&format!("/orders/{n}"), n % 4 != 0).unwrap(),
+            200
+        );
+    }
+}
+
+/// Windows on the feed, by pod name, until `until` says enough (or the timeout).
+async fn read_feed(
+    feed: &mut (
+             impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin
+         ),
+    windows: &mut Vec<Value>,
+    timeout: Duration,
+    until: impl Fn(&[Value]) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !until(windows) {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, feed.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let window: Value = serde_json::from_str(&text).unwrap();
+                if window["type"] == "window" {
+                    windows.push(window);
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("feed ended or timed out ({other:?}); windows so far: {windows:#?}"),
+        }
+    }
+}
+
+fn total_for(windows: &[Value], pod_name: &str) -> u64 {
+    windows
+        .iter()
+        .filter(|w| w["pod"]["name"] == pod_name)
+        .map(|w| w["count"].as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
+    if !require_ebpf_privileges("profiles_select_pods_by_label_and_reload_without_losing_a_window")
+    {
+        return;
+    }
+    let root = cgroup2_mount().expect("a cgroup2 mount (see /proc/self/mountinfo)");
+    let (uid_a, uid_b) = (
+        "11111111-2222-4333-8444-555555555555",
+        "66666666-7777-4888-9999-aaaaaaaaaaaa",
+    );
+    let (container_a, container_b) = ("aaaa0001", "bbbb0002");
+    let cgroup_a = PodCgroup::create(&root, uid_a, container_a);
+    let cgroup_b = PodCgroup::create(&root, uid_b, container_b);
+
+    let work = std::env::temp_dir().join(format!("trazor-e2e-profiles-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let config_file = work.join("agent-config.json");
+    let pods_file = work.join("pods.json");
+    replace_file(&config_file, &profile_document("checkout"));
+    replace_file(
+        &pods_file,
+        &json!([
+            pod("checkout-5d8f7c9b4-x2x7q", uid_a, "checkout", container_a),
+            pod("inventory-7c4b9d6f8-k9k2m", uid_b, "inventory", container_b),
+        ])
+        .to_string(),
+    );
+
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let collector = BoundCollector::bind(&CollectorConfig {
+        grpc_listen: loopback,
+        http_listen: loopback,
+        history: 10_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grpc = collector.grpc_addr();
+    let feed_url = format!("ws://{}/ws", collector.http_addr());
+    tokio::spawn(collector.serve());
+
+    let mut config = AgentConfig::new(format!("http://{grpc}"), "e2e-node");
+    config.profiles = Some(ProfileSource {
+        config_file: config_file.clone(),
+        pods: PodSource::File(pods_file.clone()),
+        config_map: None,
+    });
+    let agent = trazor_node_agent::start(config)
+        .await
+        .expect("the agent starts");
+    assert_eq!(agent.config_generation.load(Ordering::Relaxed), 1);
+
+    let server_a = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "5ms"]).unwrap();
+    let server_b = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "5ms"]).unwrap();
+    cgroup_a.adopt(server_a.pid());
+    cgroup_b.adopt(server_b.pid());
+    // The cgroups existed before the agent started, so its first look at the pods file
+    // (within a poll) selects checkout's container cgroup.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    const REQUESTS: u64 = 20;
+    let (a, b) = (server_a.address, server_b.address);
+    tokio::task::spawn_blocking(move || {
+        send(a, REQUESTS);
+        send(b, REQUESTS);
+    })
+    .await
+    .unwrap();
+
+    let (mut feed, _) = tokio_tungstenite::connect_async(&feed_url).await.unwrap();
+    let mut windows = Vec::new();
+    read_feed(&mut feed, &mut windows, Duration::from_secs(15), |w| {
+        total_for(w, "checkout-5d8f7c9b4-x2x7q") >= REQUESTS
+    })
+    .await;
+    assert_eq!(total_for(&windows, "checkout-5d8f7c9b4-x2x7q"), REQUESTS);
+    let checkout = windows
+        .iter()
+        .find(|w| w["pod"]["name"] == "checkout-5d8f7c9b4-x2x7q")
+        .unwrap();
+    assert_eq!(checkout["pod"]["namespace"], "shop");
+    assert_eq!(checkout["pod"]["uid"], uid_a);
+    assert_eq!(checkout["pod"]["container"], "server");
+    assert_eq!(checkout["pod"]["workload_kind"], "Deployment");
+    assert_eq!(checkout["pod"]["workload_name"], "checkout");
+    assert_eq!(checkout["profile"], "shop/checkout");
+    assert_eq!(checkout["route"], "/orders/{id}");
+    assert!(
+        checkout["cgroup_path"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("cri-containerd-{container_a}.scope"))
+    );
+
+    // Reload: select inventory instead, under the running agent.
+    replace_file(&config_file, &profile_document("inventory"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.config_generation.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not reload its configuration"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::task::spawn_blocking(move || {
+        send(a, REQUESTS);
+        send(b, REQUESTS);
+    })
+    .await
+    .unwrap();
+    read_feed(&mut feed, &mut windows, Duration::from_secs(15), |w| {
+        total_for(w, "inventory-7c4b9d6f8-k9k2m") >= REQUESTS
+    })
+    .await;
+    // Let one more window close, so a stray checkout window would have shown up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while let Some(Ok(Message::Text(text))) = feed.next().await {
+            let window: Value = serde_json::from_str(&text).unwrap();
+            if window["type"] == "window" {
+                windows.push(window);
+            }
+        }
+    })
+    .await;
+
+    assert_eq!(total_for(&windows, "inventory-7c4b9d6f8-k9k2m"), REQUESTS);
+    assert_eq!(
+        total_for(&windows, "checkout-5d8f7c9b4-x2x7q"),
+        REQUESTS,
+        "after the reload, checkout is no longer traced"
+    );
+    let inventory = windows
+        .iter()
+        .find(|w| w["pod"]["name"] == "inventory-7c4b9d6f8-k9k2m")
+        .unwrap();
+    assert_eq!(inventory["profile"], "shop/inventory");
+    // No window lost across the reload: this agent's sequences are 1..=n without a gap.
+    let sequences: BTreeSet<u64> = windows
+        .iter()
+        .map(|w| w["sequence"].as_u64().unwrap())
+        .collect();
+    let expected: BTreeSet<u64> = (1..=*sequences.last().unwrap()).collect();
+    assert_eq!(sequences, expected, "window sequences are contiguous");
+    let by_pod: HashMap<String, u64> = windows.iter().fold(HashMap::new(), |mut acc, w| {
+        *acc.entry(w["pod"]["name"].to_string()).or_default() += 1;
+        acc
+    });
+    assert_eq!(
+        by_pod.len(),
+        2,
+        "only the two pods were ever traced: {by_pod:?}"
+    );
+
+    drop(agent);
+    drop((server_a, server_b));
+    drop((cgroup_a, cgroup_b));
+    let _ = std::fs::remove_dir_all(&work);
+}
