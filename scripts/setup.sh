@@ -20,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages ---------------------------------------------------------
-APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2)
+APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2 jq)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

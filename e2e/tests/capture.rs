@@ -1,0 +1,901 @@
+//! What the kernel programs measure, checked against real servers over real sockets: true
+//! per-request latencies recorded by the server itself, HTTP shapes (keep-alive, pipelining,
+//! split reads and writes, chunked bodies), nginx serving a file with `sendfile`, outbound
+//! requests, fd reuse across thousands of short connections, and windows rotating under
+//! load.
+//!
+//! Windows are read as `LatencyWindow` protos from an in-process gRPC sink that stands in
+//! for the collector (it acks everything), so route, peer and exemplars are visible exactly
+//! as the agent sends them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    pin::Pin,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures::{Stream, StreamExt as _};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use trazor_e2e::{SampleServer, require_ebpf_privileges};
+use trazor_node_agent::{AgentConfig, RunningAgent};
+use trazor_proto::v1::{
+    Ack, AgentMessage, CollectorMessage, Direction, ExponentialHistogram, LatencyWindow,
+    agent_message, collector_message,
+    latency_ingest_server::{LatencyIngest, LatencyIngestServer},
+};
+
+const SAMPLE_SERVER: &str = env!("CARGO_BIN_EXE_trazor-sample-server");
+const SAMPLE_CLIENT: &str = env!("CARGO_BIN_EXE_trazor-sample-client");
+
+/// One agent at a time: each traces the whole host, and the timings want the CPUs.
+static CAPTURE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// --- a collector stand-in that keeps every window --------------------------------------
+
+#[derive(Clone, Default)]
+struct WindowSink {
+    windows: Arc<Mutex<Vec<LatencyWindow>>>,
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<CollectorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LatencyIngest for WindowSink {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (acks, receiver) = mpsc::channel(1024);
+        let windows = self.windows.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = inbound.next().await {
+                if let Some(agent_message::Kind::Window(window)) = message.kind {
+                    let sequence = window.sequence;
+                    windows.lock().unwrap().push(window);
+                    let ack = CollectorMessage {
+                        kind: Some(collector_message::Kind::Ack(Ack {
+                            acked_through: sequence,
+                        })),
+                    };
+                    if acks.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+struct Capture {
+    _agent: RunningAgent,
+    sink: WindowSink,
+    window: Duration,
+}
+
+async fn start_capture(window: Duration, client: bool) -> Capture {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let sink = WindowSink::default();
+    let service = LatencyIngestServer::new(sink.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut config = AgentConfig::new(format!("http://{address}"), "e2e-capture");
+    config.window = window;
+    config.client = client;
+    let agent = trazor_node_agent::start(config)
+        .await
+        .expect("the agent starts (root, tracefs, eBPF)");
+    Capture {
+        _agent: agent,
+        sink,
+        window,
+    }
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+impl Capture {
+    /// Waits until every window holding requests finished by now has reached the sink.
+    async fn settle(&self) {
+        let window = self.window.as_nanos();
+        let closes = (unix_nanos() / window + 1) * window;
+        // The agent drains 100 ms after the boundary, polling every 200 ms; then gRPC.
+        let wait = closes.saturating_sub(unix_nanos()) + 1_200_000_000;
+        tokio::time::sleep(Duration::from_nanos(wait as u64)).await;
+    }
+
+    /// Sleeps until `lead` after the next window boundary, so what follows starts a window.
+    async fn align(&self, lead: Duration) {
+        let window = self.window.as_nanos();
+        let next = (unix_nanos() / window + 1) * window + lead.as_nanos();
+        tokio::time::sleep(Duration::from_nanos((next - unix_nanos()) as u64)).await;
+    }
+
+    fn windows(&self, pid: u32, direction: Direction) -> Vec<LatencyWindow> {
+        let mut windows: Vec<LatencyWindow> = self
+            .sink
+            .windows
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.source.as_ref().unwrap().pid == pid && w.direction == direction as i32)
+            .cloned()
+            .collect();
+        windows.sort_by_key(|w| w.start_unix_nanos);
+        windows
+    }
+
+    fn count(&self, pid: u32, direction: Direction) -> u64 {
+        self.windows(pid, direction)
+            .iter()
+            .map(|w| w.stats.as_ref().unwrap().count)
+            .sum()
+    }
+}
+
+fn stats(window: &LatencyWindow) -> &trazor_proto::v1::LatencyStats {
+    window.stats.as_ref().unwrap()
+}
+
+fn max_nanos(windows: &[LatencyWindow]) -> u64 {
+    windows
+        .iter()
+        .map(|w| stats(w).max_nanos)
+        .max()
+        .unwrap_or(0)
+}
+
+fn min_nanos(windows: &[LatencyWindow]) -> u64 {
+    windows
+        .iter()
+        .map(|w| stats(w).min_nanos)
+        .min()
+        .unwrap_or(0)
+}
+
+fn merged(windows: &[LatencyWindow]) -> ExponentialHistogram {
+    let mut merged = ExponentialHistogram::default();
+    for window in windows {
+        merged.merge(window.histogram.as_ref().unwrap()).unwrap();
+    }
+    merged
+}
+
+const MS: u64 = 1_000_000;
+
+// --- workloads -------------------------------------------------------------------------
+
+/// What `trazor-sample-client` counted; the process lingers (so the agent can still read
+/// its name when its windows close) until this is dropped.
+#[derive(Debug)]
+struct ClientReport {
+    pid: u32,
+    sent: u64,
+    responses: u64,
+    ok: u64,
+    failures: u64,
+    elapsed_secs: f64,
+    process: Child,
+}
+
+impl Drop for ClientReport {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Runs `trazor-sample-client` until it reports (a separate process: the agent never
+/// traces its own).
+async fn run_client(target: SocketAddr, args: &[&str]) -> ClientReport {
+    let target = target.to_string();
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut process = Command::new(SAMPLE_CLIENT)
+            .arg("--target")
+            .arg(&target)
+            .args(["--linger", "60s"])
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(process.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|error| panic!("sample client said {line:?}: {error}"));
+        let field = |name: &str| report[name].as_u64().unwrap();
+        ClientReport {
+            pid: process.id(),
+            sent: field("sent"),
+            responses: field("responses"),
+            ok: field("ok"),
+            failures: field("failures"),
+            elapsed_secs: report["elapsed_secs"].as_f64().unwrap(),
+            process,
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "trazor-e2e-{name}-{}-{}",
+            std::process::id(),
+            unix_nanos()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sample server that logs the latency it measured itself for every request.
+struct TimedServer {
+    server: SampleServer,
+    log: PathBuf,
+}
+
+impl TimedServer {
+    fn start(scratch: &Scratch, name: &str, args: &[&str]) -> Self {
+        let log = scratch.0.join(format!("{name}.latencies"));
+        let log_arg = log.to_str().unwrap().to_owned();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--latency-log", &log_arg]);
+        let server = SampleServer::start(Path::new(SAMPLE_SERVER), &all).unwrap();
+        Self { server, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    /// (latency ns, wall-clock ns at the status line's write) of every request so far.
+    fn true_latencies(&self) -> Vec<(u64, u128)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let (latency, at) = line.split_once(' ').unwrap();
+                (latency.parse().unwrap(), at.parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+/// The nearest-rank quantile, the definition the agent's histograms answer with.
+fn true_quantile(sorted: &[u64], quantile: f64) -> u64 {
+    let rank = ((quantile * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Reported within 1 % + 100 µs of true: the issue's accuracy requirement.
+fn assert_accurate(what: &str, reported: u64, truth: u64) {
+    assert_within(what, reported, truth, 100_000);
+}
+
+/// Reported within 1 % + `slack_nanos` of true.
+fn assert_within(what: &str, reported: u64, truth: u64, slack_nanos: u64) {
+    let allowed = truth as f64 * 0.01 + slack_nanos as f64;
+    assert!(
+        (reported as f64 - truth as f64).abs() <= allowed,
+        "{what}: reported {:.3} ms, true {:.3} ms (allowed ± {:.3} ms)",
+        reported as f64 / 1e6,
+        truth as f64 / 1e6,
+        allowed / 1e6
+    );
+}
+
+/// Windows with at least this many requests have their percentiles held to 1 % + 100 µs.
+const ACCURACY_MIN_COUNT: usize = 100;
+/// Slack for single requests (min, max, percentiles of small windows): the server's own
+/// clock reads happen after its read and write return, and on a busy 2-core machine the
+/// thread can be preempted in between (a write that wakes the client often does that), so
+/// one request's true value may be off by a scheduling slice; ranks in big windows are not.
+const SINGLE_REQUEST_SLACK_NANOS: u64 = 3_000_000;
+
+/// Checks each window of `server` against the true latencies of the requests it holds
+/// (assigned by the wall-clock time of their status line, as the kernel does): counts
+/// exactly; percentiles within 1 % + 100 µs when the window holds at least
+/// [`ACCURACY_MIN_COUNT`] requests; min, max and small windows' percentiles within
+/// 1 % + [`SINGLE_REQUEST_SLACK_NANOS`].
+fn check_against_truth(capture: &Capture, name: &str, server: &TimedServer, sent: u64) {
+    let truth = server.true_latencies();
+    assert_eq!(
+        truth.len() as u64,
+        sent,
+        "{name}: server logged every request"
+    );
+    let windows = capture.windows(server.pid(), Direction::Server);
+    let window_nanos = capture.window.as_nanos();
+    let mut by_window: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (latency, at) in &truth {
+        let start = (at / window_nanos * window_nanos) as u64;
+        by_window.entry(start).or_default().push(*latency);
+    }
+    let reported: BTreeMap<u64, &LatencyWindow> =
+        windows.iter().map(|w| (w.start_unix_nanos, w)).collect();
+    assert_eq!(
+        reported.keys().collect::<Vec<_>>(),
+        by_window.keys().collect::<Vec<_>>(),
+        "{name}: windows"
+    );
+    for (start, mut latencies) in by_window {
+        latencies.sort_unstable();
+        let window = reported[&start];
+        let stats = stats(window);
+        assert_eq!(stats.count, latencies.len() as u64, "{name}: count");
+        let slack = SINGLE_REQUEST_SLACK_NANOS;
+        assert_within(&format!("{name} min"), stats.min_nanos, latencies[0], slack);
+        assert_within(
+            &format!("{name} max"),
+            stats.max_nanos,
+            *latencies.last().unwrap(),
+            slack,
+        );
+        let strict = latencies.len() >= ACCURACY_MIN_COUNT;
+        for quantile in &stats.quantiles {
+            let truth = true_quantile(&latencies, quantile.quantile);
+            let what = format!("{name} p{}", quantile.quantile * 100.0);
+            eprintln!(
+                "{what}: reported {:.3} ms, true {:.3} ms ({} requests)",
+                quantile.value_nanos as f64 / 1e6,
+                truth as f64 / 1e6,
+                latencies.len()
+            );
+            if strict {
+                assert_accurate(&what, quantile.value_nanos, truth);
+            } else {
+                assert_within(&what, quantile.value_nanos, truth, slack);
+            }
+        }
+    }
+}
+
+// --- tests -----------------------------------------------------------------------------
+
+/// Three servers with known distributions, measured at once: a fixed 3 ms, uniform
+/// 2–12 ms, and bimodal 90 % at 5 ms / 10 % at 50 ms. p50 sits inside the fast mode and
+/// p95/p99 inside the slow one (the ill-conditioned quantile at the modes' boundary, p90,
+/// is not asked for): with 1 000 requests, the slow mode would need fewer than 51 requests
+/// (p ≈ 10⁻⁸) for p95 to leave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percentiles_match_the_true_latencies_within_one_percent() {
+    if !require_ebpf_privileges("percentiles_match_the_true_latencies_within_one_percent") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(5), false).await;
+    let scratch = Scratch::new("accuracy");
+    let fixed = TimedServer::start(&scratch, "fixed", &["--delay", "3ms"]);
+    let uniform = TimedServer::start(&scratch, "uniform", &["--delay", "2ms", "--jitter", "10ms"]);
+    let bimodal = TimedServer::start(
+        &scratch,
+        "bimodal",
+        &[
+            "--delay",
+            "5ms",
+            "--slow-fraction",
+            "0.1",
+            "--slow-delay",
+            "50ms",
+        ],
+    );
+    // All in one 5 s window when the machine keeps up (~1.5 s of load), so each window
+    // holds hundreds of requests; the checks hold per window either way.
+    capture.align(Duration::from_millis(200)).await;
+    let loads = [
+        (fixed.server.address, "400", "4"),
+        (uniform.server.address, "400", "4"),
+        (bimodal.server.address, "1000", "8"),
+    ]
+    .map(|(address, requests, concurrency)| {
+        tokio::spawn(async move {
+            run_client(
+                address,
+                &["--requests", requests, "--concurrency", concurrency],
+            )
+            .await
+        })
+    });
+    let mut reports = Vec::new();
+    for load in loads {
+        reports.push(load.await.unwrap());
+    }
+    capture.settle().await;
+    for ((name, server), report) in [
+        ("fixed", &fixed),
+        ("uniform", &uniform),
+        ("bimodal", &bimodal),
+    ]
+    .into_iter()
+    .zip(&reports)
+    {
+        assert_eq!(report.ok, report.sent, "{name}: {report:?}");
+        check_against_truth(&capture, name, server, report.ok);
+    }
+}
+
+/// Keep-alive, pipelining, a request split over two TCP writes, a response whose status
+/// line and body go out in separate writes, and a chunked response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_shapes_are_counted_and_timed_as_documented() {
+    if !require_ebpf_privileges("http_shapes_are_counted_and_timed_as_documented") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), false).await;
+    let scratch = Scratch::new("shapes");
+    let keep_alive = TimedServer::start(&scratch, "keep-alive", &["--delay", "5ms"]);
+    let pipelined = TimedServer::start(&scratch, "pipelined", &["--delay", "5ms"]);
+    let split_request = TimedServer::start(&scratch, "split-request", &["--delay", "5ms"]);
+    let split_response = TimedServer::start(
+        &scratch,
+        "split-response",
+        &["--delay", "5ms", "--shape", "split", "--part-pause", "30ms"],
+    );
+    let chunked = TimedServer::start(
+        &scratch,
+        "chunked",
+        &[
+            "--delay",
+            "5ms",
+            "--shape",
+            "chunked",
+            "--part-pause",
+            "10ms",
+        ],
+    );
+
+    // The test process is never traced itself (it hosts the agent), so it can be the client.
+    let addresses = (
+        keep_alive.server.address,
+        pipelined.server.address,
+        split_request.server.address,
+        split_response.server.address,
+        chunked.server.address,
+    );
+    tokio::task::spawn_blocking(move || {
+        let (keep_alive, pipelined, split_request, split_response, chunked) = addresses;
+        let mut connection = RawConnection::open(keep_alive);
+        for n in 0..20 {
+            connection.send(&[&request(&format!("/keep/{n}"))], Duration::ZERO);
+            assert_eq!(connection.response(), 200);
+        }
+        // 5 batches of 3 requests, each batch in one write.
+        let mut connection = RawConnection::open(pipelined);
+        for batch in 0..5 {
+            let requests: String = (0..3)
+                .map(|n| request(&format!("/pipe/{batch}/{n}")))
+                .collect();
+            connection.send(&[&requests], Duration::ZERO);
+            for _ in 0..3 {
+                assert_eq!(connection.response(), 200);
+            }
+        }
+        // The request line and the rest of the head 30 ms apart.
+        let mut connection = RawConnection::open(split_request);
+        for n in 0..10 {
+            let whole = request(&format!("/split/{n}"));
+            let (first, second) = whole.split_at(whole.find("Host").unwrap() + 2);
+            connection.send(&[first, second], Duration::from_millis(30));
+            assert_eq!(connection.response(), 200);
+        }
+        for (address, prefix) in [(split_response, "/split-response"), (chunked, "/chunked")] {
+            let mut connection = RawConnection::open(address);
+            for n in 0..10 {
+                connection.send(&[&request(&format!("{prefix}/{n}"))], Duration::ZERO);
+                assert_eq!(connection.response(), 200);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    capture.settle().await;
+
+    // Keep-alive: every request, timed as the server saw it.
+    check_against_truth(&capture, "keep-alive", &keep_alive, 20);
+
+    // Pipelining (README, known limits): requests that arrive together are timed as one,
+    // from the read that brought them to the first response.
+    let windows = capture.windows(pipelined.pid(), Direction::Server);
+    assert_eq!(pipelined.true_latencies().len(), 15);
+    assert_eq!(
+        capture.count(pipelined.pid(), Direction::Server),
+        5,
+        "one per pipelined batch: {windows:?}"
+    );
+    assert!(min_nanos(&windows) >= 5 * MS, "{windows:?}");
+    assert!(
+        max_nanos(&windows) < 10 * MS,
+        "ends at the first response: {windows:?}"
+    );
+
+    // Split request: timed from the read that brought its first bytes, so the 30 ms the
+    // client took to send the rest are in it (less however late the server thread woke up
+    // for the first part), and the server's own log agrees.
+    let windows = capture.windows(split_request.pid(), Direction::Server);
+    assert_eq!(capture.count(split_request.pid(), Direction::Server), 10);
+    assert!(min_nanos(&windows) >= 33 * MS, "{windows:?}");
+    check_against_truth(&capture, "split-request", &split_request, 10);
+
+    // Split response: ends when the status line's write returns; the body's write 30 ms
+    // later is not in it.
+    let windows = capture.windows(split_response.pid(), Direction::Server);
+    assert_eq!(capture.count(split_response.pid(), Direction::Server), 10);
+    assert!(max_nanos(&windows) < 30 * MS, "{windows:?}");
+    check_against_truth(&capture, "split-response", &split_response, 10);
+
+    // Chunked: one request per response; the chunks that follow the head are body bytes.
+    let windows = capture.windows(chunked.pid(), Direction::Server);
+    assert_eq!(capture.count(chunked.pid(), Direction::Server), 10);
+    assert!(max_nanos(&windows) < 15 * MS, "{windows:?}");
+    check_against_truth(&capture, "chunked", &chunked, 10);
+}
+
+fn request(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: keep-alive\r\n\r\n")
+}
+
+/// A client connection that sends bytes exactly as told and reads whole responses.
+struct RawConnection(BufReader<TcpStream>);
+
+impl RawConnection {
+    fn open(address: SocketAddr) -> Self {
+        let stream = TcpStream::connect(address).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Self(BufReader::new(stream))
+    }
+
+    /// Writes each part in its own write, `pause` apart.
+    fn send(&mut self, parts: &[&str], pause: Duration) {
+        for (n, part) in parts.iter().enumerate() {
+            if n > 0 {
+                std::thread::sleep(pause);
+            }
+            self.0.get_mut().write_all(part.as_bytes()).unwrap();
+        }
+    }
+
+    /// Reads one response (Content-Length or chunked body); returns its status.
+    fn response(&mut self) -> u16 {
+        let mut line = String::new();
+        self.0.read_line(&mut line).unwrap();
+        let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let (mut length, mut chunked) = (0usize, false);
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(value) = lower.strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap();
+            }
+            chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
+        }
+        if !chunked {
+            let mut body = vec![0; length];
+            self.0.read_exact(&mut body).unwrap();
+            return status;
+        }
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).unwrap();
+            let size = usize::from_str_radix(line.trim(), 16).unwrap();
+            let mut chunk = vec![0; size + 2];
+            self.0.read_exact(&mut chunk).unwrap();
+            if size == 0 {
+                return status;
+            }
+        }
+    }
+}
+
+/// nginx from Debian, `sendfile on`, serving a 64 KiB file: the worker's accept4, recv,
+/// writev (head) and sendfile (body) are what the agent follows.
+struct Nginx {
+    master: Child,
+    address: SocketAddr,
+    _scratch: Scratch,
+}
+
+impl Nginx {
+    fn start() -> Self {
+        let scratch = Scratch::new("nginx");
+        let root = scratch.0.join("html");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("static.bin"), vec![b'x'; 64 * 1024]).unwrap();
+        // Workers run as nobody: the tree must be readable.
+        for path in [&scratch.0, &root] {
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = scratch.0.display();
+        let config = format!(
+            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 100000;\n\
+               client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+               fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n\
+               scgi_temp_path {dir}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {dir}/html;\n  }}\n}}\n"
+        );
+        let config_path = scratch.0.join("nginx.conf");
+        std::fs::write(&config_path, config).unwrap();
+        let master = Command::new("nginx")
+            .arg("-c")
+            .arg(&config_path)
+            .arg("-p")
+            .arg(&scratch.0)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nginx is installed (scripts/setup.sh installs nginx-light)");
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(address).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            master,
+            address,
+            _scratch: scratch,
+        }
+    }
+
+    fn worker_pid(&self) -> u32 {
+        let pid = self.master.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        let workers: Vec<u32> = children
+            .split_whitespace()
+            .map(|pid| pid.parse().unwrap())
+            .collect();
+        assert_eq!(workers.len(), 1, "one nginx worker: {workers:?}");
+        workers[0]
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: graceful stop of master and workers.
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.master.id().to_string()])
+            .status();
+        let _ = self.master.wait();
+    }
+}
+
+/// nginx as a real workload: every response of its worker counted, keep-alive and new
+/// connections alike; its client (our load generator) measured on the client side with the
+/// right peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_with_sendfile_counts_every_request() {
+    if !require_ebpf_privileges("nginx_with_sendfile_counts_every_request") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), true).await;
+    let nginx = Nginx::start();
+    let worker = nginx.worker_pid();
+    let kept = run_client(
+        nginx.address,
+        &[
+            "--path",
+            "/static.bin",
+            "--requests",
+            "400",
+            "--concurrency",
+            "2",
+        ],
+    )
+    .await;
+    let fresh = run_client(
+        nginx.address,
+        &[
+            "--path",
+            "/static.bin",
+            "--requests",
+            "100",
+            "--new-connection",
+        ],
+    )
+    .await;
+    capture.settle().await;
+    for report in [&kept, &fresh] {
+        assert_eq!((report.ok, report.failures), (report.sent, 0), "{report:?}");
+    }
+    let served = capture.windows(worker, Direction::Server);
+    assert_eq!(
+        capture.count(worker, Direction::Server),
+        kept.ok + fresh.ok,
+        "nginx worker {worker}: {served:?}"
+    );
+    for window in &served {
+        assert_eq!(window.source.as_ref().unwrap().process_name, "nginx");
+        assert_eq!(stats(window).error_count, 0);
+        assert_eq!(window.route, "/static.bin");
+    }
+    for report in [&kept, &fresh] {
+        let made = capture.windows(report.pid, Direction::Client);
+        assert_eq!(capture.count(report.pid, Direction::Client), report.ok);
+        for window in &made {
+            let peer = window.peer.as_ref().unwrap();
+            assert_eq!(
+                (peer.address.as_str(), peer.port),
+                ("127.0.0.1", u32::from(nginx.address.port()))
+            );
+        }
+    }
+}
+
+/// Outbound: a client process's requests, timed from its request write to the read that
+/// brought the status line, attributed to it with the server as peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_requests_are_timed_at_the_client() {
+    if !require_ebpf_privileges("outbound_requests_are_timed_at_the_client") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), true).await;
+    let scratch = Scratch::new("outbound");
+    let server = TimedServer::start(&scratch, "outbound", &["--delay", "10ms"]);
+    let report = run_client(
+        server.server.address,
+        &["--path", "/orders/42", "--requests", "50"],
+    )
+    .await;
+    capture.settle().await;
+    assert_eq!(report.ok, 50, "{report:?}");
+    let made = capture.windows(report.pid, Direction::Client);
+    assert_eq!(capture.count(report.pid, Direction::Client), 50, "{made:?}");
+    assert!(min_nanos(&made) >= 10 * MS, "{made:?}");
+    for window in &made {
+        let peer = window.peer.as_ref().unwrap();
+        assert_eq!(peer.address, "127.0.0.1");
+        assert_eq!(peer.port, u32::from(server.server.address.port()));
+        assert_eq!(window.route, "/orders/{id}");
+        assert_eq!(
+            window.source.as_ref().unwrap().process_name,
+            "trazor-sample-c"
+        );
+    }
+    // The client waits at least as long as the server works, per request and in total.
+    let served = capture.windows(server.pid(), Direction::Server);
+    assert_eq!(capture.count(server.pid(), Direction::Server), 50);
+    let sum = |windows: &[LatencyWindow]| windows.iter().map(|w| stats(w).sum_nanos).sum::<u64>();
+    assert!(
+        sum(&made) >= sum(&served),
+        "client {made:?} server {served:?}"
+    );
+    let truth = server.true_latencies();
+    let true_min = truth.iter().map(|(latency, _)| *latency).min().unwrap();
+    assert!(min_nanos(&made) + 100_000 >= true_min);
+}
+
+/// ≥ 10 000 short connections, so fds are reused thousands of times on both sides: every
+/// request counted once on each side, and no duration longer than any request really took
+/// (a stale start carried over to a reused fd would show up as one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_reuse_over_ten_thousand_connections_counts_exactly() {
+    if !require_ebpf_privileges("fd_reuse_over_ten_thousand_connections_counts_exactly") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), true).await;
+    let scratch = Scratch::new("fd-reuse");
+    let server = TimedServer::start(&scratch, "fd-reuse", &["--delay", "1ms"]);
+    let started = Instant::now();
+    let report = run_client(
+        server.server.address,
+        &[
+            "--requests",
+            "10000",
+            "--concurrency",
+            "8",
+            "--new-connection",
+        ],
+    )
+    .await;
+    eprintln!(
+        "fd reuse: {report:?} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    capture.settle().await;
+    assert_eq!((report.ok, report.failures), (10_000, 0), "{report:?}");
+    let served = capture.windows(server.pid(), Direction::Server);
+    assert_eq!(capture.count(server.pid(), Direction::Server), 10_000);
+    assert_eq!(capture.count(report.pid, Direction::Client), 10_000);
+    let truth = server.true_latencies();
+    assert_eq!(truth.len(), 10_000);
+    let true_max = truth.iter().map(|(latency, _)| *latency).max().unwrap();
+    assert_within(
+        "fd reuse max",
+        max_nanos(&served),
+        true_max,
+        SINGLE_REQUEST_SLACK_NANOS,
+    );
+    assert!(min_nanos(&served) >= MS, "{served:?}");
+    let mut sorted: Vec<u64> = truth.iter().map(|(latency, _)| *latency).collect();
+    sorted.sort_unstable();
+    let histogram = merged(&served);
+    for quantile in [0.5, 0.99] {
+        assert_accurate(
+            &format!("fd reuse merged p{}", quantile * 100.0),
+            histogram.quantile(quantile).unwrap() as u64,
+            true_quantile(&sorted, quantile),
+        );
+    }
+}
+
+/// 1 s windows closing while 8 connections keep requests in flight for 4 s: the windows'
+/// counts add up to exactly the responses the load generator got, on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_rotating_under_load_lose_nothing() {
+    if !require_ebpf_privileges("windows_rotating_under_load_lose_nothing") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), true).await;
+    let server = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "1ms"]).unwrap();
+    let report = run_client(server.address, &["--duration", "4s", "--concurrency", "8"]).await;
+    capture.settle().await;
+    eprintln!(
+        "rotation: {report:?}, {:.0} req/s",
+        report.responses as f64 / report.elapsed_secs
+    );
+    assert_eq!((report.failures, report.ok), (0, report.sent), "{report:?}");
+    let served = capture.windows(server.pid(), Direction::Server);
+    assert!(served.len() >= 4, "several windows: {}", served.len());
+    let counts: HashMap<u64, u64> = served
+        .iter()
+        .map(|w| (w.start_unix_nanos, stats(w).count))
+        .collect();
+    assert_eq!(
+        capture.count(server.pid(), Direction::Server),
+        report.ok,
+        "per window: {counts:?}"
+    );
+    assert_eq!(capture.count(report.pid, Direction::Client), report.ok);
+}
