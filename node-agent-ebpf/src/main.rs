@@ -92,6 +92,10 @@ struct ConnectionKey {
 struct Connection {
     /// `bpf_ktime_get_ns` when the current request started; 0 when idle.
     request_start_nanos: u64,
+    /// Server side: when the read that started the last request returned. Requests
+    /// pipelined behind it arrived in that read (or just after), so a status line written
+    /// on an idle connection answers one of them and is timed from here. 0: none pending.
+    batch_start_nanos: u64,
     peer_addr: u32,
     route: u32,
     peer_port: u16,
@@ -292,6 +296,7 @@ fn start_request(connection: *mut Connection, bytes: &[u8; PEEK_LEN], data: u64,
     connection.path_len = len as u8;
     connection.method = method;
     connection.request_start_nanos = start;
+    connection.batch_start_nanos = start;
 }
 
 fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
@@ -318,6 +323,7 @@ fn track_connection(fd: u32, direction: Direction, peer_addr: u32, peer_port: u1
     }
     let idle = Connection {
         request_start_nanos: 0,
+        batch_start_nanos: 0,
         peer_addr,
         route: 0,
         peer_port,
@@ -457,9 +463,7 @@ fn try_read_exit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
-    if ret(ctx)? < 4 {
-        return Ok(());
-    }
+    let returned = ret(ctx)?;
     let key = ConnectionKey {
         tgid: (thread >> 32) as u32,
         fd: in_flight.fd,
@@ -467,6 +471,15 @@ fn try_read_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
         return Ok(());
     };
+    if returned == 0 {
+        // End of stream: nothing more was pipelined.
+        // SAFETY: a valid map value pointer for the duration of this program.
+        unsafe { (*connection).batch_start_nanos = 0 };
+        return Ok(());
+    }
+    if returned < 4 {
+        return Ok(());
+    }
     let (bytes, data) = peek(in_flight.shape, in_flight.buffer)?;
     // SAFETY: a valid map value pointer for the duration of this program.
     let direction = unsafe { (*connection).direction };
@@ -508,7 +521,9 @@ fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i3
         }
         return Ok(());
     }
-    if !busy {
+    // SAFETY: a valid map value pointer for the duration of this program.
+    let batch_start = unsafe { (*connection).batch_start_nanos };
+    if !busy && batch_start == 0 {
         return Ok(());
     }
     let buffer = arg(ctx, 1)?;
@@ -519,6 +534,15 @@ fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i3
     };
     if is_interim(status) {
         return Ok(());
+    }
+    if !busy {
+        // A response on an idle connection answers a pipelined request read with the last
+        // batch. A 408 is a server timing out an idle connection: not an answer.
+        if status == 408 {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        unsafe { (*connection).request_start_nanos = batch_start };
     }
     let in_flight = SyscallInFlight {
         fd,
