@@ -91,7 +91,11 @@ impl KernelCapture {
         check_privileges()?;
         ensure_tracefs(tracefs)?;
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trazor")))
+        // No kernel BTF: the programs read tracepoint records at fixed offsets and need no
+        // CO-RE relocation, and parsing vmlinux BTF would double the agent's peak memory.
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(None)
+            .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trazor")))
             .map_err(|error| Error::Load(Box::new(error)))?;
         for &name in TRACEPOINTS {
             let program: &mut TracePoint = ebpf
