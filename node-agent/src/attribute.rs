@@ -39,6 +39,9 @@ pub struct SourceResolver {
     cgroup_root: Option<PathBuf>,
     cgroup_paths: HashMap<u64, String>,
     pods: Option<PodDirectory>,
+    /// Names the kernel reported with events, for processes gone from /proc by the time
+    /// their window closes.
+    reported_names: HashMap<u32, String>,
 }
 
 impl SourceResolver {
@@ -48,6 +51,7 @@ impl SourceResolver {
             cgroup_root,
             cgroup_paths: HashMap::new(),
             pods: None,
+            reported_names: HashMap::new(),
         }
     }
 
@@ -57,16 +61,32 @@ impl SourceResolver {
         self
     }
 
+    /// Remembers the name the kernel saw for `tgid` (used if /proc no longer has it).
+    pub fn remember_process_name(&mut self, tgid: u32, comm: &[u8]) {
+        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+        if end > 0 {
+            if self.reported_names.len() >= 65_536 {
+                self.reported_names.clear();
+            }
+            self.reported_names
+                .insert(tgid, String::from_utf8_lossy(&comm[..end]).into_owned());
+        }
+    }
+
     /// The source of requests counted under `cgroup_id` in process `tgid`.
     pub fn resolve(&mut self, cgroup_id: u64, tgid: u32) -> Source {
         let cgroup_path = self.cgroup_path(cgroup_id);
         let pod = self.pod_of(&cgroup_path);
+        let mut name = process_name(tgid);
+        if name.is_empty() {
+            name = self.reported_names.get(&tgid).cloned().unwrap_or_default();
+        }
         Source {
             node_name: self.node_name.clone(),
             cgroup_id,
             cgroup_path,
             pid: tgid,
-            process_name: process_name(tgid),
+            process_name: name,
             pod,
         }
     }

@@ -95,6 +95,7 @@ impl WindowBuilder {
             if event.flags & event_flag::NEW_SERIES != 0 {
                 let len = usize::from(event.path_len).min(PATH_LEN);
                 routes.learn(event.series.route, &event.path[..len]);
+                resolver.remember_process_name(event.series.tgid, &event.comm);
             }
         }
         let mut report = BuildReport::default();
@@ -338,6 +339,7 @@ mod tests {
             flags,
             path_len: path.len() as u8,
             path: bytes,
+            comm: *b"server\0\0\0\0\0\0\0\0\0\0",
         }
     }
 

@@ -246,6 +246,9 @@ pub struct RequestEvent {
     /// Valid bytes in `path`.
     pub path_len: u8,
     pub path: [u8; PATH_LEN],
+    /// Name of the thread (`comm`), so a process that exits before its window closes is
+    /// still named.
+    pub comm: [u8; 16],
 }
 
 /// FNV-1a over a request path with its all-digit segments replaced by `{id}`, so
@@ -422,7 +425,7 @@ mod tests {
         assert_eq!(size_of::<AgentSettings>(), 40);
         assert_eq!(
             size_of::<RequestEvent>(),
-            32 + 8 + 8 + 4 + 2 + 1 + 1 + PATH_LEN
+            32 + 8 + 8 + 4 + 2 + 1 + 1 + PATH_LEN + 16
         );
     }
 
