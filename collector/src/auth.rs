@@ -4,6 +4,8 @@
 //! In a cluster the token comes from a Kubernetes Secret mounted as a file
 //! (`--token-file`); locally it can come from the `TRAZOR_TOKEN` environment variable.
 //! Without a token the collector accepts every stream (and says so at start).
+//!
+//! [`ServerTls`] adds TLS to the gRPC port, and mutual TLS when given a client CA.
 
 use std::{
     path::Path,
@@ -13,6 +15,52 @@ use std::{
 use tonic::{Request, Status, service::Interceptor};
 
 use crate::{Error, Result, stats::CollectorStats};
+
+/// TLS for the gRPC port: the collector's certificate and key (PEM), and with
+/// `client_ca_pem` mutual TLS: only agents with a certificate signed by that CA connect.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        formatter
+            .debug_struct("ServerTls")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Reads the PEM files named by the flags.
+    pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| Error::TokenFile {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Ok(Self {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: client_ca.map(read).transpose()?,
+        })
+    }
+
+    pub(crate) fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
 
 /// The environment variable holding the token when no file is given.
 pub const TOKEN_ENV: &str = "TRAZOR_TOKEN";
@@ -125,7 +173,12 @@ mod tests {
         let stats = Arc::new(CollectorStats::default());
         let mut auth = BearerAuth::new(Some("s3cret"), stats.clone());
         assert!(auth.call(request(Some("Bearer s3cret"))).is_ok());
-        for bad in [None, Some("Bearer s3cre"), Some("s3cret"), Some("Bearer s3cret2")] {
+        for bad in [
+            None,
+            Some("Bearer s3cre"),
+            Some("s3cret"),
+            Some("Bearer s3cret2"),
+        ] {
             let status = auth.call(request(bad)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }

@@ -14,7 +14,7 @@ pub enum Error {
         server: &'static str,
         reason: String,
     },
-    #[error("cannot read the token file {} ({source}); check --token-file", path.display())]
+    #[error("cannot read {} ({source}); check --token-file and the --tls-* flags", path.display())]
     TokenFile {
         path: PathBuf,
         source: std::io::Error,

@@ -47,7 +47,8 @@ impl FeedItem {
                 let Some(pending) = &self.window else {
                     return Arc::from("{}");
                 };
-                let mut view = WindowView::new(&pending.agent_id, &pending.boot_id, &pending.window);
+                let mut view =
+                    WindowView::new(&pending.agent_id, &pending.boot_id, &pending.window);
                 view.late = pending.late;
                 match serde_json::to_string(&view) {
                     Ok(json) => json.into(),
@@ -203,7 +204,10 @@ mod tests {
         }
         let (history, _) = feed.subscribe(usize::MAX);
         assert_eq!(
-            history.iter().map(|s| s.json().to_string()).collect::<Vec<_>>(),
+            history
+                .iter()
+                .map(|s| s.json().to_string())
+                .collect::<Vec<_>>(),
             ["1", "2"]
         );
         let (limited, _) = feed.subscribe(1);

@@ -86,7 +86,9 @@ impl LatencyIngest for IngestService {
             return Err(self.reject(&peer, "AgentHello needs a non-empty agent_id and boot_id"));
         }
         let lease = self.limits.open_stream(&hello.agent_id).map_err(|open| {
-            self.stats.streams_over_limit.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .streams_over_limit
+                .fetch_add(1, Ordering::Relaxed);
             let reason = format!(
                 "agent {:?} already has {open} streams open, the limit is {}; an agent needs one \
                  (is another agent using the same --agent-id?)",
@@ -133,27 +135,26 @@ impl IngestService {
     /// Turns a decoding failure into the status the agent should see, and counts it.
     fn classify(&self, peer: &str, agent: &str, status: Status) -> Status {
         let message = status.message().to_owned();
-        let (counter, status) = if status.code() == Code::OutOfRange
-            || message.contains("message length too large")
-        {
-            (
-                &self.stats.messages_oversized,
-                Status::resource_exhausted(format!(
-                    "message over the collector's size limit: {message}"
-                )),
-            )
-        } else if status.code() == Code::Internal || status.code() == Code::InvalidArgument {
-            (
-                &self.stats.messages_malformed,
-                Status::invalid_argument(format!(
-                    "malformed or truncated message, not a trazor.v1.AgentMessage: {message}"
-                )),
-            )
-        } else {
-            // Cancelled, transport errors: the agent went away, not bad input.
-            tracing::info!(%peer, agent, "agent stream ended: {message}");
-            return status;
-        };
+        let (counter, status) =
+            if status.code() == Code::OutOfRange || message.contains("message length too large") {
+                (
+                    &self.stats.messages_oversized,
+                    Status::resource_exhausted(format!(
+                        "message over the collector's size limit: {message}"
+                    )),
+                )
+            } else if status.code() == Code::Internal || status.code() == Code::InvalidArgument {
+                (
+                    &self.stats.messages_malformed,
+                    Status::invalid_argument(format!(
+                        "malformed or truncated message, not a trazor.v1.AgentMessage: {message}"
+                    )),
+                )
+            } else {
+                // Cancelled, transport errors: the agent went away, not bad input.
+                tracing::info!(%peer, agent, "agent stream ended: {message}");
+                return status;
+            };
         counter.fetch_add(1, Ordering::Relaxed);
         self.stats.streams_rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, agent, "rejected an agent stream: {}", status.message());

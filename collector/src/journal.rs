@@ -171,9 +171,11 @@ fn decode_record(payload: &[u8], replay: &mut Replay) -> bool {
         },
         MARK => match rest.first_chunk::<8>() {
             Some(highest) => {
-                replay
-                    .marks
-                    .push((agent.to_owned(), boot.to_owned(), u64::from_le_bytes(*highest)));
+                replay.marks.push((
+                    agent.to_owned(),
+                    boot.to_owned(),
+                    u64::from_le_bytes(*highest),
+                ));
                 true
             }
             None => false,
@@ -226,7 +228,12 @@ impl Journal {
 
     /// Records accepted windows of (agent, boot): returns once they are written (and
     /// synced, with `fsync`).
-    pub fn append(&self, agent: &str, boot: &str, windows: &[LatencyWindow]) -> std::io::Result<()> {
+    pub fn append(
+        &self,
+        agent: &str,
+        boot: &str,
+        windows: &[LatencyWindow],
+    ) -> std::io::Result<()> {
         if windows.is_empty() {
             return Ok(());
         }
@@ -290,7 +297,8 @@ mod tests {
     use super::*;
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("trazor-journal-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("trazor-journal-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
@@ -332,7 +340,10 @@ mod tests {
         journal.append("a", "b", &[window(3)]).unwrap();
         drop(journal);
         let (_, replay) = Journal::open(config(&dir)).unwrap();
-        assert_eq!(replay.truncated, 0, "the tail was cut, later appends are intact");
+        assert_eq!(
+            replay.truncated, 0,
+            "the tail was cut, later appends are intact"
+        );
         assert_eq!(replay.windows.len(), 3);
         let _ = std::fs::remove_dir_all(&dir);
     }

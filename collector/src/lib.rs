@@ -73,6 +73,8 @@ pub struct CollectorConfig {
     pub state_max_bytes: u64,
     /// Sync the journal to disk before every ack.
     pub state_fsync: bool,
+    /// TLS (and mTLS) on the gRPC port; `None`: plaintext.
+    pub tls: Option<auth::ServerTls>,
 }
 
 impl Default for CollectorConfig {
@@ -91,6 +93,7 @@ impl Default for CollectorConfig {
             state_dir: None,
             state_max_bytes: 256 * 1024 * 1024,
             state_fsync: false,
+            tls: None,
         }
     }
 }
@@ -165,13 +168,19 @@ impl BoundCollector {
                     continue;
                 }
                 // Aggregates already closed were published before the restart.
-                let merged = now <= window.end_unix_nanos.saturating_add(config.late_grace.as_nanos() as u64);
+                let merged = now
+                    <= window
+                        .end_unix_nanos
+                        .saturating_add(config.late_grace.as_nanos() as u64);
                 if merged {
                     service.merger.accept(&window, now);
                 }
-                service
-                    .feed
-                    .publish_window(&agent.as_str().into(), &boot.as_str().into(), window, false);
+                service.feed.publish_window(
+                    &agent.as_str().into(),
+                    &boot.as_str().into(),
+                    window,
+                    false,
+                );
             }
             tracing::info!(
                 state_dir = %dir.display(), windows, agents = service.dedup.len(),
@@ -204,11 +213,19 @@ impl BoundCollector {
     pub async fn serve(self) -> Result<()> {
         let auth = BearerAuth::new(self.config.token.as_deref(), self.service.stats.clone());
         if self.config.token.is_none() {
-            tracing::warn!("no token configured: accepting every agent (set --token-file or TRAZOR_TOKEN)");
+            tracing::warn!(
+                "no token configured: accepting every agent (set --token-file or TRAZOR_TOKEN)"
+            );
         }
         let ingest = LatencyIngestServer::new(self.service.clone())
             .max_decoding_message_size(self.config.max_message_bytes);
-        let grpc = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.config.tls {
+            builder = builder
+                .tls_config(tls.server_config())
+                .map_err(|error| Error::Config(format!("TLS settings: {error}")))?;
+        }
+        let grpc = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(InterceptedService::new(ingest, auth))
@@ -255,7 +272,8 @@ impl BoundCollector {
 /// Closes aggregates whose grace period is over and publishes them, every quarter grace
 /// (at least every 100 ms, at most every second).
 async fn publish_aggregates(service: IngestService) {
-    let period = (service.merger.grace() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let period =
+        (service.merger.grace() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -3,7 +3,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use trazor_collector::{
-    BoundCollector, CollectorConfig, MAX_MESSAGE_BYTES, auth::load_token,
+    BoundCollector, CollectorConfig, MAX_MESSAGE_BYTES,
+    auth::{ServerTls, load_token},
     limits::AgentLimitConfig,
 };
 
@@ -52,6 +53,15 @@ struct Flags {
     /// fsync the journal before each ack (survives a node crash, not just a process crash).
     #[arg(long)]
     state_fsync: bool,
+    /// TLS certificate (PEM) for the gRPC port; with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the gRPC port; with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that agents' client certificates must be signed by: mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log filter, e.g. `info` or `trazor_collector=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
     log: String,
@@ -74,6 +84,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match (&flags.tls_cert, &flags.tls_key) {
+        (Some(cert), Some(key)) => {
+            match ServerTls::from_files(cert, key, flags.tls_client_ca.as_deref()) {
+                Ok(tls) => Some(tls),
+                Err(error) => {
+                    eprintln!("trazor-collector: error: {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
     let config = CollectorConfig {
         grpc_listen: flags.grpc_listen,
         http_listen: flags.http_listen,
@@ -89,6 +111,7 @@ async fn main() -> ExitCode {
         state_dir: flags.state_dir,
         state_max_bytes: flags.state_max_bytes,
         state_fsync: flags.state_fsync,
+        tls,
     };
     let collector = match BoundCollector::bind(&config).await {
         Ok(collector) => collector,

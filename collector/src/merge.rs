@@ -1,5 +1,5 @@
-//! Merge: windows of the same workload (or pod, or process name when there is no pod) and
-//! the same wall-clock window, from every agent, added into one aggregate.
+//! Merge: windows of the same workload (or pod, or process name when there is no pod),
+//! route, direction and wall-clock window, from every agent, added into one aggregate.
 //!
 //! The merge is exact: counts, errors, sums and status classes add, min and max take the
 //! extremes, and the histograms add bucket by bucket ([`ExponentialHistogram::merge`]), so
@@ -95,7 +95,11 @@ impl Subject {
                 (0u8, &pod.namespace, &pod.workload_kind, &pod.workload_name).hash(hasher);
             }
             Some(pod) => (1u8, &pod.namespace, &pod.name).hash(hasher),
-            None => (2u8, source.map_or("", |source| source.process_name.as_str())).hash(hasher),
+            None => (
+                2u8,
+                source.map_or("", |source| source.process_name.as_str()),
+            )
+                .hash(hasher),
         }
     }
 }
@@ -128,6 +132,8 @@ pub struct Aggregate {
     pub subject: Subject,
     pub direction: i32,
     pub profile: String,
+    /// Route template; windows of different routes are separate aggregates.
+    pub route: String,
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
     /// Windows merged in.
@@ -151,6 +157,7 @@ impl Aggregate {
             subject: Subject::of(window),
             direction: window.direction,
             profile: window.profile.clone(),
+            route: window.route.clone(),
             start_unix_nanos: window.start_unix_nanos,
             end_unix_nanos: window.end_unix_nanos,
             windows: 0,
@@ -171,6 +178,7 @@ impl Aggregate {
             && self.end_unix_nanos == window.end_unix_nanos
             && self.direction == window.direction
             && self.profile == window.profile
+            && self.route == window.route
             && self.subject.matches(window)
     }
 
@@ -186,7 +194,8 @@ impl Aggregate {
                 self.max_nanos = self.max_nanos.max(stats.max_nanos);
             }
             for quantile in &stats.quantiles {
-                if !self.quantiles.contains(&quantile.quantile) {
+                // Bounded: a quantile list is a handful; garbage input must not grow it.
+                if self.quantiles.len() < 16 && !self.quantiles.contains(&quantile.quantile) {
                     self.quantiles.push(quantile.quantile);
                 }
             }
@@ -228,6 +237,7 @@ impl Aggregate {
             subject: self.subject.clone(),
             direction: crate::view::direction_name(self.direction),
             profile: self.profile.clone(),
+            route: self.route.clone(),
             start_unix_ms: self.start_unix_nanos / 1_000_000,
             end_unix_ms: self.end_unix_nanos / 1_000_000,
             windows: self.windows,
@@ -255,6 +265,7 @@ pub struct AggregateView {
     pub subject: Subject,
     pub direction: &'static str,
     pub profile: String,
+    pub route: String,
     pub start_unix_ms: u64,
     pub end_unix_ms: u64,
     pub windows: u64,
@@ -304,6 +315,7 @@ impl WindowMerger {
             window.end_unix_nanos,
             window.direction,
             &window.profile,
+            &window.route,
         )
             .hash(&mut hasher);
         hasher.finish()
@@ -325,7 +337,10 @@ impl WindowMerger {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let bucket = open.entry(key).or_default();
-        match bucket.iter_mut().find(|aggregate| aggregate.matches(window)) {
+        match bucket
+            .iter_mut()
+            .find(|aggregate| aggregate.matches(window))
+        {
             Some(aggregate) => aggregate.add(window),
             None => {
                 let mut aggregate = Aggregate::new(window);
@@ -380,9 +395,11 @@ mod tests {
     const SECOND: u64 = 1_000_000_000;
 
     fn window(pod: &str, workload: &str, latencies: &[(i32, u64)]) -> LatencyWindow {
-        let histogram =
-            ExponentialHistogram::from_sparse(6, &latencies.iter().copied().collect::<BTreeMap<_, _>>())
-                .unwrap();
+        let histogram = ExponentialHistogram::from_sparse(
+            6,
+            &latencies.iter().copied().collect::<BTreeMap<_, _>>(),
+        )
+        .unwrap();
         let count = histogram.total();
         LatencyWindow {
             sequence: 1,
@@ -437,7 +454,10 @@ mod tests {
                 matches!(&aggregate.subject, Subject::Workload { workload_name, .. } if workload_name == "checkout")
             })
             .unwrap();
-        assert_eq!((checkout.windows, checkout.count, checkout.error_count), (2, 10, 2));
+        assert_eq!(
+            (checkout.windows, checkout.count, checkout.error_count),
+            (2, 10, 2)
+        );
         let mut expected = a.histogram.clone().unwrap();
         expected.merge(b.histogram.as_ref().unwrap()).unwrap();
         assert_eq!(checkout.histogram, expected);

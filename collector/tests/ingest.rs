@@ -57,6 +57,8 @@ fn window(sequence: u64, count: u64) -> AgentMessage {
                 process_name: "svc".into(),
                 ..Default::default()
             }),
+            start_unix_nanos: 1_700_000_000_000_000_000,
+            end_unix_nanos: 1_700_000_010_000_000_000,
             stats: Some(LatencyStats {
                 count,
                 ..Default::default()
@@ -162,4 +164,123 @@ async fn an_address_in_use_is_a_clear_error() {
     .expect("the port is taken");
     let message = error.to_string();
     assert!(message.contains("--grpc-listen"), "{message}");
+}
+
+/// Two agents report the same workload's window; after the grace period the feed carries
+/// one aggregate whose histogram is the exact sum, and a window arriving after that is
+/// published alone, marked late, and counted.
+#[tokio::test]
+async fn windows_from_two_agents_merge_exactly_and_late_ones_are_counted() {
+    use trazor_proto::v1::{ExponentialHistogram, PodIdentity};
+    let collector = BoundCollector::bind(&CollectorConfig {
+        late_grace: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grpc = format!("http://{}", collector.grpc_addr());
+    let http = collector.http_addr();
+    let stats = collector.stats();
+    tokio::spawn(collector.serve());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    // The window ends at the next second: not late on arrival, closes 300 ms after.
+    let end = (now / 1_000_000_000 + 1) * 1_000_000_000;
+    let pod_window = |pod: &str, buckets: &[(i32, u64)]| {
+        let histogram =
+            ExponentialHistogram::from_sparse(6, &buckets.iter().copied().collect()).unwrap();
+        AgentMessage {
+            kind: Some(agent_message::Kind::Window(LatencyWindow {
+                sequence: 1,
+                source: Some(Source {
+                    pod: Some(PodIdentity {
+                        namespace: "shop".into(),
+                        name: pod.into(),
+                        workload_kind: "Deployment".into(),
+                        workload_name: "checkout".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                start_unix_nanos: end - 1_000_000_000,
+                end_unix_nanos: end,
+                stats: Some(LatencyStats {
+                    count: histogram.total(),
+                    ..Default::default()
+                }),
+                histogram: Some(histogram),
+                ..Default::default()
+            })),
+        }
+    };
+    let (mut feed, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for (agent, pod, buckets) in [
+        ("agent-a", "checkout-1", vec![(1_400, 3), (1_500, 1)]),
+        ("agent-b", "checkout-2", vec![(1_450, 2), (1_500, 4)]),
+    ] {
+        let mut client = LatencyIngestClient::connect(grpc.clone()).await.unwrap();
+        let (sender, receiver) = mpsc::channel(4);
+        sender.send(hello(agent)).await.unwrap();
+        let mut acks = client
+            .stream(ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+        sender.send(pod_window(pod, &buckets)).await.unwrap();
+        acks.message().await.unwrap().unwrap();
+        streams.push((sender, acks));
+    }
+    let aggregate = loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("the aggregate is published after the grace period");
+        let Some(Ok(Message::Text(text))) = message else {
+            panic!("feed closed");
+        };
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if json["type"] == "aggregate" {
+            break json;
+        }
+    };
+    assert_eq!(aggregate["subject"]["workload_name"], "checkout");
+    assert_eq!(aggregate["windows"], 2);
+    assert_eq!(aggregate["count"], 10);
+    let counts: Vec<u64> = aggregate["histogram"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(aggregate["histogram"]["offset"], 1_400);
+    assert_eq!((counts[0], counts[50], counts[100]), (3, 2, 5));
+    assert_eq!(counts.iter().sum::<u64>(), 10);
+
+    // A third pod's window for the same period, after the aggregate closed: late.
+    let (sender, acks) = &mut streams[0];
+    let mut late = pod_window("checkout-3", &[(1_400, 1)]);
+    if let Some(agent_message::Kind::Window(window)) = &mut late.kind {
+        window.sequence = 2;
+    }
+    sender.send(late).await.unwrap();
+    acks.message().await.unwrap().unwrap();
+    let late_json = loop {
+        let Some(Ok(Message::Text(text))) = feed.next().await else {
+            panic!("feed closed");
+        };
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if json["type"] == "window" && json["sequence"] == 2 {
+            break json;
+        }
+    };
+    assert_eq!(late_json["late"], true);
+    assert!(
+        stats
+            .render()
+            .contains("trazor_collector_windows_late_total 1")
+    );
 }

@@ -68,14 +68,14 @@ impl Drop for PodCgroup {
     }
 }
 
-fn profile_document(app: &str) -> String {
+fn profile_document(app: &str, window_seconds: u32) -> String {
     json!({
         "version": 1,
         "profiles": [{
             "namespace": "shop",
             "name": app,
             "matchLabels": {"app": app},
-            "windowSeconds": 1,
+            "windowSeconds": window_seconds,
             "percentiles": [0.5, 0.99],
         }]
     })
@@ -163,7 +163,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
     std::fs::create_dir_all(&work).unwrap();
     let config_file = work.join("agent-config.json");
     let pods_file = work.join("pods.json");
-    replace_file(&config_file, &profile_document("checkout"));
+    replace_file(&config_file, &profile_document("checkout", 1));
     replace_file(
         &pods_file,
         &json!([
@@ -239,8 +239,8 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
             .ends_with(&format!("cri-containerd-{container_a}.scope"))
     );
 
-    // Reload: select inventory instead, under the running agent.
-    replace_file(&config_file, &profile_document("inventory"));
+    // Reload: select inventory instead, with 2 s windows, under the running agent.
+    replace_file(&config_file, &profile_document("inventory", 2));
     let deadline = Instant::now() + Duration::from_secs(10);
     while agent.config_generation.load(Ordering::Relaxed) < 2 {
         assert!(
@@ -282,6 +282,11 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
         .find(|w| w["pod"]["name"] == "inventory-7c4b9d6f8-k9k2m")
         .unwrap();
     assert_eq!(inventory["profile"], "shop/inventory");
+    assert_eq!(
+        inventory["end_unix_ms"].as_u64().unwrap() - inventory["start_unix_ms"].as_u64().unwrap(),
+        2_000,
+        "the new window length applies"
+    );
     // No window lost across the reload: this agent's sequences are 1..=n without a gap.
     let sequences: BTreeSet<u64> = windows
         .iter()

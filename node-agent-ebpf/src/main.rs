@@ -623,20 +623,10 @@ fn finish_request(connection: *mut Connection, tgid: u32, status: u16) -> Result
         _pad: [0; 3],
     };
     let mut flags = 0u8;
-    match SERIES.get_ptr_mut(&series) {
-        Some(totals) => {
-            // SAFETY: this CPU's slot of a per-CPU value; programs do not migrate.
-            let totals = unsafe { &mut *totals };
-            // Another CPU may have created the key, leaving this CPU's slot zeroed.
-            if totals.count == 0 || latency < totals.min_nanos {
-                totals.min_nanos = latency;
-            }
-            if latency > totals.max_nanos {
-                totals.max_nanos = latency;
-            }
-            totals.count += 1;
-            totals.sum_nanos += latency;
-        }
+    // Creating a key races with other CPUs counting the same series: an insert that loses
+    // (EEXIST) falls back to this CPU's slot of the key the winner created.
+    let existing = match SERIES.get_ptr_mut(&series) {
+        Some(totals) => Some(totals),
         None => {
             let first = SeriesTotals {
                 count: 1,
@@ -644,12 +634,29 @@ fn finish_request(connection: *mut Connection, tgid: u32, status: u16) -> Result
                 min_nanos: latency,
                 max_nanos: latency,
             };
-            if SERIES.insert(&series, &first, BPF_NOEXIST as u64).is_err() {
+            if SERIES.insert(&series, &first, BPF_NOEXIST as u64).is_ok() {
+                flags |= event_flag::NEW_SERIES;
+                None
+            } else if let Some(totals) = SERIES.get_ptr_mut(&series) {
+                Some(totals)
+            } else {
                 count_drop(drop_reason::SERIES_TABLE_FULL);
                 return Ok(());
             }
-            flags |= event_flag::NEW_SERIES;
         }
+    };
+    if let Some(totals) = existing {
+        // SAFETY: this CPU's slot of a per-CPU value; programs do not migrate.
+        let totals = unsafe { &mut *totals };
+        // Another CPU may have created the key, leaving this CPU's slot zeroed.
+        if totals.count == 0 || latency < totals.min_nanos {
+            totals.min_nanos = latency;
+        }
+        if latency > totals.max_nanos {
+            totals.max_nanos = latency;
+        }
+        totals.count += 1;
+        totals.sum_nanos += latency;
     }
     let bucket = BucketKey {
         series,
@@ -661,7 +668,11 @@ fn finish_request(connection: *mut Connection, tgid: u32, status: u16) -> Result
         Some(count) => unsafe { *count += 1 },
         None => {
             if HISTOGRAM.insert(&bucket, &1, BPF_NOEXIST as u64).is_err() {
-                count_drop(drop_reason::HISTOGRAM_TABLE_FULL);
+                match HISTOGRAM.get_ptr_mut(&bucket) {
+                    // SAFETY: as above; another CPU created the key first.
+                    Some(count) => unsafe { *count += 1 },
+                    None => count_drop(drop_reason::HISTOGRAM_TABLE_FULL),
+                }
             }
         }
     }

@@ -25,7 +25,11 @@ use crate::{
     pods::{PodDirectory, PodSource, follow},
     route::{RouteNamer, RouteTemplate},
     select::{Selection, pod_cgroups, profile_settings, select},
-    ship::{Outbox, ShipperStats, collector_endpoint, deliver},
+    ship::{
+        Delivery, Outbox, ShipperStats, TransportConfig, collector_endpoint, deliver, open_outbox,
+        with_tls,
+    },
+    telemetry::AgentTelemetry,
     window::WindowBuilder,
 };
 
@@ -74,6 +78,8 @@ pub struct AgentConfig {
     pub max_series_per_source: usize,
     /// Select what to trace from TraceProfiles and pods instead of the settings above.
     pub profiles: Option<ProfileSource>,
+    /// Auth, spool and self-metrics of the delivery path (see `ship`).
+    pub transport: TransportConfig,
 }
 
 /// Where profile-driven selection comes from (Kubernetes mode, or a local equivalent).
@@ -109,6 +115,7 @@ impl AgentConfig {
             route_templates: Vec::new(),
             max_series_per_source: 200,
             profiles: None,
+            transport: TransportConfig::default(),
         }
     }
 }
@@ -165,6 +172,10 @@ pub struct RunningAgent {
     pub outbox: Arc<Outbox>,
     /// Configurations applied so far (1 after start with profiles; +1 per reload).
     pub config_generation: Arc<AtomicU64>,
+    /// What `/metrics` and `/readyz` report.
+    pub telemetry: Arc<AgentTelemetry>,
+    /// Where `/metrics` is served, when it is.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -188,7 +199,10 @@ impl RunningAgent {
 /// Loads the programs (errors come back here, before anything runs) and starts the loops.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
     config.validate()?;
-    let endpoint = collector_endpoint(&config.collector)?;
+    let endpoint = with_tls(
+        collector_endpoint(&config.collector)?,
+        config.transport.tls.as_ref(),
+    )?;
     let cgroup_root = cgroup2_mount();
     let cgroups = resolve_cgroups(&config.select_cgroups, cgroup_root.as_deref())?;
     let profiles = match &config.profiles {
@@ -198,19 +212,33 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
     let capture = KernelCapture::load(&config.tracefs)?;
 
     let stats = Arc::new(ShipperStats::default());
-    let outbox = Arc::new(Outbox::new(config.buffer_windows, stats.clone()));
+    let (outbox, boot_id) = open_outbox(
+        config.buffer_windows,
+        stats.clone(),
+        config.transport.spool.as_ref(),
+    )?;
+    let telemetry = Arc::new(AgentTelemetry::new(outbox.clone()));
     let hello = AgentHello {
         node_name: config.node_name.clone(),
         agent_id: config.agent_id.clone(),
-        boot_id: boot_id(),
+        boot_id,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         capabilities: vec!["http1-server".to_owned(), "http1-client".to_owned()],
     };
     let mut tasks = vec![tokio::spawn(deliver(
-        endpoint,
-        hello.clone(),
+        Delivery {
+            endpoint,
+            hello: hello.clone(),
+            token: config.transport.token.clone(),
+        },
         outbox.clone(),
     ))];
+    let mut metrics_addr = None;
+    if let Some(address) = config.transport.metrics_listen {
+        let (bound, server) = crate::telemetry::bind(address, telemetry.clone()).await?;
+        metrics_addr = Some(bound);
+        tasks.push(tokio::spawn(server));
+    }
     let pods = PodDirectory::default();
     let (pods_changed_sender, pods_changed) = watch::channel(0u64);
     let mut resolver = SourceResolver::new(config.node_name.clone(), cgroup_root.clone());
@@ -251,6 +279,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         events_dropped: 0,
         requests_over_cap: 0,
         reported_drops: Vec::new(),
+        telemetry: telemetry.clone(),
+        open_window: unix_nanos() / config.window.as_nanos(),
     };
     match (profiles, &config.profiles) {
         (Some(document), Some(source)) => {
@@ -276,10 +306,13 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         "eBPF programs attached; measuring HTTP/1.x requests"
     );
     tasks.push(tokio::spawn(windows.run()));
+    telemetry.set_attached(true);
     Ok(RunningAgent {
         stats,
         outbox,
         config_generation,
+        telemetry,
+        metrics_addr,
         tasks,
     })
 }
@@ -355,11 +388,13 @@ struct WindowLoop {
     events_dropped: u64,
     requests_over_cap: u64,
     reported_drops: Vec<u64>,
+    telemetry: Arc<AgentTelemetry>,
+    /// Number of the window being counted now, in the current window length.
+    open_window: u128,
 }
 
 impl WindowLoop {
     async fn run(mut self) {
-        let mut open_window = unix_nanos() / self.builder.window().as_nanos();
         let mut since_config_check = Duration::ZERO;
         loop {
             tokio::time::sleep(EVENT_POLL).await;
@@ -378,11 +413,11 @@ impl WindowLoop {
             // Close when the boundary plus the grace has passed.
             let window_nanos = self.builder.window().as_nanos();
             let now = unix_nanos().saturating_sub(DRAIN_GRACE.as_nanos());
-            if now / window_nanos <= open_window {
+            if now / window_nanos <= self.open_window {
                 continue;
             }
-            open_window = now / window_nanos;
-            self.close_windows_before(open_window as u32);
+            self.open_window = now / window_nanos;
+            self.close_windows_before(self.open_window as u32);
         }
     }
 
@@ -462,6 +497,7 @@ impl WindowLoop {
     fn report_kernel_drops(&mut self) {
         match self.capture.drop_counts() {
             Ok(drops) => {
+                self.telemetry.set_kernel_drops(drops.clone());
                 let counts: Vec<u64> = drops.iter().map(|(_, count)| *count).collect();
                 if counts != self.reported_drops {
                     for (reason, count) in &drops {
@@ -532,6 +568,7 @@ impl WindowLoop {
                 // the old length first (the current window closes early; nothing is lost).
                 self.close_windows_before(u32::MAX);
                 self.builder = WindowBuilder::new(new.window, new.quantiles.clone());
+                self.open_window = unix_nanos() / new.window.as_nanos();
             } else {
                 self.builder = WindowBuilder::new(new.window, new.quantiles.clone());
             }
@@ -593,11 +630,6 @@ fn unix_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_nanos())
-}
-
-/// A fresh random id per process start: sequences restart at 1 under it.
-fn boot_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ pub mod pods;
 pub mod route;
 pub mod select;
 pub mod ship;
+pub mod spool;
+pub mod telemetry;
 pub mod window;
 
 pub use agent::{AgentConfig, RunningAgent, start};

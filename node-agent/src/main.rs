@@ -74,6 +74,33 @@ struct Flags {
     /// Namespace of --config-map (the agent's own, from the downward API).
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: Option<String>,
+    /// File holding the bearer token for the collector (e.g. a mounted Secret). Without
+    /// it, the TRAZOR_TOKEN environment variable; without either, no token is sent.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Keep unacknowledged windows on disk here too, so a restart resends them instead of
+    /// losing them (a hostPath in Kubernetes). Without it the outbox is in memory only.
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Size limit of the spool in bytes; past it the oldest segment is deleted (counted).
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    spool_max_bytes: u64,
+    /// CA (PEM) that signed the collector's certificate: TLS to the collector (use an
+    /// https:// --collector address).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM) for mutual TLS; with --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This agent's private key (PEM) for mutual TLS; with --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name the collector's certificate must carry (default: the --collector host).
+    #[arg(long, requires = "tls_ca")]
+    tls_domain: Option<String>,
+    /// Address for the agent's own /metrics, /healthz and /readyz; "off" to not serve them.
+    #[arg(long, default_value = "0.0.0.0:9464")]
+    metrics_listen: String,
     /// Log filter, e.g. `info` or `trazor_node_agent=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
     log: String,
@@ -117,6 +144,44 @@ async fn main() -> ExitCode {
     config.sample_rate = flags.sample_rate;
     config.route_templates = flags.route_templates;
     config.max_series_per_source = flags.max_series;
+    config.transport.token = match trazor_node_agent::ship::load_token(flags.token_file.as_deref())
+    {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("trazor-node-agent: error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    config.transport.spool = flags
+        .spool_dir
+        .map(|dir| trazor_node_agent::spool::SpoolConfig {
+            dir,
+            max_bytes: flags.spool_max_bytes,
+        });
+    if let Some(ca) = &flags.tls_ca {
+        let identity = flags.tls_cert.as_deref().zip(flags.tls_key.as_deref());
+        match trazor_node_agent::ship::ClientTls::from_files(ca, identity, flags.tls_domain.clone())
+        {
+            Ok(tls) => config.transport.tls = Some(tls),
+            Err(error) => {
+                eprintln!("trazor-node-agent: error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    config.transport.metrics_listen = match flags.metrics_listen.as_str() {
+        "off" | "" => None,
+        address => match address.parse() {
+            Ok(address) => Some(address),
+            Err(error) => {
+                eprintln!(
+                    "trazor-node-agent: error: --metrics-listen {address:?} is not an address \
+                     ({error}); use e.g. 0.0.0.0:9464, or off"
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     config.profiles = match (flags.mode, flags.config, flags.pods_file) {
         (Mode::Standalone, None, None) => None,
         (Mode::Standalone, Some(config_file), Some(pods_file)) => Some(ProfileSource {

@@ -4,6 +4,11 @@
 //! collector acknowledges them. After a reconnect every unacknowledged window is sent again;
 //! the collector drops the duplicates by (agent id, boot id, sequence). When the buffer is
 //! full the oldest window is dropped and counted: the agent never blocks the kernel side.
+//!
+//! With a [`Spool`] the outbox is also on disk: windows are written (and synced) there as
+//! they close, so an agent restart resends what the collector had not acknowledged, under
+//! the same boot id and sequence numbers, and the collector's dedup still recognises them.
+//! The stream carries `authorization: Bearer <token>` when the agent has a token.
 
 use std::{
     collections::VecDeque,
@@ -14,16 +19,23 @@ use std::{
     time::Duration,
 };
 
+use futures::FutureExt as _;
 use rand::Rng as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
 use trazor_proto::v1::{
     AgentHello, AgentMessage, CollectorMessage, LatencyWindow, agent_message, collector_message,
     latency_ingest_client::LatencyIngestClient,
 };
 
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    spool::{Recovered, Spool, SpoolConfig},
+};
 
 /// Counters of the delivery path; exported by the agent.
 #[derive(Debug, Default)]
@@ -40,8 +52,18 @@ pub struct ShipperStats {
     pub windows_dropped: AtomicU64,
     /// Streams opened after the first.
     pub reconnects: AtomicU64,
+    /// Streams that ended in an error (refused, cut, collector gone).
+    pub stream_failures: AtomicU64,
     /// Whether a stream is open now.
     pub connected: AtomicBool,
+    /// Windows recovered from the spool at start (not yet acknowledged before a restart).
+    pub spool_recovered: AtomicU64,
+    /// Torn or corrupt spool records found at start (each ended its segment there).
+    pub spool_truncated: AtomicU64,
+    /// Windows whose spool segment was deleted, unacknowledged, because the spool was full.
+    pub spool_dropped: AtomicU64,
+    /// Spool writes that failed (the windows stay in memory).
+    pub spool_errors: AtomicU64,
 }
 
 /// Bounded buffer of windows not yet acknowledged by the collector.
@@ -50,6 +72,7 @@ pub struct Outbox {
     state: Mutex<OutboxState>,
     changed: Notify,
     stats: Arc<ShipperStats>,
+    spool: Option<Mutex<Spool>>,
 }
 
 #[derive(Debug)]
@@ -71,7 +94,53 @@ impl Outbox {
             }),
             changed: Notify::new(),
             stats,
+            spool: None,
         }
+    }
+
+    /// An outbox backed by `spool`, holding what the spool recovered: sequences continue
+    /// after the highest one spooled.
+    pub fn with_spool(
+        capacity: usize,
+        stats: Arc<ShipperStats>,
+        spool: Spool,
+        recovered: Recovered,
+    ) -> Self {
+        let mut outbox = Self::new(capacity, stats);
+        let mut unacked: VecDeque<LatencyWindow> = recovered.windows.into();
+        let capacity = outbox.state().capacity;
+        while unacked.len() > capacity {
+            unacked.pop_front();
+            outbox.stats.windows_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        outbox
+            .stats
+            .spool_recovered
+            .store(unacked.len() as u64, Ordering::Relaxed);
+        {
+            let state = outbox
+                .state
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.next_sequence = recovered.next_sequence;
+            state.acked_through = recovered.acked_through;
+            state.unacked = unacked;
+        }
+        outbox.spool = Some(Mutex::new(spool));
+        outbox
+    }
+
+    fn spool(&self) -> Option<std::sync::MutexGuard<'_, Spool>> {
+        self.spool.as_ref().map(|spool| {
+            spool
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        })
+    }
+
+    /// The counters this outbox updates.
+    pub fn stats(&self) -> &Arc<ShipperStats> {
+        &self.stats
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, OutboxState> {
@@ -88,9 +157,20 @@ impl Outbox {
             return;
         }
         let mut state = self.state();
-        for mut window in windows {
+        let mut windows = windows;
+        for window in &mut windows {
             window.sequence = state.next_sequence;
             state.next_sequence += 1;
+        }
+        // Synced to disk before the windows can be sent, so an acknowledged window is
+        // always one the spool had (or never needed).
+        if let Some(mut spool) = self.spool()
+            && let Err(error) = spool.append(&windows)
+        {
+            self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, "writing closed windows to the spool failed; they are kept in memory only");
+        }
+        for window in windows {
             if state.unacked.len() >= state.capacity {
                 state.unacked.pop_front();
                 self.stats.windows_dropped.fetch_add(1, Ordering::Relaxed);
@@ -117,6 +197,13 @@ impl Outbox {
             state.unacked.pop_front();
             self.stats.windows_acked.fetch_add(1, Ordering::Relaxed);
         }
+        drop(state);
+        if let Some(mut spool) = self.spool()
+            && let Err(error) = spool.ack(sequence)
+        {
+            self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, "recording an ack in the spool failed");
+        }
     }
 
     /// Windows waiting for an acknowledgement.
@@ -132,19 +219,182 @@ impl Outbox {
         self.state().capacity
     }
 
-    fn acked_through(&self) -> u64 {
+    /// Highest sequence the collector acknowledged.
+    pub fn acked_through(&self) -> u64 {
         self.state().acked_through
     }
 
-    /// Copies of the queued windows with a sequence above `sequence`.
-    fn after(&self, sequence: u64) -> Vec<LatencyWindow> {
-        self.state()
-            .unacked
-            .iter()
-            .filter(|window| window.sequence > sequence)
-            .cloned()
-            .collect()
+    /// Sequence the next closed window will get.
+    pub fn next_sequence(&self) -> u64 {
+        self.state().next_sequence
     }
+
+    /// Copies of the queued windows with a sequence above `sequence`.
+    #[cfg(test)]
+    fn after(&self, sequence: u64) -> Vec<LatencyWindow> {
+        self.after_at_most(sequence, usize::MAX)
+    }
+
+    /// Copies of at most `limit` queued windows with a sequence above `sequence`, in order.
+    fn after_at_most(&self, sequence: u64, limit: usize) -> Vec<LatencyWindow> {
+        let state = self.state();
+        let first = state
+            .unacked
+            .partition_point(|window| window.sequence <= sequence);
+        state.unacked.range(first..).take(limit).cloned().collect()
+    }
+}
+
+/// Delivery settings beyond the collector address: auth, spool, self-metrics.
+#[derive(Clone, Debug, Default)]
+pub struct TransportConfig {
+    /// Bearer token presented to the collector (`--token-file` or `TRAZOR_TOKEN`).
+    pub token: Option<String>,
+    /// On-disk outbox, so a restart loses nothing already closed.
+    pub spool: Option<SpoolConfig>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// TLS to the collector (use an `https://` address), with a client certificate for
+    /// mutual TLS.
+    pub tls: Option<ClientTls>,
+}
+
+/// PEM material for TLS to the collector.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// CA that signed the collector's certificate.
+    pub ca_pem: Vec<u8>,
+    /// This agent's certificate and key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to verify the collector's certificate against (default: the address's host).
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        formatter
+            .debug_struct("ClientTls")
+            .field("mutual", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Reads the PEM files named by the flags.
+    pub fn from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+        domain: Option<String>,
+    ) -> Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| Error::Io {
+                what: format!("reading {} (check the --tls-* flags)", path.display()),
+                source,
+            })
+        };
+        Ok(Self {
+            ca_pem: read(ca)?,
+            identity: match identity {
+                Some((cert, key)) => Some((read(cert)?, read(key)?)),
+                None => None,
+            },
+            domain,
+        })
+    }
+}
+
+/// `endpoint` with TLS when `tls` is set.
+pub fn with_tls(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let Some(tls) = tls else {
+        return Ok(endpoint);
+    };
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    if let Some(domain) = &tls.domain {
+        config = config.domain_name(domain.clone());
+    }
+    endpoint
+        .tls_config(config)
+        .map_err(|error| Error::Config(format!("TLS settings for the collector: {error}")))
+}
+
+/// The environment variable holding the token when no file is given.
+pub const TOKEN_ENV: &str = "TRAZOR_TOKEN";
+
+/// Reads the token from `file` (trimmed), else from `TRAZOR_TOKEN`; `None` when neither is
+/// set.
+pub fn load_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    let token = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| Error::Io {
+                    what: format!(
+                        "reading the token file {} (check --token-file)",
+                        path.display()
+                    ),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var(TOKEN_ENV)
+            .ok()
+            .map(|token| token.trim().to_owned()),
+    };
+    match token {
+        Some(token) if token.is_empty() => Err(Error::Config(format!(
+            "the token is empty; put the collector's token in the file (or {TOKEN_ENV})"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// The outbox, on disk when `spool` is set, and the boot id its sequences belong to: the
+/// spool's (kept across restarts), else a fresh one.
+pub fn open_outbox(
+    capacity: usize,
+    stats: Arc<ShipperStats>,
+    spool: Option<&SpoolConfig>,
+) -> Result<(Arc<Outbox>, String)> {
+    let Some(config) = spool else {
+        return Ok((
+            Arc::new(Outbox::new(capacity, stats)),
+            format!("{:032x}", rand::random::<u128>()),
+        ));
+    };
+    let (spool, recovered) = Spool::open(config, stats.clone()).map_err(|source| Error::Io {
+        what: format!(
+            "opening the spool {} (check --spool-dir)",
+            config.dir.display()
+        ),
+        source,
+    })?;
+    let boot_id = recovered.boot_id.clone();
+    if !recovered.windows.is_empty() {
+        tracing::info!(
+            windows = recovered.windows.len(),
+            boot_id = %boot_id,
+            "resending windows the collector had not acknowledged before the restart"
+        );
+    }
+    Ok((
+        Arc::new(Outbox::with_spool(capacity, stats, spool, recovered)),
+        boot_id,
+    ))
+}
+
+/// Where and how to deliver.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub endpoint: Endpoint,
+    pub hello: AgentHello,
+    /// Sent as `authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 /// Validates a collector address, e.g. `http://127.0.0.1:50051`.
@@ -167,7 +417,23 @@ pub fn collector_endpoint(address: &str) -> Result<Endpoint> {
 }
 
 /// Keeps a stream to the collector open and feeds it from the outbox, forever.
-pub async fn deliver(endpoint: Endpoint, hello: AgentHello, outbox: Arc<Outbox>) {
+pub async fn deliver(delivery: Delivery, outbox: Arc<Outbox>) {
+    let Delivery {
+        endpoint,
+        hello,
+        token,
+    } = delivery;
+    let authorization = match token
+        .as_deref()
+        .map(|token| format!("Bearer {token}").parse())
+    {
+        Some(Ok(value)) => Some(value),
+        Some(Err(_)) => {
+            tracing::error!("the token has characters not allowed in a header; sending none");
+            None
+        }
+        None => None,
+    };
     let stats = outbox.stats.clone();
     let address = endpoint.uri().to_string();
     let mut highest_sent = 0u64;
@@ -175,14 +441,21 @@ pub async fn deliver(endpoint: Endpoint, hello: AgentHello, outbox: Arc<Outbox>)
     let mut delay = Duration::from_millis(100);
     let mut first_stream = true;
     loop {
-        let result = stream_windows(&endpoint, &hello, &outbox, &mut highest_sent, || {
-            if !first_stream {
-                stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            }
-            first_stream = false;
-            stats.connected.store(true, Ordering::Relaxed);
-            tracing::info!(collector = %address, "streaming windows to the collector");
-        })
+        let result = stream_windows(
+            &endpoint,
+            &hello,
+            authorization.as_ref(),
+            &outbox,
+            &mut highest_sent,
+            || {
+                if !first_stream {
+                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                first_stream = false;
+                stats.connected.store(true, Ordering::Relaxed);
+                tracing::info!(collector = %address, "streaming windows to the collector");
+            },
+        )
         .await;
         let was_connected = stats.connected.swap(false, Ordering::Relaxed);
         if was_connected {
@@ -190,6 +463,7 @@ pub async fn deliver(endpoint: Endpoint, hello: AgentHello, outbox: Arc<Outbox>)
             delay = Duration::from_millis(100);
         }
         failures += 1;
+        stats.stream_failures.fetch_add(1, Ordering::Relaxed);
         let message = match result {
             Ok(()) => "the collector closed the stream".to_owned(),
             Err(error) => error,
@@ -210,10 +484,16 @@ pub async fn deliver(endpoint: Endpoint, hello: AgentHello, outbox: Arc<Outbox>)
     }
 }
 
+/// Windows cloned from the outbox per refill of a stream's send queue.
+const SEND_CHUNK: usize = 256;
+
 /// One stream's life: hello, every unacknowledged window, then new ones as they close.
+/// Sending and reading acks interleave, so a large backlog is acknowledged (and freed) while
+/// it is still being sent.
 async fn stream_windows(
     endpoint: &Endpoint,
     hello: &AgentHello,
+    authorization: Option<&MetadataValue<tonic::metadata::Ascii>>,
     outbox: &Outbox,
     highest_sent: &mut u64,
     on_open: impl FnOnce(),
@@ -222,8 +502,17 @@ async fn stream_windows(
         .connect()
         .await
         .map_err(|error| format!("connecting failed: {}", error_chain(&error)))?;
-    let mut client = LatencyIngestClient::new(channel);
-    let (sender, receiver) = mpsc::channel::<AgentMessage>(256);
+    let authorization = authorization.cloned();
+    let mut client =
+        LatencyIngestClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            if let Some(value) = &authorization {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+            }
+            Ok(request)
+        });
+    let (sender, receiver) = mpsc::channel::<AgentMessage>(SEND_CHUNK);
     sender
         .send(AgentMessage {
             kind: Some(agent_message::Kind::Hello(hello.clone())),
@@ -233,28 +522,45 @@ async fn stream_windows(
     let mut inbound = client
         .stream(ReceiverStream::new(receiver))
         .await
-        .map_err(|status| format!("the collector refused the stream: {}", status.message()))?
+        .map_err(|status| {
+            format!(
+                "the collector refused the stream ({:?}): {}",
+                status.code(),
+                status.message()
+            )
+        })?
         .into_inner();
     on_open();
     let stats = &outbox.stats;
     let mut sent_through = outbox.acked_through();
+    // The collector acks at once what it already holds of this boot: skip resending it.
+    if let Some(Ok(Some(CollectorMessage {
+        kind: Some(collector_message::Kind::Ack(ack)),
+    }))) = inbound.message().now_or_never()
+    {
+        outbox.ack(ack.acked_through);
+        sent_through = sent_through.max(outbox.acked_through());
+    }
+    let mut pending: VecDeque<LatencyWindow> = VecDeque::new();
     loop {
-        for window in outbox.after(sent_through) {
-            sent_through = window.sequence;
-            if window.sequence <= *highest_sent {
-                stats.windows_resent.fetch_add(1, Ordering::Relaxed);
-            }
-            *highest_sent = (*highest_sent).max(window.sequence);
-            sender
-                .send(AgentMessage {
-                    kind: Some(agent_message::Kind::Window(window)),
-                })
-                .await
-                .map_err(|_| "the stream ended while sending".to_owned())?;
-            stats.windows_sent.fetch_add(1, Ordering::Relaxed);
+        if pending.is_empty() {
+            pending = outbox.after_at_most(sent_through, SEND_CHUNK).into();
         }
         tokio::select! {
-            () = outbox.changed.notified() => {}
+            permit = sender.reserve(), if !pending.is_empty() => {
+                let permit = permit.map_err(|_| "the stream ended while sending".to_owned())?;
+                let Some(window) = pending.pop_front() else { continue };
+                sent_through = window.sequence;
+                if window.sequence <= *highest_sent {
+                    stats.windows_resent.fetch_add(1, Ordering::Relaxed);
+                }
+                *highest_sent = (*highest_sent).max(window.sequence);
+                permit.send(AgentMessage {
+                    kind: Some(agent_message::Kind::Window(window)),
+                });
+                stats.windows_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            () = outbox.changed.notified(), if pending.is_empty() => {}
             message = inbound.message() => match message {
                 Ok(Some(CollectorMessage { kind: Some(collector_message::Kind::Ack(ack)) })) => {
                     outbox.ack(ack.acked_through);
@@ -263,7 +569,9 @@ async fn stream_windows(
                     tracing::debug!("ignoring a collector message of a kind this agent does not know");
                 }
                 Ok(None) => return Ok(()),
-                Err(status) => return Err(format!("stream failed: {}", status.message())),
+                Err(status) => {
+                    return Err(format!("stream failed ({:?}): {}", status.code(), status.message()));
+                }
             },
         }
     }

@@ -99,7 +99,10 @@ impl ExponentialHistogram {
         }
         self.bucket_counts.resize(width, 0);
         let shift = (other_start - start) as usize;
-        for (into, &count) in self.bucket_counts[shift..].iter_mut().zip(&other.bucket_counts) {
+        for (into, &count) in self.bucket_counts[shift..]
+            .iter_mut()
+            .zip(&other.bucket_counts)
+        {
             *into = into.saturating_add(count);
         }
         Ok(())
@@ -180,7 +183,11 @@ mod tests {
             bucket_counts: vec![1],
         };
         assert!(matches!(a.merge(&far), Err(HistogramError::TooWide(_))));
-        assert_eq!(a.total(), 16, "a refused merge leaves the histogram as it was");
+        assert_eq!(
+            a.total(),
+            16,
+            "a refused merge leaves the histogram as it was"
+        );
     }
 
     #[test]

@@ -1,0 +1,234 @@
+//! The agent's own telemetry: Prometheus `/metrics`, `/healthz` and `/readyz` on
+//! `--metrics-listen`. Every metric is declared in [`AgentTelemetry::render`], so names
+//! live in one place.
+//!
+//! `/healthz` answers while the process serves. `/readyz` answers 200 once the eBPF
+//! programs are attached and a stream to the collector is open, 503 otherwise (with the
+//! reason), so a DaemonSet rollout shows agents that measure but cannot deliver.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use axum::{Router, http::StatusCode, routing::get};
+use tokio::net::TcpListener;
+
+use crate::{Error, Result, ship::Outbox};
+
+/// Shared between the agent's loops and the metrics server.
+#[derive(Debug)]
+pub struct AgentTelemetry {
+    outbox: Arc<Outbox>,
+    kernel_drops: Mutex<Vec<(&'static str, u64)>>,
+    attached: AtomicBool,
+}
+
+impl AgentTelemetry {
+    pub fn new(outbox: Arc<Outbox>) -> Self {
+        Self {
+            outbox,
+            kernel_drops: Mutex::new(Vec::new()),
+            attached: AtomicBool::new(false),
+        }
+    }
+
+    /// The kernel's cumulative drop counters by reason, as `KernelCapture::drop_counts`
+    /// returns them; call after each drain.
+    pub fn set_kernel_drops(&self, drops: Vec<(&'static str, u64)>) {
+        *self
+            .kernel_drops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = drops;
+    }
+
+    /// The eBPF programs are attached (or detached).
+    pub fn set_attached(&self, attached: bool) {
+        self.attached.store(attached, Ordering::Relaxed);
+    }
+
+    /// Why the agent is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.attached.load(Ordering::Relaxed) {
+            Some("eBPF programs not attached")
+        } else if !self.outbox.stats().connected.load(Ordering::Relaxed) {
+            Some("no stream to the collector")
+        } else {
+            None
+        }
+    }
+
+    /// Prometheus exposition text.
+    pub fn render(&self) -> String {
+        let stats = self.outbox.stats();
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        let metrics: [(&str, &str, &str, u64); 15] = [
+            (
+                "trazor_agent_windows_closed_total",
+                "counter",
+                "Windows closed and queued for the collector.",
+                load(&stats.windows_closed),
+            ),
+            (
+                "trazor_agent_windows_sent_total",
+                "counter",
+                "Window messages written to a stream, resends included.",
+                load(&stats.windows_sent),
+            ),
+            (
+                "trazor_agent_windows_resent_total",
+                "counter",
+                "Windows sent again after a reconnect.",
+                load(&stats.windows_resent),
+            ),
+            (
+                "trazor_agent_windows_acked_total",
+                "counter",
+                "Windows the collector acknowledged.",
+                load(&stats.windows_acked),
+            ),
+            (
+                "trazor_agent_windows_dropped_total",
+                "counter",
+                "Windows dropped unacknowledged because the outbox was full (oldest first).",
+                load(&stats.windows_dropped),
+            ),
+            (
+                "trazor_agent_queue_depth",
+                "gauge",
+                "Windows waiting for an acknowledgement.",
+                self.outbox.len() as u64,
+            ),
+            (
+                "trazor_agent_queue_capacity",
+                "gauge",
+                "Windows the outbox holds before dropping the oldest.",
+                self.outbox.capacity() as u64,
+            ),
+            (
+                "trazor_agent_reconnects_total",
+                "counter",
+                "Streams to the collector opened after the first.",
+                load(&stats.reconnects),
+            ),
+            (
+                "trazor_agent_stream_failures_total",
+                "counter",
+                "Streams that failed or could not be opened.",
+                load(&stats.stream_failures),
+            ),
+            (
+                "trazor_agent_connected",
+                "gauge",
+                "1 while a stream to the collector is open.",
+                u64::from(stats.connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "trazor_agent_spool_recovered",
+                "gauge",
+                "Unacknowledged windows read back from the spool at start.",
+                load(&stats.spool_recovered),
+            ),
+            (
+                "trazor_agent_spool_truncated_total",
+                "counter",
+                "Torn or corrupt spool records truncated at start.",
+                load(&stats.spool_truncated),
+            ),
+            (
+                "trazor_agent_spool_dropped_total",
+                "counter",
+                "Unacknowledged windows deleted from a full spool.",
+                load(&stats.spool_dropped),
+            ),
+            (
+                "trazor_agent_spool_errors_total",
+                "counter",
+                "Spool writes that failed.",
+                load(&stats.spool_errors),
+            ),
+            (
+                "trazor_agent_ebpf_attached",
+                "gauge",
+                "1 once the eBPF programs are attached.",
+                u64::from(self.attached.load(Ordering::Relaxed)),
+            ),
+        ];
+        let mut text = String::new();
+        for (name, kind, help, value) in metrics {
+            let _ = writeln!(text, "# HELP {name} {help}");
+            let _ = writeln!(text, "# TYPE {name} {kind}");
+            let _ = writeln!(text, "{name} {value}");
+        }
+        let drops = self
+            .kernel_drops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let name = "trazor_agent_kernel_drops_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Events the eBPF programs could not record, by reason (from the kernel's maps)."
+        );
+        let _ = writeln!(text, "# TYPE {name} counter");
+        for (reason, count) in drops {
+            let _ = writeln!(text, "{name}{{reason=\"{reason}\"}} {count}");
+        }
+        text
+    }
+}
+
+/// Binds the metrics address (so a bad flag fails at start) and returns the server to run.
+pub async fn bind(
+    address: SocketAddr,
+    telemetry: Arc<AgentTelemetry>,
+) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static)> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Io {
+            what: format!(
+                "listening for /metrics on {address} (pick a free address with --metrics-listen)"
+            ),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| Error::Io {
+        what: "reading the metrics address".into(),
+        source,
+    })?;
+    let metrics = telemetry.clone();
+    let ready = telemetry;
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let reason = ready.not_ready();
+                async move {
+                    match reason {
+                        None => (StatusCode::OK, "ready\n".to_owned()),
+                        Some(reason) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {reason}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.render();
+                async move { text }
+            }),
+        );
+    let server = async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "the metrics server failed");
+        }
+    };
+    Ok((local, server))
+}
