@@ -26,8 +26,8 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet},
         core::v1::{
-            Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
-            EnvVarSource, HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PodSpec,
+            Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+            EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PodSpec,
             PodTemplateSpec, ResourceRequirements, SecretKeySelector, SecurityContext, Toleration,
             Volume, VolumeMount,
         },
@@ -44,6 +44,11 @@ use trazor_proto::agent_config::CONFIG_KEY;
 /// Name of the node-agent DaemonSet.
 pub const DAEMONSET_NAME: &str = "trazor-node-agent";
 /// Name of the ConfigMap holding the rendered [`trazor_proto::agent_config::NodeAgentConfig`].
+/// Node directory for the agent's spool (hostPath), so a restarted agent resends what it
+/// had closed.
+pub const SPOOL_DIR: &str = "/var/lib/trazor";
+/// The agent's `/metrics`, `/healthz`, `/readyz` port (its `--metrics-listen` default).
+pub const AGENT_METRICS_PORT: i32 = 9464;
 pub const CONFIG_MAP_NAME: &str = "trazor-node-agent-config";
 /// Where the ConfigMap is mounted in the agent container.
 pub const CONFIG_DIR: &str = "/etc/trazor";
@@ -237,7 +242,15 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
             settings.collector.clone(),
             "--config".to_owned(),
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+            // Closed windows survive an agent restart (same boot id, same sequences).
+            "--spool-dir".to_owned(),
+            format!("{SPOOL_DIR}/spool"),
         ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".to_owned()),
+            container_port: AGENT_METRICS_PORT,
+            ..ContainerPort::default()
+        }]),
         env: Some(env),
         security_context: Some(security_context),
         resources: Some(ResourceRequirements {
@@ -253,8 +266,8 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
         volume_mounts: Some(vec![
             mount("tracefs", "/sys/kernel/tracing", true),
             mount("cgroup", "/sys/fs/cgroup", true),
-            mount("btf", "/sys/kernel/btf", true),
             mount("config", CONFIG_DIR, true),
+            mount("spool", SPOOL_DIR, false),
             // The root filesystem is read-only; the agent may need scratch space.
             mount("tmp", "/tmp", false),
         ]),
@@ -302,7 +315,15 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
                     volumes: Some(vec![
                         host_path("tracefs", "/sys/kernel/tracing"),
                         host_path("cgroup", "/sys/fs/cgroup"),
-                        host_path("btf", "/sys/kernel/btf"),
+                        // No BTF mount: the programs need no CO-RE relocation.
+                        Volume {
+                            name: "spool".to_owned(),
+                            host_path: Some(HostPathVolumeSource {
+                                path: SPOOL_DIR.to_owned(),
+                                type_: Some("DirectoryOrCreate".to_owned()),
+                            }),
+                            ..Volume::default()
+                        },
                         Volume {
                             name: "config".to_owned(),
                             config_map: Some(ConfigMapVolumeSource {
@@ -396,7 +417,6 @@ mod tests {
         for (name, path) in [
             ("tracefs", "/sys/kernel/tracing"),
             ("cgroup", "/sys/fs/cgroup"),
-            ("btf", "/sys/kernel/btf"),
             ("config", "/etc/trazor"),
         ] {
             assert!(
@@ -426,9 +446,23 @@ mod tests {
                 "--collector",
                 "http://trazor-collector.trazor-system:50051",
                 "--config",
-                "/etc/trazor/agent-config.json"
+                "/etc/trazor/agent-config.json",
+                "--spool-dir",
+                "/var/lib/trazor/spool"
             ]
         );
+        assert!(
+            container
+                .volume_mounts
+                .clone()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == "spool"
+                    && m.mount_path == "/var/lib/trazor"
+                    && m.read_only == Some(false)),
+            "the spool is on the node, writable"
+        );
+        assert_eq!(container.ports.clone().unwrap()[0].container_port, 9464);
         let env = container.env.clone().unwrap();
         let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
         assert_eq!(
