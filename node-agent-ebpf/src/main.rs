@@ -199,6 +199,26 @@ fn traced(direction: Direction) -> bool {
     unsafe { TRACED_CGROUPS.get(&cgroup_id) }.is_some()
 }
 
+/// Remembers a syscall's arguments, by thread, until its exit.
+#[inline(always)]
+fn remember_syscall(in_flight: &SyscallInFlight) {
+    if SYSCALLS_IN_FLIGHT
+        .insert(&bpf_get_current_pid_tgid(), in_flight, 0)
+        .is_err()
+    {
+        count_drop(drop_reason::SYSCALL_TABLE_FULL);
+    }
+}
+
+/// Takes back what `thread`'s syscall entry remembered, if anything.
+#[inline(always)]
+fn take_syscall(thread: u64) -> Option<SyscallInFlight> {
+    // SAFETY: copied out before the entry is removed.
+    let in_flight = unsafe { SYSCALLS_IN_FLIGHT.get(&thread) }.copied()?;
+    let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
+    Some(in_flight)
+}
+
 /// The address of the first user buffer a syscall reads into or writes from.
 #[inline(always)]
 fn first_buffer(shape: u8, buffer: u64) -> Result<u64, i32> {
@@ -369,22 +389,15 @@ fn try_connect_enter(ctx: &TracePointContext) -> Result<(), i32> {
         port,
         _pad2: [0; 6],
     };
-    if SYSCALLS_IN_FLIGHT
-        .insert(&bpf_get_current_pid_tgid(), &in_flight, 0)
-        .is_err()
-    {
-        count_drop(drop_reason::SYSCALL_TABLE_FULL);
-    }
+    remember_syscall(&in_flight);
     Ok(())
 }
 
 fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let thread = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(in_flight) = (unsafe { SYSCALLS_IN_FLIGHT.get(&thread) }).copied() else {
+    let Some(in_flight) = take_syscall(thread) else {
         return Ok(());
     };
-    let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
     let result = ret(ctx)?;
     if result == 0 || result == -EINPROGRESS {
         track_connection(
@@ -447,22 +460,15 @@ fn try_read_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i32
         port: 0,
         _pad2: [0; 6],
     };
-    if SYSCALLS_IN_FLIGHT
-        .insert(&bpf_get_current_pid_tgid(), &in_flight, 0)
-        .is_err()
-    {
-        count_drop(drop_reason::SYSCALL_TABLE_FULL);
-    }
+    remember_syscall(&in_flight);
     Ok(())
 }
 
 fn try_read_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let thread = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(in_flight) = (unsafe { SYSCALLS_IN_FLIGHT.get(&thread) }).copied() else {
+    let Some(in_flight) = take_syscall(thread) else {
         return Ok(());
     };
-    let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
     let returned = ret(ctx)?;
     let key = ConnectionKey {
         tgid: (thread >> 32) as u32,
@@ -553,22 +559,15 @@ fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i3
         port: 0,
         _pad2: [0; 6],
     };
-    if SYSCALLS_IN_FLIGHT
-        .insert(&bpf_get_current_pid_tgid(), &in_flight, 0)
-        .is_err()
-    {
-        count_drop(drop_reason::SYSCALL_TABLE_FULL);
-    }
+    remember_syscall(&in_flight);
     Ok(())
 }
 
 fn try_write_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let thread = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(in_flight) = (unsafe { SYSCALLS_IN_FLIGHT.get(&thread) }).copied() else {
+    let Some(in_flight) = take_syscall(thread) else {
         return Ok(());
     };
-    let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
     if in_flight.status == 0 || ret(ctx)? <= 0 {
         return Ok(());
     }
