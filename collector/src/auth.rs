@@ -62,34 +62,8 @@ impl ServerTls {
     }
 }
 
-/// The environment variable holding the token when no file is given.
-pub const TOKEN_ENV: &str = "TRAZOR_TOKEN";
-
-/// Reads the token from `file` (trimmed), else from `TRAZOR_TOKEN`; `None` when neither is
-/// set. An empty token is an error: it would silently accept every agent.
-pub fn load_token(file: Option<&Path>) -> Result<Option<String>> {
-    let token = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| Error::TokenFile {
-                    path: path.to_owned(),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
-        ),
-        None => std::env::var(TOKEN_ENV)
-            .ok()
-            .map(|token| token.trim().to_owned()),
-    };
-    match token {
-        Some(token) if token.is_empty() => Err(Error::Config(format!(
-            "the token is empty; put a secret in the file (or {TOKEN_ENV}), or set neither to \
-             run without authentication"
-        ))),
-        other => Ok(other),
-    }
-}
+/// Token reading is shared with the other side of the stream.
+pub use trazor_proto::auth::{TOKEN_ENV, load_token};
 
 /// Equal-length comparison that takes the same time wherever the first difference is.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

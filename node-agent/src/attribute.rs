@@ -11,7 +11,11 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
+
+/// Least time between two full scans of the cgroup tree.
+const MIN_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 use trazor_proto::v1::{PodIdentity, Source};
 
@@ -39,6 +43,7 @@ pub struct SourceResolver {
     cgroup_root: Option<PathBuf>,
     cgroup_paths: HashMap<u64, String>,
     pods: Option<PodDirectory>,
+    last_scan: Option<Instant>,
     /// Names the kernel reported with events, for processes gone from /proc by the time
     /// their window closes.
     reported_names: HashMap<u32, String>,
@@ -50,6 +55,7 @@ impl SourceResolver {
             node_name,
             cgroup_root,
             cgroup_paths: HashMap::new(),
+            last_scan: None,
             pods: None,
             reported_names: HashMap::new(),
         }
@@ -115,9 +121,16 @@ impl SourceResolver {
         if let Some(path) = self.cgroup_paths.get(&cgroup_id) {
             return path.clone();
         }
-        if let Some(root) = &self.cgroup_root {
-            // A miss means cgroups were created since the last scan: rescan once.
+        // A miss means cgroups were created since the last scan, or the cgroup is gone
+        // already: rescan, but at most once a second, so gone cgroups cannot make every
+        // window walk the whole tree once per series.
+        if let Some(root) = &self.cgroup_root
+            && self
+                .last_scan
+                .is_none_or(|at| at.elapsed() >= MIN_RESCAN_INTERVAL)
+        {
             self.cgroup_paths = scan_cgroups(root);
+            self.last_scan = Some(Instant::now());
         }
         self.cgroup_paths
             .get(&cgroup_id)

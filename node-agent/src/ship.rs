@@ -323,36 +323,8 @@ pub fn with_tls(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Endpoint>
         .map_err(|error| Error::Config(format!("TLS settings for the collector: {error}")))
 }
 
-/// The environment variable holding the token when no file is given.
-pub const TOKEN_ENV: &str = "TRAZOR_TOKEN";
-
-/// Reads the token from `file` (trimmed), else from `TRAZOR_TOKEN`; `None` when neither is
-/// set.
-pub fn load_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
-    let token = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| Error::Io {
-                    what: format!(
-                        "reading the token file {} (check --token-file)",
-                        path.display()
-                    ),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
-        ),
-        None => std::env::var(TOKEN_ENV)
-            .ok()
-            .map(|token| token.trim().to_owned()),
-    };
-    match token {
-        Some(token) if token.is_empty() => Err(Error::Config(format!(
-            "the token is empty; put the collector's token in the file (or {TOKEN_ENV})"
-        ))),
-        other => Ok(other),
-    }
-}
+/// Token reading is shared with the other side of the stream.
+pub use trazor_proto::auth::{TOKEN_ENV, load_token};
 
 /// The outbox, on disk when `spool` is set, and the boot id its sequences belong to: the
 /// spool's (kept across restarts), else a fresh one.

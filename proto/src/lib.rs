@@ -6,6 +6,7 @@
 //! [`agent_config`] is the configuration document the operator writes for the node agents.
 
 pub mod agent_config;
+pub mod auth;
 pub mod histogram;
 
 /// Generated from `proto/trazor/v1/ingest.proto`.
