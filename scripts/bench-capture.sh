@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Capture overhead benchmark: what tracing costs a real server, and what the agent costs.
 #
-#   1. nginx + wrk on loopback, untraced vs traced (agent in standalone mode, tracing every
-#      process), alternated in one run: throughput and p99 ratios (target >= 0.97).
-#   2. The same with the agent running but nginx not selected (--select-cgroup of an empty
-#      cgroup): the cost of the filter alone (target >= 0.99).
+#   1. nginx saturated by wrk on loopback for the whole run, while trazor-bench-overhead
+#      switches the eBPF program between modes every half second: detached (untraced),
+#      attached with nginx's cgroup selected (traced: target >= 0.97 of untraced
+#      throughput), attached with nothing selected (the filter alone: target >= 0.99), and
+#      attached tracing every process (traced-all, reported). nginx's own request counter
+#      (stub_status) gives each slot's throughput; each cycle's ratio to the same cycle's
+#      untraced slot cancels the slow swings of a shared machine, and the median over the
+#      cycles is the figure. CPU time per request (nginx's and wrk's cgroups) is reported
+#      next to it.
+#   2. The per-syscall cost of the attached program for a process that is not traced: a
+#      read/write loop, attached vs detached, alternated the same way.
 #   3. Agent CPU (user + kernel, from /proc) and RSS at a fixed request rate, normalised to
 #      millicores per 10 000 req/s (target <= 25), RSS (target <= 30 MiB); plus the run time
-#      of the eBPF programs themselves (kernel.bpf_stats_enabled), which the kernel charges
-#      to the traced processes (nginx, the load generator), not to the agent.
+#      of the eBPF program itself (kernel.bpf_stats_enabled), which the kernel charges to
+#      the traced processes (nginx, the load generator), not to the agent.
 #
 # Prints a table and writes it, with the command, date and machine, to
 # bench/results/capture.md. Run as root. Knobs (environment):
-#   BENCH_ROUNDS=7        rounds; each runs untraced, traced-all and traced-filtered once,
-#                         in an order that rotates per round
-#   BENCH_DURATION=3      seconds per wrk run
+#   BENCH_CYCLES=60       cycles of the mode alternation (each runs every mode once)
+#   BENCH_SLOT_MS=500     measured length of a slot; BENCH_SETTLE_MS=100 before it
 #   BENCH_CONNECTIONS=16  wrk connections (one wrk thread, one nginx worker)
 #   BENCH_RATE=5000       req/s for the agent CPU/RSS measurement
 #   BENCH_RATE_SECONDS=10 seconds of it
@@ -23,8 +29,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ROUNDS=${BENCH_ROUNDS:-7}
-DURATION=${BENCH_DURATION:-3}
+CYCLES=${BENCH_CYCLES:-60}
+SLOT_MS=${BENCH_SLOT_MS:-500}
+SETTLE_MS=${BENCH_SETTLE_MS:-100}
 CONNECTIONS=${BENCH_CONNECTIONS:-16}
 RATE=${BENCH_RATE:-5000}
 RATE_SECONDS=${BENCH_RATE_SECONDS:-10}
@@ -40,24 +47,27 @@ if [ "${BENCH_SKIP_BUILD:-0}" = "0" ]; then
     cargo build --release --locked -p trazor-node-agent -p trazor-collector -p trazor-e2e >&2
 fi
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-for binary in trazor-node-agent trazor-collector trazor-sample-client; do
+for binary in trazor-node-agent trazor-bench-overhead trazor-collector trazor-sample-client; do
     [ -x "$BIN/$binary" ] || die "$BIN/$binary missing: build it (cargo build --release)"
 done
 
 RUN=$(mktemp -d /tmp/trazor-bench.XXXXXX)
 chmod 755 "$RUN"
 CGROUP2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
-[ -n "$CGROUP2" ] || die "no cgroup2 mount: the filter benchmark needs one"
-EMPTY_CGROUP="$CGROUP2/trazor-bench-empty-$$"
-NGINX_PID="" COLLECTOR_PID="" AGENT_PID=""
+[ -n "$CGROUP2" ] || die "no cgroup2 mount: the benchmark selects nginx by its cgroup"
+SERVER_CGROUP="$CGROUP2/trazor-bench-server-$$"
+CLIENT_CGROUP="$CGROUP2/trazor-bench-client-$$"
+NGINX_PID="" COLLECTOR_PID="" AGENT_PID="" WRK_PID=""
 STATS_BEFORE=$(sysctl -n kernel.bpf_stats_enabled)
 
 cleanup() {
+    [ -n "$WRK_PID" ] && kill "$WRK_PID" 2>/dev/null && wait "$WRK_PID" 2>/dev/null
     [ -n "$AGENT_PID" ] && kill -INT "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
     [ -n "$NGINX_PID" ] && kill -QUIT "$NGINX_PID" 2>/dev/null && wait "$NGINX_PID" 2>/dev/null
     [ -n "$COLLECTOR_PID" ] && kill "$COLLECTOR_PID" 2>/dev/null && wait "$COLLECTOR_PID" 2>/dev/null
     sysctl -q -w kernel.bpf_stats_enabled="$STATS_BEFORE" >/dev/null 2>&1 || true
-    rmdir "$EMPTY_CGROUP" 2>/dev/null || true
+    sleep 0.2
+    rmdir "$SERVER_CGROUP" "$CLIENT_CGROUP" 2>/dev/null || true
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -72,7 +82,7 @@ free_port() {
 
 # --- nginx: one worker, sendfile, a small static file (per-request cost dominates) -------
 NGINX_PORT=$(free_port)
-mkdir -p "$RUN/html"
+mkdir -p "$RUN/html" "$SERVER_CGROUP" "$CLIENT_CGROUP"
 head -c 1024 /dev/zero | tr '\0' 'x' > "$RUN/html/index.html"
 chmod -R a+rX "$RUN/html"
 cat > "$RUN/nginx.conf" <<CONF
@@ -85,31 +95,34 @@ events { worker_connections 4096; }
 http {
     access_log off;
     sendfile on;
-    keepalive_requests 1000000;
+    keepalive_requests 1000000000;
     client_body_temp_path $RUN/body;
     proxy_temp_path $RUN/proxy;
     fastcgi_temp_path $RUN/fastcgi;
     uwsgi_temp_path $RUN/uwsgi;
     scgi_temp_path $RUN/scgi;
-    server { listen 127.0.0.1:$NGINX_PORT; root $RUN/html; }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        root $RUN/html;
+        location = /status { stub_status; }
+    }
 }
 CONF
-nginx -c "$RUN/nginx.conf" -p "$RUN" &
+# Started inside its cgroup, so the master and worker are both in it from the start.
+sh -c 'echo $$ > "$1/cgroup.procs" && exec nginx -c "$2/nginx.conf" -p "$2"' nginx "$SERVER_CGROUP" "$RUN" &
 NGINX_PID=$!
 URL="http://127.0.0.1:$NGINX_PORT/index.html"
 for _ in $(seq 100); do curl -fsS -o /dev/null "$URL" 2>/dev/null && break; sleep 0.1; done
 curl -fsS -o /dev/null "$URL" || die "nginx did not come up (see $RUN/nginx-error.log)"
 
-# --- collector -------------------------------------------------------------------------
+# --- collector (for the agent in part 3) -------------------------------------------------
 GRPC_PORT=$(free_port)
 HTTP_PORT=$(free_port)
 "$BIN/trazor-collector" --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
     >"$RUN/collector.log" 2>&1 &
 COLLECTOR_PID=$!
 
-mkdir "$EMPTY_CGROUP"
-
-# start_agent [extra flags...]: starts the agent and waits until its programs are attached.
+# start_agent [extra flags...]: starts the agent and waits until its program is attached.
 start_agent() {
     "$BIN/trazor-node-agent" --collector "http://127.0.0.1:$GRPC_PORT" --window 5s "$@" \
         >"$RUN/agent.log" 2>&1 &
@@ -131,66 +144,50 @@ stop_agent() {
     AGENT_PID=""
 }
 
-# Ids of the loaded programs attached to syscall tracepoints (ours are the new ones once the
+# Ids of the loaded programs on the raw sys_exit tracepoint (ours is the new one once the
 # agent has started; this bpftool cannot list the owning pids).
-syscall_programs() {
-    bpftool -j prog show | jq -r '.[] | select(.type == "tracepoint" and (.name | test("^sys_(enter|exit)_"))) | .id' | sort
+sys_exit_programs() {
+    bpftool -j prog show | jq -r '.[] | select(.type == "raw_tracepoint" and .name == "sys_exit") | .id' | sort
 }
 
-# run_wrk MODE: one wrk run; appends "MODE req_per_s p99_ms" to $RUN/runs.
-run_wrk() {
-    local mode=$1 out
-    out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$URL")
-    local rps p99
-    rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
-    p99=$(awk '$1 == "99%" { v = $2;
-        if (v ~ /us$/) { sub(/us$/, "", v); v /= 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v) }
-        else if (v ~ /s$/) { sub(/s$/, "", v); v *= 1000 }
-        print v }' <<<"$out")
-    [ -n "$rps" ] && [ -n "$p99" ] || die "could not read wrk's output: $out"
-    echo "$mode $rps $p99" >> "$RUN/runs"
-    say "$(printf '%-16s %10.0f req/s  p99 %7.3f ms' "$mode" "$rps" "$p99")"
-}
+# --- 1. throughput, modes alternated every slot under constant load ---------------------
+MODES=untraced,traced,not-selected,traced-all
+# wrk runs past the end of the alternation; it is stopped when the alternation ends.
+WRK_SECONDS=$(( CYCLES * 4 * (SLOT_MS + SETTLE_MS + 100) / 1000 + 120 ))
+say "nginx under wrk (-t1 -c$CONNECTIONS), $CYCLES cycles of $MODES, ${SLOT_MS} ms slots"
+sh -c 'echo $$ > "$1/cgroup.procs" && exec wrk -t1 -c"$2" -d"$3s" "$4"' wrk \
+    "$CLIENT_CGROUP" "$CONNECTIONS" "$WRK_SECONDS" "$URL" > "$RUN/wrk.out" &
+WRK_PID=$!
+sleep 1
+THROUGHPUT=$("$BIN/trazor-bench-overhead" --status-addr "127.0.0.1:$NGINX_PORT" \
+    --server-cgroup "$SERVER_CGROUP" --cpu-cgroups "$SERVER_CGROUP,$CLIENT_CGROUP" \
+    --modes "$MODES" --cycles "$CYCLES" --slot "${SLOT_MS}ms" --settle "${SETTLE_MS}ms")
+kill "$WRK_PID" 2>/dev/null; wait "$WRK_PID" 2>/dev/null || true
+WRK_PID=""
+echo "$THROUGHPUT" >&2
+ratio_of() { awk -F'|' -v mode="$1" '$2 ~ "^ "mode" $" { split($4, v, " "); print v[1] }' <<<"$THROUGHPUT"; }
+THR_TRACED=$(ratio_of traced)
+THR_FILTER=$(ratio_of not-selected)
+THR_ALL=$(ratio_of traced-all)
+[ -n "$THR_TRACED" ] && [ -n "$THR_FILTER" ] || die "could not read trazor-bench-overhead's table"
 
-run_mode() {
-    case $1 in
-        untraced) run_wrk untraced ;;
-        traced-all) start_agent; run_wrk traced-all; stop_agent ;;
-        traced-filtered) start_agent --select-cgroup "$EMPTY_CGROUP"; run_wrk traced-filtered; stop_agent ;;
-    esac
-}
+# --- 2. per-syscall cost for a process that is not traced -------------------------------
+say "per-syscall cost of the attached program for an untraced process (read/write loop)"
+SYSCALLS=$("$BIN/trazor-bench-overhead" --syscall-loop --status-addr unused \
+    --server-cgroup "$SERVER_CGROUP" --modes untraced,not-selected --cycles 40 \
+    --slot 150ms --settle 10ms)
+echo "$SYSCALLS" >&2
+ns_of() { awk -F'|' -v mode="$1" '$2 ~ "^ "mode" $" { print $5 + 0 }' <<<"$SYSCALLS"; }
+SYSCALL_NS_UNTRACED=$(ns_of untraced)
+SYSCALL_NS_FILTER=$(ns_of not-selected)
+SYSCALL_NS_ADDED=$(awk -v a="$SYSCALL_NS_FILTER" -v b="$SYSCALL_NS_UNTRACED" 'BEGIN { print a - b }')
 
-say "warm-up"
-wrk -t1 -c"$CONNECTIONS" -d1s "$URL" >/dev/null
-: > "$RUN/runs"
-modes=(untraced traced-all traced-filtered)
-for round in $(seq "$ROUNDS"); do
-    say "round $round/$ROUNDS"
-    for i in 0 1 2; do
-        run_mode "${modes[$(((round + i) % 3))]}"
-    done
-done
-
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-column_of() { awk -v mode="$1" -v col="$2" '$1 == mode { print $col }' "$RUN/runs"; }
-declare -A RPS P99
-for mode in "${modes[@]}"; do
-    RPS[$mode]=$(column_of "$mode" 2 | median)
-    P99[$mode]=$(column_of "$mode" 3 | median)
-done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
-THR_ALL=$(ratio "${RPS[traced-all]}" "${RPS[untraced]}")
-P99_ALL=$(ratio "${P99[traced-all]}" "${P99[untraced]}")
-THR_FILTER=$(ratio "${RPS[traced-filtered]}" "${RPS[untraced]}")
-P99_FILTER=$(ratio "${P99[traced-filtered]}" "${P99[untraced]}")
-
-# --- agent CPU and RSS at a fixed rate -------------------------------------------------
+# --- 3. agent CPU and RSS at a fixed rate ------------------------------------------------
 say "agent CPU and RSS at $RATE req/s for ${RATE_SECONDS}s (tracing everything)"
-programs_before=$(syscall_programs)
+programs_before=$(sys_exit_programs)
 start_agent
 sleep 1
-OUR_PROGRAMS=$(comm -13 <(echo "$programs_before") <(syscall_programs) | paste -sd, -)
+OUR_PROGRAMS=$(comm -13 <(echo "$programs_before") <(sys_exit_programs) | paste -sd, -)
 sysctl -q -w kernel.bpf_stats_enabled=1
 # On-CPU time of every agent thread, user + kernel, in ns (schedstat: finer than ticks).
 cpu_ns() { cat /proc/"$AGENT_PID"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'; }
@@ -198,7 +195,6 @@ bpf_ns() {
     bpftool -j prog show | jq --arg ids "$OUR_PROGRAMS" \
         '($ids | split(",") | map(tonumber)) as $ours | [.[] | select(.id as $id | $ours | index($id)) | .run_time_ns // 0] | add // 0'
 }
-bpf_programs=$(awk -F, '{ print NF }' <<<"$OUR_PROGRAMS")
 cpu_before=$(cpu_ns)
 bpf_before=$(bpf_ns)
 t_before=$(date +%s%N)
@@ -227,17 +223,16 @@ verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == ">=") ? v >=
 TABLE=$(cat <<TABLE
 | measurement | value | target | result |
 |---|---|---|---|
-| nginx throughput, traced-all / untraced (median req/s: ${RPS[traced-all]} / ${RPS[untraced]}) | $THR_ALL | >= 0.97 | $(verdict "$THR_ALL" ">=" 0.97) |
-| nginx p99, traced-all / untraced (median ms: ${P99[traced-all]} / ${P99[untraced]}) | $P99_ALL | (reported) | - |
-| nginx throughput, not selected / untraced (median req/s: ${RPS[traced-filtered]} / ${RPS[untraced]}) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
-| nginx p99, not selected / untraced (median ms: ${P99[traced-filtered]} / ${P99[untraced]}) | $P99_FILTER | (reported) | - |
+| nginx throughput, traced / untraced (nginx's cgroup selected; median of $CYCLES paired cycles) | $THR_TRACED | >= 0.97 | $(verdict "$THR_TRACED" ">=" 0.97) |
+| nginx throughput, not selected / untraced (program attached, nothing selected) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
+| nginx throughput, traced-all / untraced (every process: nginx and wrk) | $THR_ALL | (reported) | - |
+| syscall cost for an untraced process, ns added per syscall (read/write loop: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FILTER ns attached) | $SYSCALL_NS_ADDED | (reported) | - |
 | agent CPU (user + kernel), millicores per 10 000 req/s (at $ACTUAL_RATE req/s) | $AGENT_MC | <= 25 | $(verdict "$AGENT_MC" "<=" 25) |
-| eBPF programs' run time ($bpf_programs programs), millicores per 10 000 req/s, charged to the traced processes | $BPF_MC | (reported) | - |
+| eBPF program run time, millicores per 10 000 req/s, charged to the traced processes | $BPF_MC | (reported) | - |
 | agent RSS at the end of the fixed-rate run, MiB | $RSS_MIB | <= 30 | $(verdict "$RSS_MIB" "<=" 30) |
 | agent peak RSS since start (VmHWM: includes loading the eBPF object), MiB | $HWM_MIB | <= 30 | $(verdict "$HWM_MIB" "<=" 30) |
 TABLE
 )
-RUNS=$(awk '{ printf "| %s | %.0f | %.3f |\n", $1, $2, $3 }' "$RUN/runs")
 echo
 echo "$TABLE"
 echo
@@ -246,22 +241,25 @@ mkdir -p bench/results
 {
     echo "# Capture benchmark"
     echo
-    echo "Latest run of \`scripts/bench-capture.sh\` (BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION"
-    echo "BENCH_CONNECTIONS=$CONNECTIONS BENCH_RATE=$RATE BENCH_RATE_SECONDS=$RATE_SECONDS)."
+    echo "Latest run of \`scripts/bench-capture.sh\` (BENCH_CYCLES=$CYCLES BENCH_SLOT_MS=$SLOT_MS"
+    echo "BENCH_SETTLE_MS=$SETTLE_MS BENCH_CONNECTIONS=$CONNECTIONS BENCH_RATE=$RATE BENCH_RATE_SECONDS=$RATE_SECONDS)."
     echo
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "- machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
-    echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews single runs; rounds alternate modes and medians are compared)"
-    echo "- workload: nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 1 worker, sendfile on, 1 KiB static file; wrk -t1 -c$CONNECTIONS -d${DURATION}s on loopback"
-    echo "- traced-all: \`trazor-node-agent\` standalone (every process, server and client side, so wrk's requests are traced too); traced-filtered: \`--select-cgroup\` of an empty cgroup"
-    echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's programs with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive)"
+    echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- workload: nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 1 worker, sendfile on, 1 KiB static file, in its own cgroup; wrk -t1 -c$CONNECTIONS on loopback, in another, running through the whole alternation"
+    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the program, attach/detach and the cgroup selection changed in place): untraced = detached; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections predate the slot and are not adopted as client connections, so wrk only pays the per-syscall filter)"
+    echo "- throughput: nginx's stub_status request counter at each slot's start and end; ratio = a mode's slot / the same cycle's untraced slot, median over the cycles (25th-75th percentile in the detail below)"
+    echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's program with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive), agent tracing every process"
     echo
     echo "$TABLE"
     echo
-    echo "Every wrk run, in order:"
+    echo "Throughput detail (CPU ns/request: nginx's and wrk's cgroups together):"
     echo
-    echo "| mode | req/s | p99 ms |"
-    echo "|---|---|---|"
-    echo "$RUNS"
+    echo "$THROUGHPUT"
+    echo
+    echo "Per-syscall detail (read/write loop; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall):"
+    echo
+    echo "$SYSCALLS"
 } > bench/results/capture.md
 say "written to bench/results/capture.md"

@@ -1,14 +1,22 @@
-//! Trazor's eBPF programs: HTTP/1.x request latency from syscall tracepoints, on both
-//! sides of a connection.
+//! Trazor's eBPF programs: HTTP/1.x request latency from syscalls, on both sides of a
+//! connection.
+//!
+//! One program, on the raw `sys_exit` tracepoint, sees every syscall as it returns (and a
+//! second, on `syscalls:sys_enter_close`, sees closes as they start). It reads
+//! the syscall's number and arguments from the task's saved registers, so nothing has to
+//! be remembered between a syscall's entry and its exit: no entry program, no in-flight
+//! table. The first checks are the cheapest: the syscall number (one load), then whether
+//! the process is selected (a bit in `TRACED_CGROUP_BITS`, an inlined array access, before
+//! the exact `TRACED_CGROUPS` lookup). An unselected process pays those and nothing else.
 //!
 //! A connection is tracked from the `accept`/`accept4` (server side) or `connect` (client
-//! side) that created it to its `close`, in `CONNECTIONS`, keyed by (tgid, fd). Every other
-//! hook starts with one lookup there, so untraced processes and non-socket fds cost one map
-//! lookup per syscall and nothing else.
+//! side) that created it to its `close`, in `CONNECTIONS`, keyed by (tgid, fd). A server
+//! connection accepted before the agent started is adopted when a request line arrives on
+//! it, so long-lived keep-alive connections are traced after an agent restart too.
 //!
 //! Server side, a request starts when a read returns bytes that begin with an HTTP method
 //! and ends when the write of its status line (`HTTP/1.x NNN`, not a `1xx` interim) returns.
-//! Client side, it starts when the process writes a request line and ends when a read
+//! Client side, it starts when the write of a request line returns and ends when a read
 //! returns the status line. The latency is counted right here, into per-CPU maps keyed by
 //! window number: `SERIES` (count, sum, min, max) and `HISTOGRAM` (log buckets, see
 //! `bucket_index`). User space reads a window once it has closed and deletes its keys. Only
@@ -22,20 +30,19 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, Direction, PATH_LEN, RequestEvent, SeriesKey, SeriesTotals,
-    bucket_index, drop_reason, event_flag, method, route_hash,
+    AgentSettings, BucketKey, CGROUP_BITS_WORDS, Direction, PATH_LEN, RequestEvent, SeriesKey,
+    SeriesTotals, bucket_index, cgroup_bit, drop_reason, event_flag, method, route_hash,
 };
 
 /// Connections traced: most hosts have far fewer open connections than this.
 const MAX_CONNECTIONS: u32 = 32_768;
-/// Threads inside a read, write or connect on a traced connection at one time.
-const MAX_SYSCALLS_IN_FLIGHT: u32 = 16_384;
 /// Distinct series (cgroup, process, route, peer, method, status class) per open window.
 const MAX_SERIES: u32 = 16_384;
 /// Non-empty histogram buckets across all series of the open windows.
@@ -50,17 +57,16 @@ static SETTINGS: Array<AgentSettings> = Array::with_max_entries(1, 0);
 #[map]
 static TRACED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
 
+/// A bit per `cgroup_bit(id)` of every id in `TRACED_CGROUPS`: a clear bit rules a process
+/// out with one inlined array access, before any hash lookup.
+#[map]
+static TRACED_CGROUP_BITS: Array<[u64; CGROUP_BITS_WORDS]> = Array::with_max_entries(1, 0);
+
 /// LRU: a connection whose `close` we never see (a process that exits closes its fds
 /// without the syscall) ages out instead of pinning an entry.
 #[map]
 static CONNECTIONS: LruHashMap<ConnectionKey, Connection> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
-
-/// The buffer of a read or write (or the address of a connect) between its syscall's entry
-/// and exit, by thread.
-#[map]
-static SYSCALLS_IN_FLIGHT: LruHashMap<u64, SyscallInFlight> =
-    LruHashMap::with_max_entries(MAX_SYSCALLS_IN_FLIGHT, 0);
 
 #[map]
 static SERIES: PerCpuHashMap<SeriesKey, SeriesTotals> =
@@ -75,10 +81,10 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUN
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-/// Per-CPU scratch for the path being captured (too big for the 512-byte BPF stack next to
-/// everything else).
+/// Per-CPU scratch for the bytes being inspected (too big for the 512-byte BPF stack next
+/// to everything else).
 #[map]
-static PATH_SCRATCH: PerCpuArray<[u8; PEEK_LEN]> = PerCpuArray::with_max_entries(1, 0);
+static PEEK_SCRATCH: PerCpuArray<[u8; PEEK_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -108,51 +114,111 @@ struct Connection {
 
 /// How the user buffer of a syscall is described by its arguments.
 #[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 enum BufferShape {
     /// `(fd, buf, len)`: read, write, recvfrom, sendto.
-    Flat = 0,
+    Flat,
     /// `(fd, iov, iovcnt)`: readv, writev.
-    IoVec = 1,
+    IoVec,
     /// `(fd, msghdr, flags)`: recvmsg, sendmsg.
-    MsgHdr = 2,
+    MsgHdr,
 }
 
-#[repr(C)]
+/// What a returning syscall means to us.
 #[derive(Clone, Copy)]
-struct SyscallInFlight {
-    fd: u32,
-    /// Server side: status code parsed from a response at write entry.
-    status: u16,
-    shape: u8,
-    _pad: u8,
-    /// User buffer, or for connect the remote IPv4 address in the low 32 bits.
-    buffer: u64,
-    /// connect: remote port.
-    port: u16,
-    _pad2: [u8; 6],
+enum Syscall {
+    Accept,
+    Connect,
+    Read(BufferShape),
+    Write(BufferShape),
 }
 
-/// Offset of the first syscall argument in a `syscalls:sys_enter_*` record (after the common
-/// header and `__syscall_nr`), and of `ret` in a `sys_exit_*` record.
-const ARGS_OFFSET: usize = 16;
-const RET_OFFSET: usize = 16;
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+compile_error!("syscall numbers and pt_regs offsets are written for x86_64 and aarch64 only");
+
+/// The syscalls we follow, by this architecture's numbers (aya-build sets
+/// `bpf_target_arch` to the architecture the agent is built for).
+#[inline(always)]
+fn syscall(number: u64) -> Option<Syscall> {
+    #[cfg(bpf_target_arch = "x86_64")]
+    let syscall = match number {
+        0 => Syscall::Read(BufferShape::Flat),
+        1 => Syscall::Write(BufferShape::Flat),
+        19 => Syscall::Read(BufferShape::IoVec),
+        20 => Syscall::Write(BufferShape::IoVec),
+        42 => Syscall::Connect,
+        43 | 288 => Syscall::Accept,
+        44 => Syscall::Write(BufferShape::Flat),
+        45 => Syscall::Read(BufferShape::Flat),
+        46 => Syscall::Write(BufferShape::MsgHdr),
+        47 => Syscall::Read(BufferShape::MsgHdr),
+        _ => return None,
+    };
+    #[cfg(bpf_target_arch = "aarch64")]
+    let syscall = match number {
+        63 => Syscall::Read(BufferShape::Flat),
+        64 => Syscall::Write(BufferShape::Flat),
+        65 => Syscall::Read(BufferShape::IoVec),
+        66 => Syscall::Write(BufferShape::IoVec),
+        202 | 242 => Syscall::Accept,
+        203 => Syscall::Connect,
+        206 => Syscall::Write(BufferShape::Flat),
+        207 => Syscall::Read(BufferShape::Flat),
+        211 => Syscall::Write(BufferShape::MsgHdr),
+        212 => Syscall::Read(BufferShape::MsgHdr),
+        _ => return None,
+    };
+    Some(syscall)
+}
+
+/// The returning syscall's number and first two arguments, from the registers the task
+/// saved on entry (`struct pt_regs`; the syscall ABI leaves argument registers intact, and
+/// where the return value overwrites the first one, the kernel keeps a copy).
+#[cfg(bpf_target_arch = "x86_64")]
+mod regs {
+    /// `orig_ax`, `di`, `si` in x86-64's `struct pt_regs`, as u64 indices.
+    pub const NUMBER: usize = 15;
+    pub const ARG0: usize = 14;
+    pub const ARG1: usize = 13;
+}
+#[cfg(bpf_target_arch = "aarch64")]
+mod regs {
+    /// `syscallno` (s32, little-endian), `orig_x0`, `regs[1]` in arm64's `struct pt_regs`.
+    pub const NUMBER: usize = 35;
+    pub const ARG0: usize = 34;
+    pub const ARG1: usize = 1;
+}
+
+#[derive(Clone, Copy)]
+struct SavedRegisters(*const u64);
+
+impl SavedRegisters {
+    #[inline(always)]
+    fn current() -> Self {
+        // SAFETY: both helpers take no untrusted input; the result is a BTF-typed pointer
+        // to this task's `struct pt_regs`, which the verifier checks every load from.
+        Self(unsafe { bpf_task_pt_regs(bpf_get_current_task_btf() as *mut _) } as *const u64)
+    }
+
+    #[inline(always)]
+    fn word(self, index: usize) -> u64 {
+        // SAFETY: in bounds of `struct pt_regs`; the verifier checks the offset against its BTF.
+        unsafe { *self.0.add(index) }
+    }
+
+    #[inline(always)]
+    fn number(self) -> u64 {
+        #[cfg(bpf_target_arch = "aarch64")]
+        return self.word(regs::NUMBER) as u32 as u64;
+        #[cfg(not(bpf_target_arch = "aarch64"))]
+        return self.word(regs::NUMBER);
+    }
+}
+
 /// Bytes of a buffer inspected: "OPTIONS " plus a path of PATH_LEN bytes.
 const PEEK_LEN: usize = 8 + PATH_LEN;
 const EINPROGRESS: i64 = 115;
 const AF_INET: u16 = 2;
-
-#[inline(always)]
-fn arg(ctx: &TracePointContext, index: usize) -> Result<u64, i32> {
-    // SAFETY: syscall tracepoint records hold six u64 arguments after ARGS_OFFSET.
-    unsafe { ctx.read_at::<u64>(ARGS_OFFSET + index * 8) }
-}
-
-#[inline(always)]
-fn ret(ctx: &TracePointContext) -> Result<i64, i32> {
-    // SAFETY: every syscall exit record holds `long ret` at RET_OFFSET.
-    unsafe { ctx.read_at::<i64>(RET_OFFSET) }
-}
+const AF_INET6: u16 = 10;
 
 #[inline(always)]
 fn count_drop(reason: u32) {
@@ -163,74 +229,43 @@ fn count_drop(reason: u32) {
 }
 
 #[inline(always)]
-fn settings() -> Option<AgentSettings> {
-    SETTINGS.get(0).copied()
-}
-
-#[inline(always)]
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The settings, when the current process is one to trace.
 #[inline(always)]
-fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
-
-/// Whether the current process is to be traced, for a new connection in `direction`.
-#[inline(always)]
-fn traced(direction: Direction) -> bool {
-    let Some(settings) = settings() else {
-        return false;
-    };
-    if settings.window_nanos == 0
-        || current_tgid() == settings.agent_tgid
-        || settings.directions & (direction as u32) == 0
-    {
-        return false;
+fn traced_process(tgid: u32) -> Option<AgentSettings> {
+    // A copy: user space may rewrite the map value while this program runs.
+    let settings = *SETTINGS.get(0)?;
+    if settings.window_nanos == 0 || tgid == settings.agent_tgid {
+        return None;
     }
     if settings.trace_all != 0 {
-        return true;
+        return Some(settings);
     }
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (word, bit) = cgroup_bit(cgroup_id);
+    let bits = TRACED_CGROUP_BITS.get(0)?;
+    if bits[word] & bit == 0 {
+        return None;
+    }
     // SAFETY: the value is a plain u8 and only tested for presence.
-    unsafe { TRACED_CGROUPS.get(&cgroup_id) }.is_some()
+    unsafe { TRACED_CGROUPS.get(&cgroup_id) }?;
+    Some(settings)
 }
 
-/// Remembers a syscall's arguments, by thread, until its exit.
+/// The address of the first user buffer a syscall read into or wrote from.
 #[inline(always)]
-fn remember_syscall(in_flight: &SyscallInFlight) {
-    if SYSCALLS_IN_FLIGHT
-        .insert(&bpf_get_current_pid_tgid(), in_flight, 0)
-        .is_err()
-    {
-        count_drop(drop_reason::SYSCALL_TABLE_FULL);
-    }
-}
-
-/// Takes back what `thread`'s syscall entry remembered, if anything.
-#[inline(always)]
-fn take_syscall(thread: u64) -> Option<SyscallInFlight> {
-    // SAFETY: copied out before the entry is removed.
-    let in_flight = unsafe { SYSCALLS_IN_FLIGHT.get(&thread) }.copied()?;
-    let _ = SYSCALLS_IN_FLIGHT.remove(&thread);
-    Some(in_flight)
-}
-
-/// The address of the first user buffer a syscall reads into or writes from.
-#[inline(always)]
-fn first_buffer(shape: u8, buffer: u64) -> Result<u64, i32> {
-    if shape == BufferShape::Flat as u8 {
-        return Ok(buffer);
-    }
-    let iovec = if shape == BufferShape::MsgHdr as u8 {
+fn first_buffer(shape: BufferShape, buffer: u64) -> Result<u64, i32> {
+    let iovec = match shape {
+        BufferShape::Flat => return Ok(buffer),
         // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
         // SAFETY: reading user memory through the helper, which checks the address.
-        unsafe { bpf_probe_read_user((buffer + 16) as *const u64)? }
-    } else {
-        buffer
+        BufferShape::MsgHdr => unsafe { bpf_probe_read_user((buffer + 16) as *const u64)? },
+        BufferShape::IoVec => buffer,
     };
     // struct iovec { void *iov_base; size_t iov_len; }
     // SAFETY: as above.
@@ -240,12 +275,12 @@ fn first_buffer(shape: u8, buffer: u64) -> Result<u64, i32> {
 /// Copies the first PEEK_LEN bytes of the user buffer into the per-CPU scratch; returns
 /// them and the buffer's address.
 #[inline(always)]
-fn peek(shape: u8, buffer: u64) -> Result<(&'static mut [u8; PEEK_LEN], u64), i32> {
+fn peek(shape: BufferShape, buffer: u64) -> Result<(&'static mut [u8; PEEK_LEN], u64), i32> {
     let data = first_buffer(shape, buffer)?;
     if data == 0 {
         return Err(-1);
     }
-    let scratch = PATH_SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+    let scratch = PEEK_SCRATCH.get_ptr_mut(0).ok_or(-1)?;
     // SAFETY: this CPU's scratch slot, used by one program at a time on this CPU.
     let bytes = unsafe { &mut *scratch };
     // A buffer shorter than PEEK_LEN still lies in the process's memory almost always; if
@@ -296,12 +331,10 @@ fn is_interim(status: u16) -> bool {
 }
 
 /// Marks `connection` as carrying a request that started at `start`, keeping its path.
-/// `data` is the user address of `bytes`.
+/// `data` is the user address of `bytes`; `method` and `skip` come from [`parse_method`].
 #[inline(always)]
-fn start_request(connection: *mut Connection, bytes: &[u8; PEEK_LEN], data: u64, start: u64) {
-    let Some((method, skip)) = parse_method(bytes) else {
-        return;
-    };
+fn start_request(connection: *mut Connection, method: (u8, usize), data: u64, start: u64) {
+    let (method, skip) = method;
     // SAFETY: a valid map value pointer for the duration of this program.
     let connection = unsafe { &mut *connection };
     // The path straight from user memory into the map value: no copy loop to verify.
@@ -319,23 +352,15 @@ fn start_request(connection: *mut Connection, bytes: &[u8; PEEK_LEN], data: u64,
     connection.batch_start_nanos = start;
 }
 
-fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
-    let fd = ret(ctx)?;
-    if fd < 0 || !traced(Direction::Server) {
-        return Ok(());
-    }
-    track_connection(fd as u32, Direction::Server, 0, 0);
-    Ok(())
-}
-
 /// Starts tracking a connection, replacing whatever a reused fd left behind.
 #[inline(always)]
-fn track_connection(fd: u32, direction: Direction, peer_addr: u32, peer_port: u16) {
-    let key = ConnectionKey {
-        tgid: current_tgid(),
-        fd,
-    };
-    if let Some(stale) = CONNECTIONS.get_ptr(&key) {
+fn track_connection(
+    key: &ConnectionKey,
+    direction: Direction,
+    peer_addr: u32,
+    peer_port: u16,
+) -> Option<*mut Connection> {
+    if let Some(stale) = CONNECTIONS.get_ptr(key) {
         // SAFETY: a valid map value pointer for the duration of this program.
         if unsafe { (*stale).request_start_nanos } != 0 {
             count_drop(drop_reason::STALE_REQUEST_DISCARDED);
@@ -353,68 +378,69 @@ fn track_connection(fd: u32, direction: Direction, peer_addr: u32, peer_port: u1
         _pad: [0; 3],
         path: [0; PATH_LEN],
     };
-    if CONNECTIONS.insert(&key, &idle, 0).is_err() {
+    if CONNECTIONS.insert(key, &idle, 0).is_err() {
         count_drop(drop_reason::CONNECTION_TABLE_FULL);
+        return None;
+    }
+    CONNECTIONS.get_ptr_mut(key)
+}
+
+#[inline(always)]
+fn wants(settings: &AgentSettings, direction: Direction) -> bool {
+    settings.directions & (direction as u32) != 0
+}
+
+fn on_accept(settings: &AgentSettings, tgid: u32, fd: i64) {
+    if fd >= 0 && wants(settings, Direction::Server) {
+        let key = ConnectionKey {
+            tgid,
+            fd: fd as u32,
+        };
+        track_connection(&key, Direction::Server, 0, 0);
     }
 }
 
-fn try_connect_enter(ctx: &TracePointContext) -> Result<(), i32> {
-    if !traced(Direction::Client) {
-        return Ok(());
+fn on_connect(settings: &AgentSettings, tgid: u32, regs: SavedRegisters, result: i64) {
+    if !(result == 0 || result == -EINPROGRESS) || !wants(settings, Direction::Client) {
+        return;
     }
-    let fd = arg(ctx, 0)? as u32;
-    let address = arg(ctx, 1)?;
     // struct sockaddr_in { u16 family; u16 port (BE); u32 addr (BE); }
     // SAFETY: the helper checks the user address.
-    let head: u64 = unsafe { bpf_probe_read_user(address as *const u64)? };
+    let Ok(head) = (unsafe { bpf_probe_read_user(regs.word(regs::ARG1) as *const u64) }) else {
+        return;
+    };
     let family = head as u16;
-    let port = u16::from_be((head >> 16) as u16);
-    let addr = (head >> 32) as u32;
-    if family != AF_INET {
-        // IPv6 and Unix sockets: tracked without a peer address.
-        if family != 10 {
-            return Ok(());
-        }
-    }
-    let in_flight = SyscallInFlight {
-        fd,
-        status: 0,
-        shape: 0,
-        _pad: 0,
-        buffer: if family == AF_INET {
-            u64::from(addr)
-        } else {
-            0
-        },
-        port,
-        _pad2: [0; 6],
+    let (addr, port) = match family {
+        AF_INET => ((head >> 32) as u32, u16::from_be((head >> 16) as u16)),
+        // IPv6: tracked without a peer address. Unix sockets and others: not tracked.
+        AF_INET6 => (0, u16::from_be((head >> 16) as u16)),
+        _ => return,
     };
-    remember_syscall(&in_flight);
-    Ok(())
-}
-
-fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i32> {
-    let thread = bpf_get_current_pid_tgid();
-    let Some(in_flight) = take_syscall(thread) else {
-        return Ok(());
-    };
-    let result = ret(ctx)?;
-    if result == 0 || result == -EINPROGRESS {
-        track_connection(
-            in_flight.fd,
-            Direction::Client,
-            in_flight.buffer as u32,
-            in_flight.port,
-        );
-    }
-    Ok(())
-}
-
-fn try_close_enter(ctx: &TracePointContext) -> Result<(), i32> {
     let key = ConnectionKey {
-        tgid: current_tgid(),
-        fd: arg(ctx, 0)? as u32,
+        tgid,
+        fd: regs.word(regs::ARG0) as u32,
     };
+    track_connection(&key, Direction::Client, addr, port);
+}
+
+/// Closes are seen as they start, not as they return: by then another thread may have
+/// been given the same fd number for a new connection, whose entry must not be removed.
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if traced_process(tgid).is_none() {
+        return 0;
+    }
+    // syscalls:sys_enter_close: common header (8 bytes), __syscall_nr (padded to 8), fd.
+    // SAFETY: the record holds the u64 argument at this offset.
+    if let Ok(fd) = unsafe { ctx.read_at::<u64>(16) } {
+        forget_connection(tgid, fd as u32);
+    }
+    0
+}
+
+fn forget_connection(tgid: u32, fd: u32) {
+    let key = ConnectionKey { tgid, fd };
     if let Some(connection) = CONNECTIONS.get_ptr(&key) {
         // SAFETY: a valid map value pointer for the duration of this program.
         if unsafe { (*connection).request_start_nanos } != 0 {
@@ -422,16 +448,36 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i32> {
         }
         let _ = CONNECTIONS.remove(&key);
     }
-    Ok(())
 }
 
-fn try_read_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i32> {
-    let fd = arg(ctx, 0)? as u32;
+fn on_read(
+    settings: &AgentSettings,
+    tgid: u32,
+    regs: SavedRegisters,
+    shape: BufferShape,
+    returned: i64,
+) -> Result<(), i32> {
+    if returned < 0 {
+        return Ok(());
+    }
     let key = ConnectionKey {
-        tgid: current_tgid(),
-        fd,
+        tgid,
+        fd: regs.word(regs::ARG0) as u32,
     };
-    let Some(connection) = CONNECTIONS.get_ptr(&key) else {
+    let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
+        // Not a connection we saw open: one accepted before the agent started, if what
+        // arrived is a request line.
+        if returned < 4 || !wants(settings, Direction::Server) {
+            return Ok(());
+        }
+        let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
+        let Some(method) = parse_method(bytes) else {
+            return Ok(());
+        };
+        let start = now();
+        if let Some(connection) = track_connection(&key, Direction::Server, 0, 0) {
+            start_request(connection, method, data, start);
+        }
         return Ok(());
     };
     // SAFETY: a valid map value pointer for the duration of this program.
@@ -440,100 +486,76 @@ fn try_read_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i32
             (*connection).direction,
             (*connection).request_start_nanos != 0,
         )
-    };
-    // Server side reads matter when idle (a request may start), client side when a request
-    // is out (its response may arrive). Anything else is body bytes.
-    let interesting = if direction == Direction::Server as u8 {
-        !busy
-    } else {
-        busy
-    };
-    if !interesting {
-        return Ok(());
-    }
-    let in_flight = SyscallInFlight {
-        fd,
-        status: 0,
-        shape: shape as u8,
-        _pad: 0,
-        buffer: arg(ctx, 1)?,
-        port: 0,
-        _pad2: [0; 6],
-    };
-    remember_syscall(&in_flight);
-    Ok(())
-}
-
-fn try_read_exit(ctx: &TracePointContext) -> Result<(), i32> {
-    let thread = bpf_get_current_pid_tgid();
-    let Some(in_flight) = take_syscall(thread) else {
-        return Ok(());
-    };
-    let returned = ret(ctx)?;
-    let key = ConnectionKey {
-        tgid: (thread >> 32) as u32,
-        fd: in_flight.fd,
-    };
-    let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
-        return Ok(());
     };
     if returned == 0 {
         // End of stream: nothing more was pipelined.
-        // SAFETY: a valid map value pointer for the duration of this program.
+        // SAFETY: as above.
         unsafe { (*connection).batch_start_nanos = 0 };
         return Ok(());
     }
-    if returned < 4 {
+    // Server side reads matter when idle (a request may start), client side when a request
+    // is out (its response may arrive). Anything else is body bytes.
+    let server = direction == Direction::Server as u8;
+    if returned < 4 || server == busy {
         return Ok(());
     }
-    let (bytes, data) = peek(in_flight.shape, in_flight.buffer)?;
-    // SAFETY: a valid map value pointer for the duration of this program.
-    let direction = unsafe { (*connection).direction };
-    if direction == Direction::Server as u8 {
-        start_request(connection, bytes, data, now());
+    let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
+    if server {
+        if let Some(method) = parse_method(bytes) {
+            start_request(connection, method, data, now());
+        }
         return Ok(());
     }
     // Client side: the response to our request.
-    let Some(status) = parse_status(bytes) else {
-        return Ok(());
-    };
-    if is_interim(status) {
-        return Ok(());
+    match parse_status(bytes) {
+        Some(status) if !is_interim(status) => {
+            // SAFETY: as above.
+            let start = unsafe { (*connection).request_start_nanos };
+            finish_request(settings, connection, tgid, start, status)
+        }
+        _ => Ok(()),
     }
-    finish_request(connection, key.tgid, status)
 }
 
-fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i32> {
-    let fd = arg(ctx, 0)? as u32;
+fn on_write(
+    settings: &AgentSettings,
+    tgid: u32,
+    regs: SavedRegisters,
+    shape: BufferShape,
+    written: i64,
+) -> Result<(), i32> {
+    if written <= 0 {
+        return Ok(());
+    }
     let key = ConnectionKey {
-        tgid: current_tgid(),
-        fd,
+        tgid,
+        fd: regs.word(regs::ARG0) as u32,
     };
     let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer for the duration of this program.
-    let (direction, busy) = unsafe {
+    let (direction, start, batch_start) = unsafe {
         (
             (*connection).direction,
-            (*connection).request_start_nanos != 0,
+            (*connection).request_start_nanos,
+            (*connection).batch_start_nanos,
         )
     };
     if direction == Direction::Client as u8 {
-        if !busy {
-            // A request going out: it starts now.
-            let (bytes, data) = peek(shape as u8, arg(ctx, 1)?)?;
-            start_request(connection, bytes, data, now());
+        if start == 0 {
+            // A request went out: it started when its write returned.
+            let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
+            if let Some(method) = parse_method(bytes) {
+                start_request(connection, method, data, now());
+            }
         }
         return Ok(());
     }
-    // SAFETY: a valid map value pointer for the duration of this program.
-    let batch_start = unsafe { (*connection).batch_start_nanos };
-    if !busy && batch_start == 0 {
+    if start == 0 && batch_start == 0 {
         return Ok(());
     }
-    let buffer = arg(ctx, 1)?;
-    let (bytes, _) = peek(shape as u8, buffer)?;
+    let (bytes, _) = peek(shape, regs.word(regs::ARG1))?;
     let Some(status) = parse_status(bytes) else {
         // Body bytes, or a response we cannot read: the request stays open.
         return Ok(());
@@ -541,73 +563,42 @@ fn try_write_enter(ctx: &TracePointContext, shape: BufferShape) -> Result<(), i3
     if is_interim(status) {
         return Ok(());
     }
-    if !busy {
-        // A response on an idle connection answers a pipelined request read with the last
-        // batch. A 408 is a server timing out an idle connection: not an answer.
-        if status == 408 {
-            return Ok(());
-        }
-        // SAFETY: as above.
-        unsafe { (*connection).request_start_nanos = batch_start };
+    if start != 0 {
+        return finish_request(settings, connection, tgid, start, status);
     }
-    let in_flight = SyscallInFlight {
-        fd,
-        status,
-        shape: shape as u8,
-        _pad: 0,
-        buffer,
-        port: 0,
-        _pad2: [0; 6],
-    };
-    remember_syscall(&in_flight);
-    Ok(())
-}
-
-fn try_write_exit(ctx: &TracePointContext) -> Result<(), i32> {
-    let thread = bpf_get_current_pid_tgid();
-    let Some(in_flight) = take_syscall(thread) else {
-        return Ok(());
-    };
-    if in_flight.status == 0 || ret(ctx)? <= 0 {
+    // A response on an idle connection answers a pipelined request read with the last
+    // batch. A 408 is a server timing out an idle connection: not an answer.
+    if status == 408 {
         return Ok(());
     }
-    let key = ConnectionKey {
-        tgid: (thread >> 32) as u32,
-        fd: in_flight.fd,
-    };
-    let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
-        return Ok(());
-    };
-    finish_request(connection, key.tgid, in_flight.status)
+    finish_request(settings, connection, tgid, batch_start, status)
 }
 
-/// Ends the connection's request now with `status`, and counts it.
+/// Ends the connection's request, started at `start`, now with `status`, and counts it.
 #[inline(always)]
-fn finish_request(connection: *mut Connection, tgid: u32, status: u16) -> Result<(), i32> {
+fn finish_request(
+    settings: &AgentSettings,
+    connection: *mut Connection,
+    tgid: u32,
+    start: u64,
+    status: u16,
+) -> Result<(), i32> {
     let end = now();
     // SAFETY: a valid map value pointer for the duration of this program.
     let connection = unsafe { &mut *connection };
-    let start = connection.request_start_nanos;
     connection.request_start_nanos = 0;
     if start == 0 || end < start {
         return Ok(());
     }
-    let settings = settings().ok_or(-1)?;
-    if settings.window_nanos == 0 {
-        return Ok(());
-    }
-    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // A connection opened while its cgroup was selected stops counting as soon as the
-    // selection drops it: one lookup per request, not per syscall.
-    // SAFETY: the value is a plain u8 and only tested for presence.
-    if settings.trace_all == 0 && unsafe { TRACED_CGROUPS.get(&cgroup_id) }.is_none() {
+    let window_nanos = settings.window_nanos;
+    if window_nanos == 0 {
         return Ok(());
     }
     let latency = end - start;
     let series = SeriesKey {
-        cgroup_id,
-        window: ((end + settings.realtime_offset_nanos) / settings.window_nanos) as u32,
+        // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        window: ((end + settings.realtime_offset_nanos) / window_nanos) as u32,
         tgid,
         route: connection.route,
         peer_addr: connection.peer_addr,
@@ -716,59 +707,34 @@ fn emit(
     entry.submit(0);
 }
 
-macro_rules! hook {
-    ($name:ident, $body:expr) => {
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            let handler = $body;
-            let _ = handler(&ctx);
-            0
-        }
+/// Every syscall of every process returns through here.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs = SavedRegisters::current();
+    let Some(syscall) = syscall(regs.number()) else {
+        return 0;
     };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(settings) = traced_process(tgid) else {
+        return 0;
+    };
+    // sys_exit(struct pt_regs *regs, long ret)
+    let result: i64 = ctx.arg(1);
+    let settings = &settings;
+    let _ = match syscall {
+        Syscall::Accept => {
+            on_accept(settings, tgid, result);
+            Ok(())
+        }
+        Syscall::Connect => {
+            on_connect(settings, tgid, regs, result);
+            Ok(())
+        }
+        Syscall::Read(shape) => on_read(settings, tgid, regs, shape, result),
+        Syscall::Write(shape) => on_write(settings, tgid, regs, shape, result),
+    };
+    0
 }
-
-hook!(sys_exit_accept, try_accept_exit);
-hook!(sys_exit_accept4, try_accept_exit);
-hook!(sys_enter_connect, try_connect_enter);
-hook!(sys_exit_connect, try_connect_exit);
-hook!(sys_enter_close, try_close_enter);
-hook!(sys_enter_read, |ctx| try_read_enter(ctx, BufferShape::Flat));
-hook!(sys_enter_recvfrom, |ctx| try_read_enter(
-    ctx,
-    BufferShape::Flat
-));
-hook!(sys_enter_readv, |ctx| try_read_enter(
-    ctx,
-    BufferShape::IoVec
-));
-hook!(sys_enter_recvmsg, |ctx| try_read_enter(
-    ctx,
-    BufferShape::MsgHdr
-));
-hook!(sys_exit_read, try_read_exit);
-hook!(sys_exit_recvfrom, try_read_exit);
-hook!(sys_exit_readv, try_read_exit);
-hook!(sys_exit_recvmsg, try_read_exit);
-hook!(sys_enter_write, |ctx| try_write_enter(
-    ctx,
-    BufferShape::Flat
-));
-hook!(sys_enter_sendto, |ctx| try_write_enter(
-    ctx,
-    BufferShape::Flat
-));
-hook!(sys_enter_writev, |ctx| try_write_enter(
-    ctx,
-    BufferShape::IoVec
-));
-hook!(sys_enter_sendmsg, |ctx| try_write_enter(
-    ctx,
-    BufferShape::MsgHdr
-));
-hook!(sys_exit_write, try_write_exit);
-hook!(sys_exit_sendto, try_write_exit);
-hook!(sys_exit_writev, try_write_exit);
-hook!(sys_exit_sendmsg, try_write_exit);
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -15,39 +15,22 @@ use std::{
 use aya::{
     Ebpf, include_bytes_aligned,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePoint,
+    programs::{
+        RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId,
+        trace_point::TracePointLinkId,
+    },
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, RequestEvent, SeriesKey, SeriesTotals, drop_reason,
+    AgentSettings, BucketKey, CGROUP_BITS_WORDS, RequestEvent, SeriesKey, SeriesTotals, cgroup_bit,
+    drop_reason,
 };
 
 use crate::{Error, Result};
 
-/// Every tracepoint the kernel side attaches to (all in the `syscalls` category); each has a
-/// program of the same name.
-pub const TRACEPOINTS: &[&str] = &[
-    "sys_exit_accept",
-    "sys_exit_accept4",
-    "sys_enter_connect",
-    "sys_exit_connect",
-    "sys_enter_close",
-    "sys_enter_read",
-    "sys_enter_recvfrom",
-    "sys_enter_readv",
-    "sys_enter_recvmsg",
-    "sys_exit_read",
-    "sys_exit_recvfrom",
-    "sys_exit_readv",
-    "sys_exit_recvmsg",
-    "sys_enter_write",
-    "sys_enter_sendto",
-    "sys_enter_writev",
-    "sys_enter_sendmsg",
-    "sys_exit_write",
-    "sys_exit_sendto",
-    "sys_exit_writev",
-    "sys_exit_sendmsg",
-];
+/// The kernel side's programs (see the eBPF crate): one on the raw `sys_exit` tracepoint,
+/// one on `syscalls:sys_enter_close`.
+pub const SYS_EXIT: &str = "sys_exit";
+pub const SYS_ENTER_CLOSE: &str = "sys_enter_close";
 
 /// One series of one closed window, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +66,62 @@ pub struct KernelCapture {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     settings: AgentSettings,
+    links: Links,
+}
+
+/// The attachments of the loaded programs, while attached.
+#[derive(Default)]
+struct Links {
+    attached: Option<(RawTracePointLinkId, TracePointLinkId)>,
+}
+
+impl Links {
+    fn is_attached(&self) -> bool {
+        self.attached.is_some()
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        // Close first: a connection must never be tracked without its close being seen.
+        let close: &mut TracePoint = program(ebpf, SYS_ENTER_CLOSE)?;
+        if close.fd().is_err() {
+            close.load().map_err(Error::program(SYS_ENTER_CLOSE))?;
+        }
+        let close_link = close
+            .attach("syscalls", SYS_ENTER_CLOSE)
+            .map_err(Error::program(SYS_ENTER_CLOSE))?;
+        let exit: &mut RawTracePoint = program(ebpf, SYS_EXIT)?;
+        if exit.fd().is_err() {
+            exit.load().map_err(Error::program(SYS_EXIT))?;
+        }
+        let exit_link = exit.attach(SYS_EXIT).map_err(Error::program(SYS_EXIT))?;
+        self.attached = Some((exit_link, close_link));
+        Ok(())
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        if let Some((exit_link, close_link)) = self.attached.take() {
+            let exit: &mut RawTracePoint = program(ebpf, SYS_EXIT)?;
+            exit.detach(exit_link).map_err(Error::program(SYS_EXIT))?;
+            let close: &mut TracePoint = program(ebpf, SYS_ENTER_CLOSE)?;
+            close
+                .detach(close_link)
+                .map_err(Error::program(SYS_ENTER_CLOSE))?;
+        }
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::MissingInObject {
+            kind: "program",
+            name: name.to_owned(),
+        })?
+        .try_into()
+        .map_err(Error::program(name))
 }
 
 impl KernelCapture {
@@ -91,34 +130,15 @@ impl KernelCapture {
         check_privileges()?;
         ensure_tracefs(tracefs)?;
         raise_memlock_limit();
-        // No kernel BTF: the programs read tracepoint records at fixed offsets and need no
-        // CO-RE relocation, and parsing vmlinux BTF would double the agent's peak memory.
+        // No kernel BTF in user space: the program needs no CO-RE relocation (the verifier
+        // checks its register loads against the kernel's own BTF), and parsing vmlinux BTF
+        // here would double the agent's peak memory.
         let mut ebpf = aya::EbpfLoader::new()
             .btf(None)
             .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trazor")))
             .map_err(|error| Error::Load(Box::new(error)))?;
-        for &name in TRACEPOINTS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::MissingInObject {
-                    kind: "program",
-                    name: name.to_owned(),
-                })?
-                .try_into()
-                .map_err(|source| Error::Program {
-                    program: name.to_owned(),
-                    source: Box::new(source),
-                })?;
-            let attach = |program: &mut TracePoint| -> Result<(), aya::programs::ProgramError> {
-                program.load()?;
-                program.attach("syscalls", name)?;
-                Ok(())
-            };
-            attach(program).map_err(|source| Error::Program {
-                program: name.to_owned(),
-                source: Box::new(source),
-            })?;
-        }
+        let mut capture_links = Links::default();
+        capture_links.attach(&mut ebpf)?;
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(Error::MissingInObject {
             kind: "map",
             name: "EVENTS".to_owned(),
@@ -128,7 +148,21 @@ impl KernelCapture {
             ebpf,
             events,
             settings: AgentSettings::default(),
+            links: capture_links,
         })
+    }
+
+    /// Detaches every program: the kernel stops calling them until [`KernelCapture::attach`].
+    pub fn detach(&mut self) -> Result<()> {
+        self.links.detach(&mut self.ebpf)
+    }
+
+    /// Attaches the programs again after [`KernelCapture::detach`].
+    pub fn attach(&mut self) -> Result<()> {
+        if self.links.is_attached() {
+            return Ok(());
+        }
+        self.links.attach(&mut self.ebpf)
     }
 
     /// Starts (or changes) counting. Safe at any time: the traced set changes between two
@@ -166,11 +200,27 @@ impl KernelCapture {
             .filter_map(|key| key.ok())
             .filter(|key| !cgroups.contains(key))
             .collect();
+        // The exact set gains new ids before the bitmap lets them through, and loses old ones
+        // after the bitmap stopped doing so.
         for id in cgroups {
             traced
                 .insert(id, 1, 0)
                 .map_err(Error::map("TRACED_CGROUPS"))?;
         }
+        let mut bits = [0u64; CGROUP_BITS_WORDS];
+        for &id in cgroups {
+            let (word, bit) = cgroup_bit(id);
+            bits[word] |= bit;
+        }
+        let mut bitmap: Array<&mut MapData, [u64; CGROUP_BITS_WORDS]> =
+            Array::try_from(map(&mut self.ebpf, "TRACED_CGROUP_BITS")?)
+                .map_err(Error::map("TRACED_CGROUP_BITS"))?;
+        bitmap
+            .set(0, bits, 0)
+            .map_err(Error::map("TRACED_CGROUP_BITS"))?;
+        let mut traced: BpfHashMap<&mut MapData, u64, u8> =
+            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_CGROUPS")?)
+                .map_err(Error::map("TRACED_CGROUPS"))?;
         for id in stale {
             traced.remove(&id).map_err(Error::map("TRACED_CGROUPS"))?;
         }

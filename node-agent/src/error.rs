@@ -66,4 +66,12 @@ impl Error {
             source: Box::new(source),
         }
     }
+
+    pub(crate) fn program(program: &str) -> impl FnOnce(aya::programs::ProgramError) -> Self {
+        let program = program.to_owned();
+        move |source| Self::Program {
+            program,
+            source: Box::new(source),
+        }
+    }
 }

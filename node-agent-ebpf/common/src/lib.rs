@@ -317,27 +317,24 @@ fn fold_segment(hash: u32, segment: u32, all_digits: u32, non_empty: u32) -> u32
 pub mod drop_reason {
     /// The connection table was full: a new connection is not traced.
     pub const CONNECTION_TABLE_FULL: u32 = 0;
-    /// The in-flight syscall table was full: one read or write was not inspected.
-    pub const SYSCALL_TABLE_FULL: u32 = 1;
     /// The series table was full: a finished request was not counted.
-    pub const SERIES_TABLE_FULL: u32 = 2;
+    pub const SERIES_TABLE_FULL: u32 = 1;
     /// The histogram table was full: a request's latency bucket was not counted.
-    pub const HISTOGRAM_TABLE_FULL: u32 = 3;
+    pub const HISTOGRAM_TABLE_FULL: u32 = 2;
     /// A connection closed while a request on it had no response yet.
-    pub const UNANSWERED_AT_CLOSE: u32 = 4;
+    pub const UNANSWERED_AT_CLOSE: u32 = 3;
     /// A connection entry was replaced (fd reused after a close we did not see) while a
     /// request on it was in flight: that request is discarded, never given a bogus time.
-    pub const STALE_REQUEST_DISCARDED: u32 = 5;
+    pub const STALE_REQUEST_DISCARDED: u32 = 4;
     /// The ring buffer to user space was full: an exemplar or route name was lost.
-    pub const EVENT_RING_FULL: u32 = 6;
+    pub const EVENT_RING_FULL: u32 = 5;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 6;
 
     /// Stable metric label of a counter.
     pub fn name(reason: u32) -> &'static str {
         match reason {
             CONNECTION_TABLE_FULL => "connection_table_full",
-            SYSCALL_TABLE_FULL => "syscall_table_full",
             SERIES_TABLE_FULL => "series_table_full",
             HISTOGRAM_TABLE_FULL => "histogram_table_full",
             UNANSWERED_AT_CLOSE => "unanswered_at_close",
@@ -346,6 +343,17 @@ pub mod drop_reason {
             _ => "unknown",
         }
     }
+}
+
+/// Words of the traced-cgroup bitmap (64 bits each): a power of two.
+pub const CGROUP_BITS_WORDS: usize = 1024;
+
+/// The word and bit of `cgroup_id` in the traced-cgroup bitmap. cgroup ids are inode
+/// numbers, handed out in sequence, so their low bits spread well.
+#[inline(always)]
+pub fn cgroup_bit(cgroup_id: u64) -> (usize, u64) {
+    let slot = (cgroup_id as usize) & (CGROUP_BITS_WORDS * 64 - 1);
+    (slot / 64, 1 << (slot % 64))
 }
 
 #[cfg(feature = "user")]

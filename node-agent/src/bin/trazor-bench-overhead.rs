@@ -1,0 +1,312 @@
+//! What tracing costs a server, measured to a fraction of a percent on a noisy machine.
+//!
+//! A load generator (wrk) keeps a server (nginx) saturated for the whole run; this tool
+//! loads the eBPF programs once and switches between modes every slot (half a second by
+//! default): programs detached, attached with the server's cgroup selected, attached with
+//! nothing selected, attached tracing every process. The server's own request counter
+//! (nginx `stub_status`) is read at each slot's start and end. Neighbouring slots see the
+//! same machine, so each cycle's rate of a mode divided by the same cycle's untraced rate
+//! cancels the slow swings of a shared host; the median of those ratios over many cycles
+//! is the figure.
+//!
+//! Run as root (it loads eBPF programs), by `scripts/bench-capture.sh`.
+#![allow(clippy::print_stdout)]
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use trazor_node_agent::capture::{CaptureSettings, KernelCapture};
+
+#[derive(Parser)]
+#[command(about = "Measures what tracing costs a saturated server (see the module docs)")]
+struct Args {
+    /// `host:port` of the server's nginx stub_status endpoint.
+    #[arg(long)]
+    status_addr: String,
+    /// Path of the stub_status location.
+    #[arg(long, default_value = "/status")]
+    status_path: String,
+    /// cgroup v2 directory holding the server, selected in the `traced` mode.
+    #[arg(long)]
+    server_cgroup: PathBuf,
+    /// Modes to compare, comma-separated: untraced, traced, not-selected, traced-all.
+    #[arg(
+        long,
+        default_value = "untraced,traced,not-selected,traced-all",
+        value_delimiter = ','
+    )]
+    modes: Vec<Mode>,
+    /// Cycles; each runs every mode for one slot, in an order that rotates per cycle.
+    #[arg(long, default_value_t = 40)]
+    cycles: usize,
+    /// Length of the measured part of a slot.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    slot: Duration,
+    /// Time after switching modes before a slot's measurement starts.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// cgroup v2 directories whose CPU time (cpu.stat usage_usec) is charged to the requests:
+    /// the server's and the load generator's.
+    #[arg(long, value_delimiter = ',')]
+    cpu_cgroups: Vec<PathBuf>,
+    /// Instead of reading the server's counter, time a loop of read/write syscalls on
+    /// /dev/zero and /dev/null on this thread: the per-syscall cost of the hooks for a
+    /// process that is not traced, in ns.
+    #[arg(long)]
+    syscall_loop: bool,
+    /// tracefs mount point.
+    #[arg(long, default_value = "/sys/kernel/tracing")]
+    tracefs: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// Programs detached: the baseline.
+    Untraced,
+    /// Programs attached, the server's cgroup selected (its requests traced, the load
+    /// generator's syscalls filtered out).
+    Traced,
+    /// Programs attached, no cgroup selected: the cost of the filter alone.
+    NotSelected,
+    /// Programs attached, every process traced (the load generator's requests too).
+    TracedAll,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Untraced => "untraced",
+            Mode::Traced => "traced",
+            Mode::NotSelected => "not-selected",
+            Mode::TracedAll => "traced-all",
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.modes.first() != Some(&Mode::Untraced) {
+        bail!("--modes must start with untraced: every ratio is against it");
+    }
+    let server_cgroup = std::fs::metadata(&args.server_cgroup)
+        .with_context(|| format!("reading {}", args.server_cgroup.display()))?
+        .ino();
+    let mut capture = KernelCapture::load(&args.tracefs)?;
+    let settings = |cgroups: Option<Vec<u64>>| CaptureSettings {
+        window: Duration::from_secs(1),
+        slow_threshold: None,
+        sample_rate: 0.0,
+        server: true,
+        client: true,
+        cgroups,
+    };
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); args.modes.len()];
+    let mut cpu_per_request: Vec<Vec<f64>> = vec![Vec::new(); args.modes.len()];
+    let modes = args.modes.len();
+    // Requests the kernel counted, and requests the server served in slots that trace it:
+    // a sanity check that the traced modes really traced.
+    let (mut counted, mut served_traced) = (0u64, 0u64);
+    for cycle in 0..args.cycles {
+        for step in 0..modes {
+            let index = (cycle + step) % modes;
+            let mode = args.modes[index];
+            match mode {
+                Mode::Untraced => capture.detach()?,
+                Mode::Traced => {
+                    capture.configure(&settings(Some(vec![server_cgroup])))?;
+                    capture.attach()?;
+                }
+                Mode::NotSelected => {
+                    capture.configure(&settings(Some(Vec::new())))?;
+                    capture.attach()?;
+                }
+                Mode::TracedAll => {
+                    capture.configure(&settings(None))?;
+                    capture.attach()?;
+                }
+            }
+            std::thread::sleep(args.settle);
+            if args.syscall_loop {
+                let (calls, nanos) = syscall_loop(args.slot)?;
+                rates[index].push(calls as f64 / (nanos as f64 / 1e9));
+                cpu_per_request[index].push(nanos as f64 / calls as f64);
+                continue;
+            }
+            let (before, cpu_before, started) =
+                (served(&args)?, cpu_micros(&args)?, Instant::now());
+            std::thread::sleep(args.slot);
+            let (after, cpu_after, elapsed) =
+                (served(&args)?, cpu_micros(&args)?, started.elapsed());
+            rates[index].push((after - before) as f64 / elapsed.as_secs_f64());
+            if matches!(mode, Mode::Traced | Mode::TracedAll) {
+                served_traced += after - before;
+            }
+            cpu_per_request[index]
+                .push((cpu_after - cpu_before) as f64 * 1000.0 / (after - before).max(1) as f64);
+            // Keep the kernel's tables from filling: what a running agent does every window.
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            counted += count(capture.drain_closed(now as u32)?);
+            capture.drain_events();
+        }
+        eprintln!(
+            "[overhead] cycle {}/{}: {}",
+            cycle + 1,
+            args.cycles,
+            args.modes
+                .iter()
+                .zip(&rates)
+                .map(|(mode, rates)| format!(
+                    "{} {:.0}",
+                    mode.name(),
+                    rates.last().copied().unwrap_or(0.0)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    capture.detach()?;
+    counted += count(capture.drain_closed(u32::MAX)?);
+    if !args.syscall_loop
+        && args
+            .modes
+            .iter()
+            .any(|mode| matches!(mode, Mode::Traced | Mode::TracedAll))
+    {
+        eprintln!(
+            "[overhead] requests counted by the kernel: {counted}; served in traced slots \
+             (settling excluded): {served_traced}"
+        );
+        if counted < served_traced {
+            bail!(
+                "the kernel counted {counted} requests, fewer than the {served_traced} served \
+                 while tracing: the traced modes did not trace the server"
+            );
+        }
+    }
+
+    println!(
+        "| mode | median req/s | throughput ratio: median (25th–75th pct) | CPU ns/request | untraced / this CPU per request: median (25th–75th pct) |"
+    );
+    println!("|---|---|---|---|---|");
+    for ((mode, mode_rates), mode_cpu) in args.modes.iter().zip(&rates).zip(&cpu_per_request) {
+        let ratios: Vec<f64> = mode_rates
+            .iter()
+            .zip(&rates[0])
+            .map(|(rate, untraced)| rate / untraced)
+            .collect();
+        let cpu_ratios: Vec<f64> = mode_cpu
+            .iter()
+            .zip(&cpu_per_request[0])
+            .map(|(cpu, untraced)| untraced / cpu)
+            .collect();
+        println!(
+            "| {} | {:.0} | {:.4} ({:.4}–{:.4}) | {:.0} | {:.4} ({:.4}–{:.4}) |",
+            mode.name(),
+            quantile(mode_rates, 0.5),
+            quantile(&ratios, 0.5),
+            quantile(&ratios, 0.25),
+            quantile(&ratios, 0.75),
+            quantile(mode_cpu, 0.5),
+            quantile(&cpu_ratios, 0.5),
+            quantile(&cpu_ratios, 0.25),
+            quantile(&cpu_ratios, 0.75),
+        );
+    }
+    Ok(())
+}
+
+fn count(closed: Vec<trazor_node_agent::capture::ClosedSeries>) -> u64 {
+    closed.iter().map(|series| series.totals.count).sum()
+}
+
+/// Requests the server has served so far, from nginx's stub_status.
+fn served(args: &Args) -> anyhow::Result<u64> {
+    let mut stream = TcpStream::connect(&args.status_addr)
+        .with_context(|| format!("connecting to {}", args.status_addr))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {} HTTP/1.0\r\nHost: bench\r\n\r\n",
+        args.status_path
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    // "...\r\n\r\nActive connections: 17 \nserver accepts handled requests\n 17 17 1234 \n..."
+    let counters = response
+        .lines()
+        .skip_while(|line| !line.starts_with("server accepts"))
+        .nth(1)
+        .with_context(|| format!("no stub_status counters in {response:?}"))?;
+    counters
+        .split_whitespace()
+        .nth(2)
+        .and_then(|requests| requests.parse().ok())
+        .with_context(|| format!("no request count in {counters:?}"))
+}
+
+/// Runs read(/dev/zero)/write(/dev/null) pairs for about `length`; returns the syscalls
+/// made and the thread's CPU time they took.
+fn syscall_loop(length: Duration) -> anyhow::Result<(u64, u64)> {
+    use std::fs::File;
+    let mut zero = File::open("/dev/zero")?;
+    let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let mut buffer = [0u8; 64];
+    let thread_cpu = || {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+        now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+    };
+    let started = Instant::now();
+    let cpu_before = thread_cpu();
+    let mut calls = 0u64;
+    while started.elapsed() < length {
+        for _ in 0..1000 {
+            zero.read_exact(&mut buffer)?;
+            null.write_all(&buffer)?;
+        }
+        calls += 2000;
+    }
+    Ok((calls, thread_cpu() - cpu_before))
+}
+
+/// CPU time used so far by the processes in `--cpu-cgroups`, in microseconds.
+fn cpu_micros(args: &Args) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for cgroup in &args.cpu_cgroups {
+        let path = cgroup.join("cpu.stat");
+        let stat = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        total += stat
+            .lines()
+            .find_map(|line| line.strip_prefix("usage_usec "))
+            .and_then(|usec| usec.trim().parse::<u64>().ok())
+            .with_context(|| format!("no usage_usec in {}", path.display()))?;
+    }
+    Ok(total)
+}
+
+/// The q-quantile (linear interpolation) of `values`; 0 when empty.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let position = q * (sorted.len() - 1) as f64;
+    let (low, high) = (position.floor() as usize, position.ceil() as usize);
+    sorted[low] + (sorted[high] - sorted[low]) * (position - low as f64)
+}
