@@ -2,7 +2,8 @@
 # Capture overhead benchmark: what tracing costs a real server, and what the agent costs.
 #
 #   1. nginx saturated by wrk on loopback for the whole run, while trazor-bench-overhead
-#      switches the eBPF program between modes every half second: detached (untraced),
+#      switches the eBPF programs between modes every slot: detached (untraced), an empty
+#      program on the same tracepoint (floor: what the mechanism alone costs),
 #      attached with nginx's cgroup selected (traced: target >= 0.97 of untraced
 #      throughput), attached with nothing selected (the filter alone: target >= 0.99), and
 #      attached tracing every process (traced-all, reported). nginx's own request counter
@@ -19,8 +20,8 @@
 #
 # Prints a table and writes it, with the command, date and machine, to
 # bench/results/capture.md. Run as root. Knobs (environment):
-#   BENCH_CYCLES=60       cycles of the mode alternation (each runs every mode once)
-#   BENCH_SLOT_MS=500     measured length of a slot; BENCH_SETTLE_MS=100 before it
+#   BENCH_CYCLES=150      cycles of the mode alternation (each runs every mode once)
+#   BENCH_SLOT_MS=100     measured length of a slot; BENCH_SETTLE_MS=20 before it
 #   BENCH_CONNECTIONS=16  wrk connections (one wrk thread, one nginx worker)
 #   BENCH_RATE=5000       req/s for the agent CPU/RSS measurement
 #   BENCH_RATE_SECONDS=10 seconds of it
@@ -29,9 +30,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-CYCLES=${BENCH_CYCLES:-60}
-SLOT_MS=${BENCH_SLOT_MS:-500}
-SETTLE_MS=${BENCH_SETTLE_MS:-100}
+CYCLES=${BENCH_CYCLES:-150}
+SLOT_MS=${BENCH_SLOT_MS:-100}
+SETTLE_MS=${BENCH_SETTLE_MS:-20}
 CONNECTIONS=${BENCH_CONNECTIONS:-16}
 RATE=${BENCH_RATE:-5000}
 RATE_SECONDS=${BENCH_RATE_SECONDS:-10}
@@ -151,9 +152,9 @@ sys_exit_programs() {
 }
 
 # --- 1. throughput, modes alternated every slot under constant load ---------------------
-MODES=untraced,traced,not-selected,traced-all
+MODES=untraced,floor,traced,not-selected,traced-all
 # wrk runs past the end of the alternation; it is stopped when the alternation ends.
-WRK_SECONDS=$(( CYCLES * 4 * (SLOT_MS + SETTLE_MS + 100) / 1000 + 120 ))
+WRK_SECONDS=$(( CYCLES * 5 * (SLOT_MS + SETTLE_MS + 100) / 1000 + 120 ))
 say "nginx under wrk (-t1 -c$CONNECTIONS), $CYCLES cycles of $MODES, ${SLOT_MS} ms slots"
 sh -c 'echo $$ > "$1/cgroup.procs" && exec wrk -t1 -c"$2" -d"$3s" "$4"' wrk \
     "$CLIENT_CGROUP" "$CONNECTIONS" "$WRK_SECONDS" "$URL" > "$RUN/wrk.out" &
@@ -169,6 +170,7 @@ ratio_of() { awk -F'|' -v mode="$1" '$2 ~ "^ "mode" $" { split($4, v, " "); prin
 THR_TRACED=$(ratio_of traced)
 THR_FILTER=$(ratio_of not-selected)
 THR_ALL=$(ratio_of traced-all)
+THR_FLOOR=$(ratio_of floor)
 [ -n "$THR_TRACED" ] && [ -n "$THR_FILTER" ] || die "could not read trazor-bench-overhead's table"
 
 # --- 2. per-syscall cost for a process that is not traced -------------------------------
@@ -226,6 +228,7 @@ TABLE=$(cat <<TABLE
 | nginx throughput, traced / untraced (nginx's cgroup selected; median of $CYCLES paired cycles) | $THR_TRACED | >= 0.97 | $(verdict "$THR_TRACED" ">=" 0.97) |
 | nginx throughput, not selected / untraced (program attached, nothing selected) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
 | nginx throughput, traced-all / untraced (every process: nginx and wrk) | $THR_ALL | (reported) | - |
+| nginx throughput, floor / untraced (an empty program on the same tracepoint: the mechanism alone) | $THR_FLOOR | (reported) | - |
 | syscall cost for an untraced process, ns added per syscall (read/write loop: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FILTER ns attached) | $SYSCALL_NS_ADDED | (reported) | - |
 | agent CPU (user + kernel), millicores per 10 000 req/s (at $ACTUAL_RATE req/s) | $AGENT_MC | <= 25 | $(verdict "$AGENT_MC" "<=" 25) |
 | eBPF program run time, millicores per 10 000 req/s, charged to the traced processes | $BPF_MC | (reported) | - |
@@ -248,7 +251,7 @@ mkdir -p bench/results
     echo "- machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- workload: nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 1 worker, sendfile on, 1 KiB static file, in its own cgroup; wrk -t1 -c$CONNECTIONS on loopback, in another, running through the whole alternation"
-    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the program, attach/detach and the cgroup selection changed in place): untraced = detached; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections predate the slot and are not adopted as client connections, so wrk only pays the per-syscall filter)"
+    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the program, attach/detach and the cgroup selection changed in place): untraced = detached; floor = an empty program on raw \`sys_exit\` instead of ours; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections predate the slot and are not adopted as client connections, so wrk only pays the per-syscall filter)"
     echo "- throughput: nginx's stub_status request counter at each slot's start and end; ratio = a mode's slot / the same cycle's untraced slot, median over the cycles (25th-75th percentile in the detail below)"
     echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's program with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive), agent tracing every process"
     echo

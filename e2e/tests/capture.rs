@@ -890,3 +890,50 @@ async fn windows_rotating_under_load_lose_nothing() {
     );
     assert_eq!(capture.count(report.pid, Direction::Client), report.ok);
 }
+
+/// A keep-alive connection accepted before the agent started (a load balancer's, through an
+/// agent restart) is adopted at its next request line: every later request counted, timed
+/// like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_opened_before_the_agent_are_adopted() {
+    if !require_ebpf_privileges("connections_opened_before_the_agent_are_adopted") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let scratch = Scratch::new("adopted");
+    let server = TimedServer::start(&scratch, "adopted", &["--delay", "5ms"]);
+    let mut connection = RawConnection::open(server.server.address);
+    connection.send(&[&request("/before/1")], Duration::ZERO);
+    assert_eq!(connection.response(), 200);
+
+    let capture = start_capture(Duration::from_secs(1), false).await;
+    for n in 0..20 {
+        connection.send(&[&request(&format!("/after/{n}"))], Duration::ZERO);
+        assert_eq!(connection.response(), 200);
+    }
+    capture.settle().await;
+    let windows = capture.windows(server.pid(), Direction::Server);
+    assert_eq!(
+        capture.count(server.pid(), Direction::Server),
+        20,
+        "{windows:?}"
+    );
+    assert!(
+        windows.iter().all(|window| window.route == "/after/{id}"),
+        "{windows:?}"
+    );
+    let truth = server.true_latencies();
+    assert_eq!(truth.len(), 21);
+    let true_max = truth[1..]
+        .iter()
+        .map(|(latency, _)| *latency)
+        .max()
+        .unwrap();
+    assert_within(
+        "adopted max",
+        max_nanos(&windows),
+        true_max,
+        SINGLE_REQUEST_SLACK_NANOS,
+    );
+    assert!(min_nanos(&windows) >= 5 * MS, "{windows:?}");
+}

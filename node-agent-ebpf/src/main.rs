@@ -736,6 +736,14 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Does nothing, on the same tracepoint: what the mechanism alone costs (the kernel's
+/// syscall-tracing slow path plus one program call per syscall). Only the overhead
+/// benchmark attaches it, as the floor the real program is compared with.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit_floor(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {

@@ -31,6 +31,8 @@ use crate::{Error, Result};
 /// one on `syscalls:sys_enter_close`.
 pub const SYS_EXIT: &str = "sys_exit";
 pub const SYS_ENTER_CLOSE: &str = "sys_enter_close";
+/// An empty program on `sys_exit`, for benchmarks: the cost of the mechanism alone.
+pub const SYS_EXIT_FLOOR: &str = "sys_exit_floor";
 
 /// One series of one closed window, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,11 +75,25 @@ pub struct KernelCapture {
 #[derive(Default)]
 struct Links {
     attached: Option<(RawTracePointLinkId, TracePointLinkId)>,
+    floor: Option<RawTracePointLinkId>,
 }
 
 impl Links {
     fn is_attached(&self) -> bool {
         self.attached.is_some()
+    }
+
+    fn attach_floor(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        let floor: &mut RawTracePoint = program(ebpf, SYS_EXIT_FLOOR)?;
+        if floor.fd().is_err() {
+            floor.load().map_err(Error::program(SYS_EXIT_FLOOR))?;
+        }
+        self.floor = Some(
+            floor
+                .attach(SYS_EXIT)
+                .map_err(Error::program(SYS_EXIT_FLOOR))?,
+        );
+        Ok(())
     }
 
     fn attach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
@@ -99,6 +115,10 @@ impl Links {
     }
 
     fn detach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        if let Some(link) = self.floor.take() {
+            let floor: &mut RawTracePoint = program(ebpf, SYS_EXIT_FLOOR)?;
+            floor.detach(link).map_err(Error::program(SYS_EXIT_FLOOR))?;
+        }
         if let Some((exit_link, close_link)) = self.attached.take() {
             let exit: &mut RawTracePoint = program(ebpf, SYS_EXIT)?;
             exit.detach(exit_link).map_err(Error::program(SYS_EXIT))?;
@@ -162,7 +182,15 @@ impl KernelCapture {
         if self.links.is_attached() {
             return Ok(());
         }
+        self.links.detach(&mut self.ebpf)?;
         self.links.attach(&mut self.ebpf)
+    }
+
+    /// Benchmarks only: detaches the programs and attaches in their place an empty one on
+    /// the same tracepoint, whose cost is the floor of this way of tracing.
+    pub fn attach_floor(&mut self) -> Result<()> {
+        self.links.detach(&mut self.ebpf)?;
+        self.links.attach_floor(&mut self.ebpf)
     }
 
     /// Starts (or changes) counting. Safe at any time: the traced set changes between two

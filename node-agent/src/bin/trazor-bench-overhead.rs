@@ -70,6 +70,8 @@ struct Args {
 enum Mode {
     /// Programs detached: the baseline.
     Untraced,
+    /// An empty program on the same tracepoint: what the tracing mechanism alone costs.
+    Floor,
     /// Programs attached, the server's cgroup selected (its requests traced, the load
     /// generator's syscalls filtered out).
     Traced,
@@ -83,6 +85,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Untraced => "untraced",
+            Mode::Floor => "floor",
             Mode::Traced => "traced",
             Mode::NotSelected => "not-selected",
             Mode::TracedAll => "traced-all",
@@ -119,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             let mode = args.modes[index];
             match mode {
                 Mode::Untraced => capture.detach()?,
+                Mode::Floor => capture.attach_floor()?,
                 Mode::Traced => {
                     capture.configure(&settings(Some(vec![server_cgroup])))?;
                     capture.attach()?;
@@ -175,6 +179,9 @@ fn main() -> anyhow::Result<()> {
         );
     }
     capture.detach()?;
+    if !args.syscall_loop && quantile(&rates[0], 0.5) < 1000.0 {
+        bail!("the server served under 1000 req/s untraced: is the load generator running?");
+    }
     counted += count(capture.drain_closed(u32::MAX)?);
     if !args.syscall_loop
         && args
