@@ -170,8 +170,8 @@ fn syscall(number: u64) -> Option<Syscall> {
     Some(syscall)
 }
 
-/// The returning syscall's number and first two arguments, from the registers the task
-/// saved on entry (`struct pt_regs`; the syscall ABI leaves argument registers intact, and
+/// The returning syscall's number, first two arguments and mode, from the registers the
+/// task saved on entry (`struct pt_regs`; the syscall ABI leaves argument registers intact, and
 /// where the return value overwrites the first one, the kernel keeps a copy).
 #[cfg(bpf_target_arch = "x86_64")]
 mod regs {
@@ -179,6 +179,11 @@ mod regs {
     pub const NUMBER: usize = 15;
     pub const ARG0: usize = 14;
     pub const ARG1: usize = 13;
+    /// `cs`: a 64-bit syscall comes from the 64-bit user code segment (its selector in the
+    /// low 16 bits; FRED kernels keep more state above them).
+    pub const MODE: usize = 17;
+    pub const MODE_MASK: u64 = 0xffff;
+    pub const MODE_NATIVE: u64 = 0x33;
 }
 #[cfg(bpf_target_arch = "aarch64")]
 mod regs {
@@ -186,6 +191,10 @@ mod regs {
     pub const NUMBER: usize = 35;
     pub const ARG0: usize = 34;
     pub const ARG1: usize = 1;
+    /// `pstate`: PSR_MODE32_BIT clear for a 64-bit task.
+    pub const MODE: usize = 33;
+    pub const MODE_MASK: u64 = 0x10;
+    pub const MODE_NATIVE: u64 = 0;
 }
 
 #[derive(Clone, Copy)]
@@ -203,6 +212,13 @@ impl SavedRegisters {
     fn word(self, index: usize) -> u64 {
         // SAFETY: in bounds of `struct pt_regs`; the verifier checks the offset against its BTF.
         unsafe { *self.0.add(index) }
+    }
+
+    /// Whether the syscall came from a 64-bit task: 32-bit (compat) tasks number their
+    /// syscalls differently and pass arguments in other registers.
+    #[inline(always)]
+    fn native(self) -> bool {
+        self.word(regs::MODE) & regs::MODE_MASK == regs::MODE_NATIVE
     }
 
     #[inline(always)]
@@ -234,27 +250,31 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The settings, when the current process is one to trace.
+/// The current process (tgid) and the settings, when it is one to trace. The cheapest
+/// rejections come first: most processes on a node are not selected.
 #[inline(always)]
-fn traced_process(tgid: u32) -> Option<AgentSettings> {
+fn traced_process() -> Option<(u32, AgentSettings)> {
     // A copy: user space may rewrite the map value while this program runs.
     let settings = *SETTINGS.get(0)?;
-    if settings.window_nanos == 0 || tgid == settings.agent_tgid {
+    if settings.window_nanos == 0 {
         return None;
     }
-    if settings.trace_all != 0 {
-        return Some(settings);
+    if settings.trace_all == 0 {
+        // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        let (word, bit) = cgroup_bit(cgroup_id);
+        let bits = TRACED_CGROUP_BITS.get(0)?;
+        if bits[word] & bit == 0 {
+            return None;
+        }
+        // SAFETY: the value is a plain u8 and only tested for presence.
+        unsafe { TRACED_CGROUPS.get(&cgroup_id) }?;
     }
-    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let (word, bit) = cgroup_bit(cgroup_id);
-    let bits = TRACED_CGROUP_BITS.get(0)?;
-    if bits[word] & bit == 0 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == settings.agent_tgid {
         return None;
     }
-    // SAFETY: the value is a plain u8 and only tested for presence.
-    unsafe { TRACED_CGROUPS.get(&cgroup_id) }?;
-    Some(settings)
+    Some((tgid, settings))
 }
 
 /// The address of the first user buffer a syscall read into or wrote from.
@@ -427,10 +447,9 @@ fn on_connect(settings: &AgentSettings, tgid: u32, regs: SavedRegisters, result:
 /// been given the same fd number for a new connection, whose entry must not be removed.
 #[tracepoint]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if traced_process(tgid).is_none() {
+    let Some((tgid, _)) = traced_process() else {
         return 0;
-    }
+    };
     // syscalls:sys_enter_close: common header (8 bytes), __syscall_nr (padded to 8), fd.
     // SAFETY: the record holds the u64 argument at this offset.
     if let Ok(fd) = unsafe { ctx.read_at::<u64>(16) } {
@@ -714,8 +733,10 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let Some(syscall) = syscall(regs.number()) else {
         return 0;
     };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(settings) = traced_process(tgid) else {
+    if !regs.native() {
+        return 0;
+    }
+    let Some((tgid, settings)) = traced_process() else {
         return 0;
     };
     // sys_exit(struct pt_regs *regs, long ret)
