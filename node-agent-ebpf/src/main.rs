@@ -733,14 +733,21 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let Some(syscall) = syscall(regs.number()) else {
         return 0;
     };
-    if !regs.native() {
+    // sys_exit(struct pt_regs *regs, long ret)
+    let result: i64 = ctx.arg(1);
+    // A failed syscall (say, a read that would block) tells us nothing: skip it before
+    // asking whose it is.
+    let informative = match syscall {
+        Syscall::Accept | Syscall::Read(_) => result >= 0,
+        Syscall::Connect => result == 0 || result == -EINPROGRESS,
+        Syscall::Write(_) => result > 0,
+    };
+    if !informative || !regs.native() {
         return 0;
     }
     let Some((tgid, settings)) = traced_process() else {
         return 0;
     };
-    // sys_exit(struct pt_regs *regs, long ret)
-    let result: i64 = ctx.arg(1);
     let settings = &settings;
     let _ = match syscall {
         Syscall::Accept => {
