@@ -3,7 +3,7 @@
 #
 #   1. nginx saturated by wrk on loopback for the whole run, while trazor-bench-overhead
 #      switches the eBPF programs between modes every slot: detached (untraced), an empty
-#      program on the same tracepoint (floor: what the mechanism alone costs),
+#      program on the same tracepoints (floor: what the mechanism alone costs),
 #      attached with nginx's cgroup selected (traced: target >= 0.97 of untraced
 #      throughput), attached with nothing selected (the filter alone: target >= 0.99), and
 #      attached tracing every process (traced-all, reported). nginx's own request counter
@@ -11,7 +11,7 @@
 #      untraced slot cancels the slow swings of a shared machine, and the median over the
 #      cycles is the figure. CPU time per request (nginx's and wrk's cgroups) is reported
 #      next to it.
-#   2. The per-syscall cost of the attached program for a process that is not traced: a
+#   2. The per-syscall cost of the attached programs for a process that is not traced: a
 #      read/write loop, attached vs detached, alternated the same way.
 #   3. Agent CPU (user + kernel, from /proc) and RSS at a fixed request rate, normalised to
 #      millicores per 10 000 req/s (target <= 25), RSS (target <= 30 MiB); plus the run time
@@ -145,10 +145,10 @@ stop_agent() {
     AGENT_PID=""
 }
 
-# Ids of the loaded programs on the raw sys_exit tracepoint (ours is the new one once the
-# agent has started; this bpftool cannot list the owning pids).
-sys_exit_programs() {
-    bpftool -j prog show | jq -r '.[] | select(.type == "raw_tracepoint" and .name == "sys_exit") | .id' | sort
+# Ids of the loaded programs on syscall tracepoints (ours are the new ones once the agent
+# has started; this bpftool cannot list the owning pids).
+syscall_programs() {
+    bpftool -j prog show | jq -r '.[] | select(.type == "tracepoint" and (.name | test("^sys_(enter|exit)_"))) | .id' | sort
 }
 
 # --- 1. throughput, modes alternated every slot under constant load ---------------------
@@ -187,10 +187,10 @@ SYSCALL_NS_ADDED=$(awk -v a="$SYSCALL_NS_FILTER" -v b="$SYSCALL_NS_UNTRACED" 'BE
 
 # --- 3. agent CPU and RSS at a fixed rate ------------------------------------------------
 say "agent CPU and RSS at $RATE req/s for ${RATE_SECONDS}s (tracing everything)"
-programs_before=$(sys_exit_programs)
+programs_before=$(syscall_programs)
 start_agent
 sleep 1
-OUR_PROGRAMS=$(comm -13 <(echo "$programs_before") <(sys_exit_programs) | paste -sd, -)
+OUR_PROGRAMS=$(comm -13 <(echo "$programs_before") <(syscall_programs) | paste -sd, -)
 sysctl -q -w kernel.bpf_stats_enabled=1
 # On-CPU time of every agent thread, user + kernel, in ns (schedstat: finer than ticks).
 cpu_ns() { cat /proc/"$AGENT_PID"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'; }
@@ -229,10 +229,10 @@ TABLE=$(cat <<TABLE
 | nginx throughput, traced / untraced (nginx's cgroup selected; median of $CYCLES paired cycles) | $THR_TRACED | >= 0.97 | $(verdict "$THR_TRACED" ">=" 0.97) |
 | nginx throughput, not selected / untraced (program attached, nothing selected) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
 | nginx throughput, traced-all / untraced (every process: nginx and wrk) | $THR_ALL | (reported) | - |
-| nginx throughput, floor / untraced (an empty program on the same tracepoint: the mechanism alone) | $THR_FLOOR | (reported) | - |
+| nginx throughput, floor / untraced (an empty program on the same tracepoints: the mechanism alone) | $THR_FLOOR | (reported) | - |
 | syscall cost for an untraced process, ns added per syscall (read/write loop: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FLOOR ns with the empty floor program, $SYSCALL_NS_FILTER ns with ours) | $SYSCALL_NS_ADDED | (reported) | - |
 | agent CPU (user + kernel), millicores per 10 000 req/s (at $ACTUAL_RATE req/s) | $AGENT_MC | <= 25 | $(verdict "$AGENT_MC" "<=" 25) |
-| eBPF program run time, millicores per 10 000 req/s, charged to the traced processes | $BPF_MC | (reported) | - |
+| eBPF programs' run time, millicores per 10 000 req/s, charged to the traced processes | $BPF_MC | (reported) | - |
 | agent RSS at the end of the fixed-rate run, MiB | $RSS_MIB | <= 30 | $(verdict "$RSS_MIB" "<=" 30) |
 | agent peak RSS since start (VmHWM: includes loading the eBPF object), MiB | $HWM_MIB | <= 30 | $(verdict "$HWM_MIB" "<=" 30) |
 TABLE
@@ -252,9 +252,9 @@ mkdir -p bench/results
     echo "- machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- workload: nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 1 worker, sendfile on, 1 KiB static file, in its own cgroup; wrk -t1 -c$CONNECTIONS on loopback, in another, running through the whole alternation"
-    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the program, attach/detach and the cgroup selection changed in place): untraced = detached; floor = an empty program on raw \`sys_exit\` instead of ours; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections predate the slot and are not adopted as client connections, so wrk only pays the per-syscall filter)"
+    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the programs, attach/detach and the cgroup selection changed in place): untraced = detached; floor = an empty program on the same tracepoints instead of ours; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections predate the slot and are not adopted as client connections, so wrk only pays the per-syscall filter)"
     echo "- throughput: nginx's stub_status request counter at each slot's start and end; ratio = a mode's slot / the same cycle's untraced slot, median over the cycles (25th-75th percentile in the detail below)"
-    echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's program with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive), agent tracing every process"
+    echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's programs with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive), agent tracing every process"
     echo
     echo "$TABLE"
     echo

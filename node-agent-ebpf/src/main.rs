@@ -1,13 +1,12 @@
 //! Trazor's eBPF programs: HTTP/1.x request latency from syscalls, on both sides of a
 //! connection.
 //!
-//! One program, on the raw `sys_exit` tracepoint, sees every syscall as it returns (and a
-//! second, on `syscalls:sys_enter_close`, sees closes as they start). It reads
-//! the syscall's number and arguments from the task's saved registers, so nothing has to
-//! be remembered between a syscall's entry and its exit: no entry program, no in-flight
-//! table. The first checks are the cheapest: the syscall number (one load), then whether
-//! the process is selected (a bit in `TRACED_CGROUP_BITS`, an inlined array access, before
-//! the exact `TRACED_CGROUPS` lookup). An unselected process pays those and nothing else.
+//! One program per followed syscall, on its `syscalls:sys_exit_*` tracepoint, sees it as it
+//! returns, and reads its arguments from the registers the task saved on entry, so nothing
+//! has to be remembered between a syscall's entry and its exit: no entry programs, no
+//! in-flight table. (A `sys_enter_close` program sees closes before their fd can be
+//! reused.) A failed syscall stops at once; then a process outside the selection stops at
+//! one bit of `TRACED_CGROUP_BITS` (an inlined array access), before any hash lookup.
 //!
 //! A connection is tracked from the `accept`/`accept4` (server side) or `connect` (client
 //! side) that created it to its `close`, in `CONNECTIONS`, keyed by (tgid, fd). A server
@@ -32,9 +31,9 @@ use aya_ebpf::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::TracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
     AgentSettings, BucketKey, CGROUP_BITS_WORDS, Direction, PATH_LEN, RequestEvent, SeriesKey,
@@ -132,51 +131,15 @@ enum Syscall {
     Write(BufferShape),
 }
 
-#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
-compile_error!("syscall numbers and pt_regs offsets are written for x86_64 and aarch64 only");
-
-/// The syscalls we follow, by this architecture's numbers (aya-build sets
-/// `bpf_target_arch` to the architecture the agent is built for).
-#[inline(always)]
-fn syscall(number: u64) -> Option<Syscall> {
-    #[cfg(bpf_target_arch = "x86_64")]
-    let syscall = match number {
-        0 => Syscall::Read(BufferShape::Flat),
-        1 => Syscall::Write(BufferShape::Flat),
-        19 => Syscall::Read(BufferShape::IoVec),
-        20 => Syscall::Write(BufferShape::IoVec),
-        42 => Syscall::Connect,
-        43 | 288 => Syscall::Accept,
-        44 => Syscall::Write(BufferShape::Flat),
-        45 => Syscall::Read(BufferShape::Flat),
-        46 => Syscall::Write(BufferShape::MsgHdr),
-        47 => Syscall::Read(BufferShape::MsgHdr),
-        _ => return None,
-    };
-    #[cfg(bpf_target_arch = "aarch64")]
-    let syscall = match number {
-        63 => Syscall::Read(BufferShape::Flat),
-        64 => Syscall::Write(BufferShape::Flat),
-        65 => Syscall::Read(BufferShape::IoVec),
-        66 => Syscall::Write(BufferShape::IoVec),
-        202 | 242 => Syscall::Accept,
-        203 => Syscall::Connect,
-        206 => Syscall::Write(BufferShape::Flat),
-        207 => Syscall::Read(BufferShape::Flat),
-        211 => Syscall::Write(BufferShape::MsgHdr),
-        212 => Syscall::Read(BufferShape::MsgHdr),
-        _ => return None,
-    };
-    Some(syscall)
-}
-
-/// The returning syscall's number, first two arguments and mode, from the registers the
-/// task saved on entry (`struct pt_regs`; the syscall ABI leaves argument registers intact, and
+/// The returning syscall's first two arguments and mode, from the registers the task saved
+/// on entry (`struct pt_regs`; the syscall ABI leaves argument registers intact, and
 /// where the return value overwrites the first one, the kernel keeps a copy).
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+compile_error!("pt_regs offsets are written for x86_64 and aarch64 only");
+
 #[cfg(bpf_target_arch = "x86_64")]
 mod regs {
-    /// `orig_ax`, `di`, `si` in x86-64's `struct pt_regs`, as u64 indices.
-    pub const NUMBER: usize = 15;
+    /// `di`, `si` in x86-64's `struct pt_regs`, as u64 indices.
     pub const ARG0: usize = 14;
     pub const ARG1: usize = 13;
     /// `cs`: a 64-bit syscall comes from the 64-bit user code segment (its selector in the
@@ -187,8 +150,7 @@ mod regs {
 }
 #[cfg(bpf_target_arch = "aarch64")]
 mod regs {
-    /// `syscallno` (s32, little-endian), `orig_x0`, `regs[1]` in arm64's `struct pt_regs`.
-    pub const NUMBER: usize = 35;
+    /// `orig_x0`, `regs[1]` in arm64's `struct pt_regs`.
     pub const ARG0: usize = 34;
     pub const ARG1: usize = 1;
     /// `pstate`: PSR_MODE32_BIT clear for a 64-bit task.
@@ -219,14 +181,6 @@ impl SavedRegisters {
     #[inline(always)]
     fn native(self) -> bool {
         self.word(regs::MODE) & regs::MODE_MASK == regs::MODE_NATIVE
-    }
-
-    #[inline(always)]
-    fn number(self) -> u64 {
-        #[cfg(bpf_target_arch = "aarch64")]
-        return self.word(regs::NUMBER) as u32 as u64;
-        #[cfg(not(bpf_target_arch = "aarch64"))]
-        return self.word(regs::NUMBER);
     }
 }
 
@@ -410,6 +364,7 @@ fn wants(settings: &AgentSettings, direction: Direction) -> bool {
     settings.directions & (direction as u32) != 0
 }
 
+#[inline(always)]
 fn on_accept(settings: &AgentSettings, tgid: u32, fd: i64) {
     if fd >= 0 && wants(settings, Direction::Server) {
         let key = ConnectionKey {
@@ -420,6 +375,7 @@ fn on_accept(settings: &AgentSettings, tgid: u32, fd: i64) {
     }
 }
 
+#[inline(always)]
 fn on_connect(settings: &AgentSettings, tgid: u32, regs: SavedRegisters, result: i64) {
     if !(result == 0 || result == -EINPROGRESS) || !wants(settings, Direction::Client) {
         return;
@@ -469,6 +425,7 @@ fn forget_connection(tgid: u32, fd: u32) {
     }
 }
 
+#[inline(always)]
 fn on_read(
     settings: &AgentSettings,
     tgid: u32,
@@ -536,6 +493,7 @@ fn on_read(
     }
 }
 
+#[inline(always)]
 fn on_write(
     settings: &AgentSettings,
     tgid: u32,
@@ -726,15 +684,9 @@ fn emit(
     entry.submit(0);
 }
 
-/// Every syscall of every process returns through here.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    let regs = SavedRegisters::current();
-    let Some(syscall) = syscall(regs.number()) else {
-        return 0;
-    };
-    // sys_exit(struct pt_regs *regs, long ret)
-    let result: i64 = ctx.arg(1);
+/// What every exit program does once it knows which syscall returned, and with what.
+#[inline(always)]
+fn on_exit(syscall: Syscall, result: i64) {
     // A failed syscall (say, a read that would block) tells us nothing: skip it before
     // asking whose it is.
     let informative = match syscall {
@@ -742,12 +694,16 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         Syscall::Connect => result == 0 || result == -EINPROGRESS,
         Syscall::Write(_) => result > 0,
     };
-    if !informative || !regs.native() {
-        return 0;
+    if !informative {
+        return;
     }
     let Some((tgid, settings)) = traced_process() else {
-        return 0;
+        return;
     };
+    let regs = SavedRegisters::current();
+    if !regs.native() {
+        return;
+    }
     let settings = &settings;
     let _ = match syscall {
         Syscall::Accept => {
@@ -761,14 +717,41 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         Syscall::Read(shape) => on_read(settings, tgid, regs, shape, result),
         Syscall::Write(shape) => on_write(settings, tgid, regs, shape, result),
     };
-    0
 }
 
-/// Does nothing, on the same tracepoint: what the mechanism alone costs (the kernel's
-/// syscall-tracing slow path plus one program call per syscall). Only the overhead
-/// benchmark attaches it, as the floor the real program is compared with.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit_floor(_ctx: RawTracePointContext) -> i32 {
+/// One program per followed syscall's exit tracepoint, so the kernel calls us only for
+/// those (every other syscall costs nothing beyond the kernel's syscall-tracing path).
+macro_rules! exit_hook {
+    ($name:ident, $syscall:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            // syscalls:sys_exit_*: common header (8 bytes), __syscall_nr (padded), ret.
+            // SAFETY: every syscall exit record holds `long ret` at this offset.
+            if let Ok(result) = unsafe { ctx.read_at::<i64>(16) } {
+                on_exit($syscall, result);
+            }
+            0
+        }
+    };
+}
+
+exit_hook!(sys_exit_accept, Syscall::Accept);
+exit_hook!(sys_exit_accept4, Syscall::Accept);
+exit_hook!(sys_exit_connect, Syscall::Connect);
+exit_hook!(sys_exit_read, Syscall::Read(BufferShape::Flat));
+exit_hook!(sys_exit_recvfrom, Syscall::Read(BufferShape::Flat));
+exit_hook!(sys_exit_readv, Syscall::Read(BufferShape::IoVec));
+exit_hook!(sys_exit_recvmsg, Syscall::Read(BufferShape::MsgHdr));
+exit_hook!(sys_exit_write, Syscall::Write(BufferShape::Flat));
+exit_hook!(sys_exit_sendto, Syscall::Write(BufferShape::Flat));
+exit_hook!(sys_exit_writev, Syscall::Write(BufferShape::IoVec));
+exit_hook!(sys_exit_sendmsg, Syscall::Write(BufferShape::MsgHdr));
+
+/// Does nothing: attached to every tracepoint the real programs use, it measures what the
+/// mechanism alone costs (the kernel's syscall-tracing path plus one program call per
+/// followed syscall). Only the overhead benchmark attaches it.
+#[tracepoint]
+pub fn floor(_ctx: TracePointContext) -> u32 {
     0
 }
 

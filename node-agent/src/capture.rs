@@ -15,10 +15,7 @@ use std::{
 use aya::{
     Ebpf, include_bytes_aligned,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{
-        RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId,
-        trace_point::TracePointLinkId,
-    },
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use trazor_node_agent_ebpf_common::{
     AgentSettings, BucketKey, CGROUP_BITS_WORDS, RequestEvent, SeriesKey, SeriesTotals, cgroup_bit,
@@ -27,12 +24,25 @@ use trazor_node_agent_ebpf_common::{
 
 use crate::{Error, Result};
 
-/// The kernel side's programs (see the eBPF crate): one on the raw `sys_exit` tracepoint,
-/// one on `syscalls:sys_enter_close`.
-pub const SYS_EXIT: &str = "sys_exit";
-pub const SYS_ENTER_CLOSE: &str = "sys_enter_close";
-/// An empty program on `sys_exit`, for benchmarks: the cost of the mechanism alone.
-pub const SYS_EXIT_FLOOR: &str = "sys_exit_floor";
+/// The kernel side's programs (see the eBPF crate), each on the `syscalls` tracepoint of
+/// the same name: the followed syscalls' exits, and closes as they start.
+pub const PROGRAMS: &[&str] = &[
+    "sys_enter_close",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_exit_connect",
+    "sys_exit_read",
+    "sys_exit_recvfrom",
+    "sys_exit_readv",
+    "sys_exit_recvmsg",
+    "sys_exit_write",
+    "sys_exit_sendto",
+    "sys_exit_writev",
+    "sys_exit_sendmsg",
+];
+/// An empty program, for benchmarks: attached to every tracepoint of [`PROGRAMS`], it
+/// measures the cost of the mechanism alone.
+pub const FLOOR: &str = "floor";
 
 /// One series of one closed window, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,61 +81,40 @@ pub struct KernelCapture {
     links: Links,
 }
 
-/// The attachments of the loaded programs, while attached.
+/// The attachments of the loaded programs: (program, link) per tracepoint.
 #[derive(Default)]
 struct Links {
-    attached: Option<(RawTracePointLinkId, TracePointLinkId)>,
-    floor: Option<RawTracePointLinkId>,
+    attached: Vec<(&'static str, TracePointLinkId)>,
+    floor: bool,
 }
 
 impl Links {
     fn is_attached(&self) -> bool {
-        self.attached.is_some()
+        !self.attached.is_empty() && !self.floor
     }
 
-    fn attach_floor(&mut self, ebpf: &mut Ebpf) -> Result<()> {
-        let floor: &mut RawTracePoint = program(ebpf, SYS_EXIT_FLOOR)?;
-        if floor.fd().is_err() {
-            floor.load().map_err(Error::program(SYS_EXIT_FLOOR))?;
+    /// Attaches each program to its tracepoint, or with `floor` the empty one to all of
+    /// them. Close first: a connection must never be tracked without its close being seen.
+    fn attach(&mut self, ebpf: &mut Ebpf, floor: bool) -> Result<()> {
+        for &tracepoint in PROGRAMS {
+            let name = if floor { FLOOR } else { tracepoint };
+            let program: &mut TracePoint = program(ebpf, name)?;
+            if program.fd().is_err() {
+                program.load().map_err(Error::program(name))?;
+            }
+            let link = program
+                .attach("syscalls", tracepoint)
+                .map_err(Error::program(name))?;
+            self.attached.push((name, link));
         }
-        self.floor = Some(
-            floor
-                .attach(SYS_EXIT)
-                .map_err(Error::program(SYS_EXIT_FLOOR))?,
-        );
-        Ok(())
-    }
-
-    fn attach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
-        // Close first: a connection must never be tracked without its close being seen.
-        let close: &mut TracePoint = program(ebpf, SYS_ENTER_CLOSE)?;
-        if close.fd().is_err() {
-            close.load().map_err(Error::program(SYS_ENTER_CLOSE))?;
-        }
-        let close_link = close
-            .attach("syscalls", SYS_ENTER_CLOSE)
-            .map_err(Error::program(SYS_ENTER_CLOSE))?;
-        let exit: &mut RawTracePoint = program(ebpf, SYS_EXIT)?;
-        if exit.fd().is_err() {
-            exit.load().map_err(Error::program(SYS_EXIT))?;
-        }
-        let exit_link = exit.attach(SYS_EXIT).map_err(Error::program(SYS_EXIT))?;
-        self.attached = Some((exit_link, close_link));
+        self.floor = floor;
         Ok(())
     }
 
     fn detach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
-        if let Some(link) = self.floor.take() {
-            let floor: &mut RawTracePoint = program(ebpf, SYS_EXIT_FLOOR)?;
-            floor.detach(link).map_err(Error::program(SYS_EXIT_FLOOR))?;
-        }
-        if let Some((exit_link, close_link)) = self.attached.take() {
-            let exit: &mut RawTracePoint = program(ebpf, SYS_EXIT)?;
-            exit.detach(exit_link).map_err(Error::program(SYS_EXIT))?;
-            let close: &mut TracePoint = program(ebpf, SYS_ENTER_CLOSE)?;
-            close
-                .detach(close_link)
-                .map_err(Error::program(SYS_ENTER_CLOSE))?;
+        for (name, link) in self.attached.drain(..) {
+            let program: &mut TracePoint = program(ebpf, name)?;
+            program.detach(link).map_err(Error::program(name))?;
         }
         Ok(())
     }
@@ -158,7 +147,7 @@ impl KernelCapture {
             .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trazor")))
             .map_err(|error| Error::Load(Box::new(error)))?;
         let mut capture_links = Links::default();
-        capture_links.attach(&mut ebpf)?;
+        capture_links.attach(&mut ebpf, false)?;
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(Error::MissingInObject {
             kind: "map",
             name: "EVENTS".to_owned(),
@@ -183,14 +172,14 @@ impl KernelCapture {
             return Ok(());
         }
         self.links.detach(&mut self.ebpf)?;
-        self.links.attach(&mut self.ebpf)
+        self.links.attach(&mut self.ebpf, false)
     }
 
     /// Benchmarks only: detaches the programs and attaches in their place an empty one on
     /// the same tracepoint, whose cost is the floor of this way of tracing.
     pub fn attach_floor(&mut self) -> Result<()> {
         self.links.detach(&mut self.ebpf)?;
-        self.links.attach_floor(&mut self.ebpf)
+        self.links.attach(&mut self.ebpf, true)
     }
 
     /// Starts (or changes) counting. Safe at any time: the traced set changes between two

@@ -70,7 +70,7 @@ struct Args {
 enum Mode {
     /// Programs detached: the baseline.
     Untraced,
-    /// An empty program on the same tracepoint: what the tracing mechanism alone costs.
+    /// An empty program on the same tracepoints: what the tracing mechanism alone costs.
     Floor,
     /// Programs attached, the server's cgroup selected (its requests traced, the load
     /// generator's syscalls filtered out).
