@@ -153,8 +153,10 @@ syscall_programs() {
 
 # --- 1. throughput, modes alternated every slot under constant load ---------------------
 MODES=untraced,floor,traced,not-selected,traced-all
-# wrk runs past the end of the alternation; it is stopped when the alternation ends.
-WRK_SECONDS=$(( CYCLES * 5 * (SLOT_MS + SETTLE_MS + 100) / 1000 + 120 ))
+# wrk runs past the end of the alternation (switching modes attaches and detaches a dozen
+# tracepoints, so a slot takes longer than its length); it is stopped when the alternation
+# ends, and a wrk that ended first fails the run.
+WRK_SECONDS=$(( CYCLES * 5 * (SLOT_MS + SETTLE_MS + 500) / 1000 + 120 ))
 say "nginx under wrk (-t1 -c$CONNECTIONS), $CYCLES cycles of $MODES, ${SLOT_MS} ms slots"
 sh -c 'echo $$ > "$1/cgroup.procs" && exec wrk -t1 -c"$2" -d"$3s" "$4"' wrk \
     "$CLIENT_CGROUP" "$CONNECTIONS" "$WRK_SECONDS" "$URL" > "$RUN/wrk.out" &
@@ -163,6 +165,7 @@ sleep 1
 THROUGHPUT=$("$BIN/trazor-bench-overhead" --status-addr "127.0.0.1:$NGINX_PORT" \
     --server-cgroup "$SERVER_CGROUP" --cpu-cgroups "$SERVER_CGROUP,$CLIENT_CGROUP" \
     --modes "$MODES" --cycles "$CYCLES" --slot "${SLOT_MS}ms" --settle "${SETTLE_MS}ms")
+kill -0 "$WRK_PID" 2>/dev/null || die "wrk ended before the alternation did: raise WRK_SECONDS"
 kill "$WRK_PID" 2>/dev/null; wait "$WRK_PID" 2>/dev/null || true
 WRK_PID=""
 echo "$THROUGHPUT" >&2
