@@ -109,11 +109,20 @@ fn merged_histogram(windows: &[Value]) -> ExponentialHistogram {
     merged
 }
 
-fn assert_close(what: &str, measured_ms: f64, expected_ms: f64, tolerance: f64) {
-    let relative = (measured_ms - expected_ms) / expected_ms;
+/// A latency the sample server's handler sleeps `nominal_ms` for: never less than the sleep
+/// (within the histogram's 0.54 % bucket error), and over it by no more than 5 % plus the
+/// timer and wake-up slack of a loaded machine. Exact accuracy against the latencies servers
+/// record themselves is checked in `capture.rs`.
+fn assert_close(what: &str, measured_ms: f64, nominal_ms: f64, tolerance: f64) {
+    const TIMER_SLACK_MS: f64 = 2.0;
+    let (low, high) = (
+        nominal_ms * (1.0 - 0.0054),
+        nominal_ms * (1.0 + tolerance) + TIMER_SLACK_MS,
+    );
     assert!(
-        relative.abs() <= tolerance,
-        "{what}: measured {measured_ms:.3} ms, expected {expected_ms:.3} ms ± {:.0} %",
+        (low..=high).contains(&measured_ms),
+        "{what}: measured {measured_ms:.3} ms, expected {low:.3} to {high:.3} ms (nominal \
+         {nominal_ms:.3} ms + {:.0} % + {TIMER_SLACK_MS} ms of timer slack)",
         tolerance * 100.0
     );
 }
