@@ -80,11 +80,6 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUN
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-/// Per-CPU scratch for the bytes being inspected (too big for the 512-byte BPF stack next
-/// to everything else).
-#[map]
-static PEEK_SCRATCH: PerCpuArray<[u8; PEEK_LEN]> = PerCpuArray::with_max_entries(1, 0);
-
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ConnectionKey {
@@ -184,8 +179,9 @@ impl SavedRegisters {
     }
 }
 
-/// Bytes of a buffer inspected: "OPTIONS " plus a path of PATH_LEN bytes.
-const PEEK_LEN: usize = 8 + PATH_LEN;
+/// Bytes of a buffer inspected: enough for "OPTIONS " and for "HTTP/1.1 200" (the path is
+/// read straight into the connection entry by `start_request`).
+const PEEK_LEN: usize = 16;
 const EINPROGRESS: i64 = 115;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -246,21 +242,17 @@ fn first_buffer(shape: BufferShape, buffer: u64) -> Result<u64, i32> {
     unsafe { bpf_probe_read_user(iovec as *const u64) }
 }
 
-/// Copies the first PEEK_LEN bytes of the user buffer into the per-CPU scratch; returns
-/// them and the buffer's address.
+/// The first PEEK_LEN bytes of the user buffer, and the buffer's address.
 #[inline(always)]
-fn peek(shape: BufferShape, buffer: u64) -> Result<(&'static mut [u8; PEEK_LEN], u64), i32> {
+fn peek(shape: BufferShape, buffer: u64) -> Result<([u8; PEEK_LEN], u64), i32> {
     let data = first_buffer(shape, buffer)?;
     if data == 0 {
         return Err(-1);
     }
-    let scratch = PEEK_SCRATCH.get_ptr_mut(0).ok_or(-1)?;
-    // SAFETY: this CPU's scratch slot, used by one program at a time on this CPU.
-    let bytes = unsafe { &mut *scratch };
     // A buffer shorter than PEEK_LEN still lies in the process's memory almost always; if
     // not, the read fails and the request is simply not recognised.
     // SAFETY: the helper checks the user address.
-    unsafe { bpf_probe_read_user_buf(data as *const u8, bytes)? };
+    let bytes = unsafe { bpf_probe_read_user(data as *const [u8; PEEK_LEN])? };
     Ok((bytes, data))
 }
 
@@ -366,7 +358,7 @@ fn wants(settings: &AgentSettings, direction: Direction) -> bool {
 
 #[inline(always)]
 fn on_accept(settings: &AgentSettings, tgid: u32, fd: i64) {
-    if fd >= 0 && wants(settings, Direction::Server) {
+    if wants(settings, Direction::Server) {
         let key = ConnectionKey {
             tgid,
             fd: fd as u32,
@@ -377,7 +369,7 @@ fn on_accept(settings: &AgentSettings, tgid: u32, fd: i64) {
 
 #[inline(always)]
 fn on_connect(settings: &AgentSettings, tgid: u32, regs: SavedRegisters, result: i64) {
-    if !(result == 0 || result == -EINPROGRESS) || !wants(settings, Direction::Client) {
+    if !wants(settings, Direction::Client) {
         return;
     }
     // struct sockaddr_in { u16 family; u16 port (BE); u32 addr (BE); }
@@ -433,9 +425,6 @@ fn on_read(
     shape: BufferShape,
     returned: i64,
 ) -> Result<(), i32> {
-    if returned < 0 {
-        return Ok(());
-    }
     let key = ConnectionKey {
         tgid,
         fd: regs.word(regs::ARG0) as u32,
@@ -447,7 +436,7 @@ fn on_read(
             return Ok(());
         }
         let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
-        let Some(method) = parse_method(bytes) else {
+        let Some(method) = parse_method(&bytes) else {
             return Ok(());
         };
         let start = now();
@@ -477,13 +466,13 @@ fn on_read(
     }
     let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
     if server {
-        if let Some(method) = parse_method(bytes) {
+        if let Some(method) = parse_method(&bytes) {
             start_request(connection, method, data, now());
         }
         return Ok(());
     }
     // Client side: the response to our request.
-    match parse_status(bytes) {
+    match parse_status(&bytes) {
         Some(status) if !is_interim(status) => {
             // SAFETY: as above.
             let start = unsafe { (*connection).request_start_nanos };
@@ -501,9 +490,6 @@ fn on_write(
     shape: BufferShape,
     written: i64,
 ) -> Result<(), i32> {
-    if written <= 0 {
-        return Ok(());
-    }
     let key = ConnectionKey {
         tgid,
         fd: regs.word(regs::ARG0) as u32,
@@ -523,7 +509,7 @@ fn on_write(
         if start == 0 {
             // A request went out: it started when its write returned.
             let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
-            if let Some(method) = parse_method(bytes) {
+            if let Some(method) = parse_method(&bytes) {
                 start_request(connection, method, data, now());
             }
         }
@@ -533,7 +519,7 @@ fn on_write(
         return Ok(());
     }
     let (bytes, _) = peek(shape, regs.word(regs::ARG1))?;
-    let Some(status) = parse_status(bytes) else {
+    let Some(status) = parse_status(&bytes) else {
         // Body bytes, or a response we cannot read: the request stays open.
         return Ok(());
     };
