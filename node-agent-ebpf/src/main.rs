@@ -1,26 +1,35 @@
-//! Trazor's eBPF programs: HTTP/1.x request latency from syscalls, on both sides of a
-//! connection.
+//! Trazor's eBPF programs: HTTP/1.x request latency from socket reads and writes, on both
+//! sides of a connection.
 //!
-//! One program per followed syscall, on its `syscalls:sys_exit_*` tracepoint, sees it as it
-//! returns, and reads its arguments from the registers the task saved on entry, so nothing
-//! has to be remembered between a syscall's entry and its exit: no entry programs, no
-//! in-flight table. (A `sys_enter_close` program sees closes before their fd can be
-//! reused.) A failed syscall stops at once; then a process outside the selection stops at
-//! one bit of `TRACED_CGROUP_BITS` (an inlined array access), before any hash lookup.
+//! Where they hook: the `sock_recv_length` and `sock_send_length` tracepoints, which the
+//! kernel fires once per socket receive and send (whatever the syscall: `read`, `recvfrom`,
+//! `readv`, `recvmsg`, `write`, `sendto`, `writev`, `sendmsg`, `sendfile`, ...) as it
+//! returns, and `inet_sock_set_state` for TCP state changes. All three are attached as raw
+//! tracepoints: a direct call with the tracepoint's arguments, no record to fill. Nothing
+//! else a process does reaches us: syscalls that touch no socket cost nothing at all (a
+//! `syscalls:` tracepoint would send every syscall of every process through the kernel's
+//! syscall-tracing path). A failed receive stops at once; then a process outside the
+//! selection stops at one bit of `TRACED_CGROUP_BITS`, before any hash lookup.
 //!
-//! A connection is tracked from the `accept`/`accept4` (server side) or `connect` (client
-//! side) that created it to its `close`, in `CONNECTIONS`, keyed by (tgid, fd). A server
-//! connection accepted before the agent started is adopted when a request line arrives on
-//! it, so long-lived keep-alive connections are traced after an agent restart too.
+//! The user buffer (to read a request or status line) comes from the syscall's arguments,
+//! which the task saved in its registers on entry: the syscall number tells where the
+//! buffer is (`fd, buf, len`; `fd, iov, iovcnt`; `fd, msghdr, flags`). Sends without a
+//! user buffer (`sendfile`, `splice`) are body bytes to us.
 //!
-//! Server side, a request starts when a read returns bytes that begin with an HTTP method
-//! and ends when the write of its status line (`HTTP/1.x NNN`, not a `1xx` interim) returns.
-//! Client side, it starts when the write of a request line returns and ends when a read
-//! returns the status line. The latency is counted right here, into per-CPU maps keyed by
-//! window number: `SERIES` (count, sum, min, max) and `HISTOGRAM` (log buckets, see
-//! `bucket_index`). User space reads a window once it has closed and deletes its keys. Only
-//! exemplars and the first request of each series (to name its route) reach user space,
-//! through the `EVENTS` ring buffer.
+//! A connection is a TCP socket, keyed in `CONNECTIONS` by its kernel address, from the
+//! first request line seen on it, read (server side) or written (client side), until the
+//! socket reaches `TCP_CLOSE`, which always happens before its memory can be reused: so a
+//! new connection can never inherit an old one's request, whatever fd numbers are reused,
+//! and connections opened before the agent started are traced from their next request.
+//!
+//! Server side, a request starts when a receive returns bytes that begin with an HTTP
+//! method and ends when the send of its status line (`HTTP/1.x NNN`, not a `1xx` interim)
+//! returns. Client side, it starts when the send of a request line returns and ends when a
+//! receive returns the status line. The latency is counted right here, into per-CPU maps
+//! keyed by window number: `SERIES` (count, sum, min, max) and `HISTOGRAM` (log buckets,
+//! see `bucket_index`). User space reads a window once it has closed and deletes its keys.
+//! Only exemplars and the first request of each series (to name its route) reach user
+//! space, through the `EVENTS` ring buffer.
 #![no_std]
 #![no_main]
 
@@ -28,15 +37,16 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_BITS_WORDS, Direction, PATH_LEN, RequestEvent, SeriesKey,
+    AgentSettings, BucketKey, CGROUP_BITS_WORDS, CONNECTION_SIZE, Direction, PATH_LEN, RequestEvent, SeriesKey,
     SeriesTotals, bucket_index, cgroup_bit, drop_reason, event_flag, method, route_hash,
 };
 
@@ -61,11 +71,10 @@ static TRACED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
 #[map]
 static TRACED_CGROUP_BITS: Array<[u64; CGROUP_BITS_WORDS]> = Array::with_max_entries(1, 0);
 
-/// LRU: a connection whose `close` we never see (a process that exits closes its fds
-/// without the syscall) ages out instead of pinning an entry.
+/// Keyed by the socket's kernel address. LRU as a backstop: every entry is removed when its
+/// socket reaches `TCP_CLOSE`, so only a full table of live connections evicts.
 #[map]
-static CONNECTIONS: LruHashMap<ConnectionKey, Connection> =
-    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+static CONNECTIONS: LruHashMap<u64, Connection> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 #[map]
 static SERIES: PerCpuHashMap<SeriesKey, SeriesTotals> =
@@ -82,18 +91,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ConnectionKey {
-    tgid: u32,
-    fd: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
 struct Connection {
     /// `bpf_ktime_get_ns` when the current request started; 0 when idle.
     request_start_nanos: u64,
-    /// Server side: when the read that started the last request returned. Requests
-    /// pipelined behind it arrived in that read (or just after), so a status line written
+    /// Server side: when the receive that started the last request returned. Requests
+    /// pipelined behind it arrived in that receive (or just after), so a status line sent
     /// on an idle connection answers one of them and is timed from here. 0: none pending.
     batch_start_nanos: u64,
     peer_addr: u32,
@@ -106,6 +108,8 @@ struct Connection {
     path: [u8; PATH_LEN],
 }
 
+const _: () = assert!(core::mem::size_of::<Connection>() == CONNECTION_SIZE);
+
 /// How the user buffer of a syscall is described by its arguments.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum BufferShape {
@@ -117,41 +121,70 @@ enum BufferShape {
     MsgHdr,
 }
 
-/// What a returning syscall means to us.
+/// The head of `struct sock_common`, which starts every `struct sock`: a layout unchanged
+/// since Linux 2.6 (`include/net/sock.h`), read once when a connection is adopted.
+#[repr(C)]
 #[derive(Clone, Copy)]
-enum Syscall {
-    Accept,
-    Connect,
-    Read(BufferShape),
-    Write(BufferShape),
+struct SockCommonHead {
+    /// `skc_daddr`: the peer's IPv4 address (network order; IPv4-mapped for IPv6 sockets).
+    peer_addr: u32,
+    rcv_saddr: u32,
+    hash: u32,
+    /// `skc_dport`: the peer's port (network order).
+    peer_port: u16,
+    local_port: u16,
+    family: u16,
+    /// `skc_state`: a TCP state.
+    state: u8,
+    reuse: u8,
 }
 
-/// The returning syscall's first two arguments and mode, from the registers the task saved
-/// on entry (`struct pt_regs`; the syscall ABI leaves argument registers intact, and
-/// where the return value overwrites the first one, the kernel keeps a copy).
+// The syscall's arguments and number, from the registers the task saved on entry (`struct
+// pt_regs`; the syscall ABI leaves argument registers intact, and where the return value
+// overwrites the first one, the kernel keeps a copy).
 #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
 compile_error!("pt_regs offsets are written for x86_64 and aarch64 only");
 
 #[cfg(bpf_target_arch = "x86_64")]
 mod regs {
-    /// `di`, `si` in x86-64's `struct pt_regs`, as u64 indices.
-    pub const ARG0: usize = 14;
+    /// `si` in x86-64's `struct pt_regs`, as a u64 index: the second argument.
     pub const ARG1: usize = 13;
+    /// `orig_ax`: the syscall number.
+    pub const SYSCALL: usize = 15;
     /// `cs`: a 64-bit syscall comes from the 64-bit user code segment (its selector in the
     /// low 16 bits; FRED kernels keep more state above them).
     pub const MODE: usize = 17;
     pub const MODE_MASK: u64 = 0xffff;
     pub const MODE_NATIVE: u64 = 0x33;
+    /// arch/x86/entry/syscalls/syscall_64.tbl
+    pub const READ: u32 = 0;
+    pub const WRITE: u32 = 1;
+    pub const READV: u32 = 19;
+    pub const WRITEV: u32 = 20;
+    pub const SENDTO: u32 = 44;
+    pub const RECVFROM: u32 = 45;
+    pub const SENDMSG: u32 = 46;
+    pub const RECVMSG: u32 = 47;
 }
 #[cfg(bpf_target_arch = "aarch64")]
 mod regs {
-    /// `orig_x0`, `regs[1]` in arm64's `struct pt_regs`.
-    pub const ARG0: usize = 34;
+    /// `regs[1]` in arm64's `struct pt_regs`.
     pub const ARG1: usize = 1;
+    /// `syscallno` (an s32 in the low half of this word).
+    pub const SYSCALL: usize = 35;
     /// `pstate`: PSR_MODE32_BIT clear for a 64-bit task.
     pub const MODE: usize = 33;
     pub const MODE_MASK: u64 = 0x10;
     pub const MODE_NATIVE: u64 = 0;
+    /// include/uapi/asm-generic/unistd.h
+    pub const READ: u32 = 63;
+    pub const WRITE: u32 = 64;
+    pub const READV: u32 = 65;
+    pub const WRITEV: u32 = 66;
+    pub const SENDTO: u32 = 206;
+    pub const RECVFROM: u32 = 207;
+    pub const SENDMSG: u32 = 211;
+    pub const RECVMSG: u32 = 212;
 }
 
 #[derive(Clone, Copy)]
@@ -171,20 +204,35 @@ impl SavedRegisters {
         unsafe { *self.0.add(index) }
     }
 
-    /// Whether the syscall came from a 64-bit task: 32-bit (compat) tasks number their
-    /// syscalls differently and pass arguments in other registers.
+    /// Where the user buffer of the current syscall is, and how it is described: None for a
+    /// 32-bit (compat) task, which numbers syscalls differently, and for syscalls without a
+    /// user buffer of the bytes (`sendfile`, `splice`, io_uring's work).
     #[inline(always)]
-    fn native(self) -> bool {
-        self.word(regs::MODE) & regs::MODE_MASK == regs::MODE_NATIVE
+    fn user_buffer(self) -> Option<(BufferShape, u64)> {
+        if self.word(regs::MODE) & regs::MODE_MASK != regs::MODE_NATIVE {
+            return None;
+        }
+        let shape = match self.word(regs::SYSCALL) as u32 {
+            regs::READ | regs::WRITE | regs::RECVFROM | regs::SENDTO => BufferShape::Flat,
+            regs::READV | regs::WRITEV => BufferShape::IoVec,
+            regs::RECVMSG | regs::SENDMSG => BufferShape::MsgHdr,
+            _ => return None,
+        };
+        Some((shape, self.word(regs::ARG1)))
     }
 }
 
 /// Bytes of a buffer inspected: enough for "OPTIONS " and for "HTTP/1.1 200" (the path is
 /// read straight into the connection entry by `start_request`).
 const PEEK_LEN: usize = 16;
-const EINPROGRESS: i64 = 115;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+/// `recv(2)` flag: the bytes stay queued and will be received again.
+const MSG_PEEK: u32 = 2;
+/// TCP states (`include/net/tcp_states.h`).
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
 
 #[inline(always)]
 fn count_drop(reason: u32) {
@@ -227,25 +275,23 @@ fn traced_process() -> Option<(u32, AgentSettings)> {
     Some((tgid, settings))
 }
 
-/// The address of the first user buffer a syscall read into or wrote from.
+/// The first PEEK_LEN bytes the current syscall received or sent, and their user address.
 #[inline(always)]
-fn first_buffer(shape: BufferShape, buffer: u64) -> Result<u64, i32> {
+fn peek() -> Result<([u8; PEEK_LEN], u64), i32> {
+    let (shape, buffer) = SavedRegisters::current().user_buffer().ok_or(-1)?;
     let iovec = match shape {
-        BufferShape::Flat => return Ok(buffer),
+        BufferShape::Flat => None,
         // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
         // SAFETY: reading user memory through the helper, which checks the address.
-        BufferShape::MsgHdr => unsafe { bpf_probe_read_user((buffer + 16) as *const u64)? },
-        BufferShape::IoVec => buffer,
+        BufferShape::MsgHdr => Some(unsafe { bpf_probe_read_user((buffer + 16) as *const u64)? }),
+        BufferShape::IoVec => Some(buffer),
     };
-    // struct iovec { void *iov_base; size_t iov_len; }
-    // SAFETY: as above.
-    unsafe { bpf_probe_read_user(iovec as *const u64) }
-}
-
-/// The first PEEK_LEN bytes of the user buffer, and the buffer's address.
-#[inline(always)]
-fn peek(shape: BufferShape, buffer: u64) -> Result<([u8; PEEK_LEN], u64), i32> {
-    let data = first_buffer(shape, buffer)?;
+    let data = match iovec {
+        // struct iovec { void *iov_base; size_t iov_len; }
+        // SAFETY: as above.
+        Some(iovec) => unsafe { bpf_probe_read_user(iovec as *const u64)? },
+        None => buffer,
+    };
     if data == 0 {
         return Err(-1);
     }
@@ -318,20 +364,31 @@ fn start_request(connection: *mut Connection, method: (u8, usize), data: u64, st
     connection.batch_start_nanos = start;
 }
 
-/// Starts tracking a connection, replacing whatever a reused fd left behind.
+/// Starts tracking `socket` as a connection: a TCP connection (over IPv4 or IPv6) that is
+/// open. Client side, the peer is its address (IPv4, or 0 for IPv6) and port.
 #[inline(always)]
-fn track_connection(
-    key: &ConnectionKey,
-    direction: Direction,
-    peer_addr: u32,
-    peer_port: u16,
-) -> Option<*mut Connection> {
-    if let Some(stale) = CONNECTIONS.get_ptr(key) {
-        // SAFETY: a valid map value pointer for the duration of this program.
-        if unsafe { (*stale).request_start_nanos } != 0 {
-            count_drop(drop_reason::STALE_REQUEST_DISCARDED);
-        }
+fn track_connection(socket: u64, direction: Direction) -> Option<*mut Connection> {
+    // SAFETY: `socket` is the `struct sock *` the tracepoint passed; the helper checks the
+    // kernel address and fails rather than fault.
+    let head = unsafe { bpf_probe_read_kernel(socket as *const SockCommonHead) }.ok()?;
+    // Only TCP sockets reach TCP_CLOSE through `inet_sock_set_state`, which ends tracking.
+    // A socket already closing is not adopted: its TCP_CLOSE may have passed.
+    if !matches!(head.family, AF_INET | AF_INET6)
+        || !matches!(head.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
+    {
+        return None;
     }
+    let (peer_addr, peer_port) = match direction {
+        Direction::Server => (0, 0),
+        Direction::Client => (
+            if head.family == AF_INET {
+                head.peer_addr
+            } else {
+                0
+            },
+            u16::from_be(head.peer_port),
+        ),
+    };
     let idle = Connection {
         request_start_nanos: 0,
         batch_start_nanos: 0,
@@ -344,11 +401,11 @@ fn track_connection(
         _pad: [0; 3],
         path: [0; PATH_LEN],
     };
-    if CONNECTIONS.insert(key, &idle, 0).is_err() {
+    if CONNECTIONS.insert(&socket, &idle, 0).is_err() {
         count_drop(drop_reason::CONNECTION_TABLE_FULL);
         return None;
     }
-    CONNECTIONS.get_ptr_mut(key)
+    CONNECTIONS.get_ptr_mut(&socket)
 }
 
 #[inline(always)]
@@ -356,91 +413,20 @@ fn wants(settings: &AgentSettings, direction: Direction) -> bool {
     settings.directions & (direction as u32) != 0
 }
 
+/// A process received `returned` bytes on `socket`.
 #[inline(always)]
-fn on_accept(settings: &AgentSettings, tgid: u32, fd: i64) {
-    if wants(settings, Direction::Server) {
-        let key = ConnectionKey {
-            tgid,
-            fd: fd as u32,
-        };
-        track_connection(&key, Direction::Server, 0, 0);
-    }
-}
-
-#[inline(always)]
-fn on_connect(settings: &AgentSettings, tgid: u32, regs: SavedRegisters, result: i64) {
-    if !wants(settings, Direction::Client) {
-        return;
-    }
-    // struct sockaddr_in { u16 family; u16 port (BE); u32 addr (BE); }
-    // SAFETY: the helper checks the user address.
-    let Ok(head) = (unsafe { bpf_probe_read_user(regs.word(regs::ARG1) as *const u64) }) else {
-        return;
-    };
-    let family = head as u16;
-    let (addr, port) = match family {
-        AF_INET => ((head >> 32) as u32, u16::from_be((head >> 16) as u16)),
-        // IPv6: tracked without a peer address. Unix sockets and others: not tracked.
-        AF_INET6 => (0, u16::from_be((head >> 16) as u16)),
-        _ => return,
-    };
-    let key = ConnectionKey {
-        tgid,
-        fd: regs.word(regs::ARG0) as u32,
-    };
-    track_connection(&key, Direction::Client, addr, port);
-}
-
-/// Closes are seen as they start, not as they return: by then another thread may have
-/// been given the same fd number for a new connection, whose entry must not be removed.
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let Some((tgid, _)) = traced_process() else {
-        return 0;
-    };
-    // syscalls:sys_enter_close: common header (8 bytes), __syscall_nr (padded to 8), fd.
-    // SAFETY: the record holds the u64 argument at this offset.
-    if let Ok(fd) = unsafe { ctx.read_at::<u64>(16) } {
-        forget_connection(tgid, fd as u32);
-    }
-    0
-}
-
-fn forget_connection(tgid: u32, fd: u32) {
-    let key = ConnectionKey { tgid, fd };
-    if let Some(connection) = CONNECTIONS.get_ptr(&key) {
-        // SAFETY: a valid map value pointer for the duration of this program.
-        if unsafe { (*connection).request_start_nanos } != 0 {
-            count_drop(drop_reason::UNANSWERED_AT_CLOSE);
-        }
-        let _ = CONNECTIONS.remove(&key);
-    }
-}
-
-#[inline(always)]
-fn on_read(
-    settings: &AgentSettings,
-    tgid: u32,
-    regs: SavedRegisters,
-    shape: BufferShape,
-    returned: i64,
-) -> Result<(), i32> {
-    let key = ConnectionKey {
-        tgid,
-        fd: regs.word(regs::ARG0) as u32,
-    };
-    let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
-        // Not a connection we saw open: one accepted before the agent started, if what
-        // arrived is a request line.
+fn on_receive(settings: &AgentSettings, tgid: u32, socket: u64, returned: i64) -> Result<(), i32> {
+    let Some(connection) = CONNECTIONS.get_ptr_mut(&socket) else {
+        // A connection is served from its first request line.
         if returned < 4 || !wants(settings, Direction::Server) {
             return Ok(());
         }
-        let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
+        let (bytes, data) = peek()?;
         let Some(method) = parse_method(&bytes) else {
             return Ok(());
         };
         let start = now();
-        if let Some(connection) = track_connection(&key, Direction::Server, 0, 0) {
+        if let Some(connection) = track_connection(socket, Direction::Server) {
             start_request(connection, method, data, start);
         }
         return Ok(());
@@ -458,13 +444,13 @@ fn on_read(
         unsafe { (*connection).batch_start_nanos = 0 };
         return Ok(());
     }
-    // Server side reads matter when idle (a request may start), client side when a request
-    // is out (its response may arrive). Anything else is body bytes.
+    // Server side receives matter when idle (a request may start), client side when a
+    // request is out (its response may arrive). Anything else is body bytes.
     let server = direction == Direction::Server as u8;
     if returned < 4 || server == busy {
         return Ok(());
     }
-    let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
+    let (bytes, data) = peek()?;
     if server {
         if let Some(method) = parse_method(&bytes) {
             start_request(connection, method, data, now());
@@ -482,19 +468,22 @@ fn on_read(
     }
 }
 
+/// A process sent `written` bytes on `socket`.
 #[inline(always)]
-fn on_write(
-    settings: &AgentSettings,
-    tgid: u32,
-    regs: SavedRegisters,
-    shape: BufferShape,
-    written: i64,
-) -> Result<(), i32> {
-    let key = ConnectionKey {
-        tgid,
-        fd: regs.word(regs::ARG0) as u32,
-    };
-    let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
+fn on_send(settings: &AgentSettings, tgid: u32, socket: u64, written: i64) -> Result<(), i32> {
+    let Some(connection) = CONNECTIONS.get_ptr_mut(&socket) else {
+        // A connection is made from its first request line.
+        if written < 4 || !wants(settings, Direction::Client) {
+            return Ok(());
+        }
+        let (bytes, data) = peek()?;
+        let Some(method) = parse_method(&bytes) else {
+            return Ok(());
+        };
+        let start = now();
+        if let Some(connection) = track_connection(socket, Direction::Client) {
+            start_request(connection, method, data, start);
+        }
         return Ok(());
     };
     // SAFETY: a valid map value pointer for the duration of this program.
@@ -507,8 +496,8 @@ fn on_write(
     };
     if direction == Direction::Client as u8 {
         if start == 0 {
-            // A request went out: it started when its write returned.
-            let (bytes, data) = peek(shape, regs.word(regs::ARG1))?;
+            // A request went out: it started when its send returned.
+            let (bytes, data) = peek()?;
             if let Some(method) = parse_method(&bytes) {
                 start_request(connection, method, data, now());
             }
@@ -518,7 +507,7 @@ fn on_write(
     if start == 0 && batch_start == 0 {
         return Ok(());
     }
-    let (bytes, _) = peek(shape, regs.word(regs::ARG1))?;
+    let (bytes, _) = peek()?;
     let Some(status) = parse_status(&bytes) else {
         // Body bytes, or a response we cannot read: the request stays open.
         return Ok(());
@@ -529,7 +518,7 @@ fn on_write(
     if start != 0 {
         return finish_request(settings, connection, tgid, start, status);
     }
-    // A response on an idle connection answers a pipelined request read with the last
+    // A response on an idle connection answers a pipelined request received with the last
     // batch. A 408 is a server timing out an idle connection: not an answer.
     if status == 408 {
         return Ok(());
@@ -670,74 +659,59 @@ fn emit(
     entry.submit(0);
 }
 
-/// What every exit program does once it knows which syscall returned, and with what.
-#[inline(always)]
-fn on_exit(syscall: Syscall, result: i64) {
-    // A failed syscall (say, a read that would block) tells us nothing: skip it before
-    // asking whose it is.
-    let informative = match syscall {
-        Syscall::Accept | Syscall::Read(_) => result >= 0,
-        Syscall::Connect => result == 0 || result == -EINPROGRESS,
-        Syscall::Write(_) => result > 0,
-    };
-    if !informative {
-        return;
+/// `sock_recv_length(struct sock *sk, int ret, int flags)`: a receive on a socket returned.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
+    // Raw tracepoint arguments are zero-extended to u64: an int is the low half.
+    let returned = ctx.arg::<u64>(1) as u32 as i32;
+    // A failed receive (one that would block) tells us nothing, and a peek will be
+    // received again: skip both before asking whose they are.
+    if returned < 0 || ctx.arg::<u64>(2) as u32 & MSG_PEEK != 0 {
+        return 0;
     }
-    let Some((tgid, settings)) = traced_process() else {
-        return;
-    };
-    let regs = SavedRegisters::current();
-    if !regs.native() {
-        return;
+    if let Some((tgid, settings)) = traced_process() {
+        let _ = on_receive(&settings, tgid, ctx.arg::<u64>(0), i64::from(returned));
     }
-    let settings = &settings;
-    let _ = match syscall {
-        Syscall::Accept => {
-            on_accept(settings, tgid, result);
-            Ok(())
-        }
-        Syscall::Connect => {
-            on_connect(settings, tgid, regs, result);
-            Ok(())
-        }
-        Syscall::Read(shape) => on_read(settings, tgid, regs, shape, result),
-        Syscall::Write(shape) => on_write(settings, tgid, regs, shape, result),
-    };
+    0
 }
 
-/// One program per followed syscall's exit tracepoint, so the kernel calls us only for
-/// those (every other syscall costs nothing beyond the kernel's syscall-tracing path).
-macro_rules! exit_hook {
-    ($name:ident, $syscall:expr) => {
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            // syscalls:sys_exit_*: common header (8 bytes), __syscall_nr (padded), ret.
-            // SAFETY: every syscall exit record holds `long ret` at this offset.
-            if let Ok(result) = unsafe { ctx.read_at::<i64>(16) } {
-                on_exit($syscall, result);
-            }
-            0
-        }
-    };
+/// `sock_send_length(struct sock *sk, int ret, int flags)`: a send on a socket returned.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
+    let written = ctx.arg::<u64>(1) as u32 as i32;
+    if written <= 0 {
+        return 0;
+    }
+    if let Some((tgid, settings)) = traced_process() {
+        let _ = on_send(&settings, tgid, ctx.arg::<u64>(0), i64::from(written));
+    }
+    0
 }
 
-exit_hook!(sys_exit_accept, Syscall::Accept);
-exit_hook!(sys_exit_accept4, Syscall::Accept);
-exit_hook!(sys_exit_connect, Syscall::Connect);
-exit_hook!(sys_exit_read, Syscall::Read(BufferShape::Flat));
-exit_hook!(sys_exit_recvfrom, Syscall::Read(BufferShape::Flat));
-exit_hook!(sys_exit_readv, Syscall::Read(BufferShape::IoVec));
-exit_hook!(sys_exit_recvmsg, Syscall::Read(BufferShape::MsgHdr));
-exit_hook!(sys_exit_write, Syscall::Write(BufferShape::Flat));
-exit_hook!(sys_exit_sendto, Syscall::Write(BufferShape::Flat));
-exit_hook!(sys_exit_writev, Syscall::Write(BufferShape::IoVec));
-exit_hook!(sys_exit_sendmsg, Syscall::Write(BufferShape::MsgHdr));
+/// `inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)`:
+/// a TCP socket reaching TCP_CLOSE is done, and its memory may be reused for a new socket
+/// once this returns, so its connection entry goes now. (Called in whatever context moved
+/// the state, often a softirq: no process filter applies here.)
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    if ctx.arg::<u64>(2) as u32 != TCP_CLOSE {
+        return 0;
+    }
+    let socket = ctx.arg::<u64>(0);
+    if let Some(connection) = CONNECTIONS.get_ptr(&socket) {
+        // SAFETY: a valid map value pointer for the duration of this program.
+        if unsafe { (*connection).request_start_nanos } != 0 {
+            count_drop(drop_reason::UNANSWERED_AT_CLOSE);
+        }
+        let _ = CONNECTIONS.remove(&socket);
+    }
+    0
+}
 
 /// Does nothing: attached to every tracepoint the real programs use, it measures what the
-/// mechanism alone costs (the kernel's syscall-tracing path plus one program call per
-/// followed syscall). Only the overhead benchmark attaches it.
-#[tracepoint]
-pub fn floor(_ctx: TracePointContext) -> u32 {
+/// mechanism alone costs. Only the overhead benchmark attaches it.
+#[raw_tracepoint]
+pub fn floor(_ctx: RawTracePointContext) -> i32 {
     0
 }
 

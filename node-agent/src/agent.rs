@@ -59,8 +59,6 @@ pub struct AgentConfig {
     pub quantiles: Vec<f64>,
     /// Unacknowledged windows kept for the collector before the oldest is dropped.
     pub buffer_windows: usize,
-    /// Where tracefs is (or is to be) mounted.
-    pub tracefs: PathBuf,
     /// Trace only processes in these cgroups (paths under the cgroup2 mount, or absolute);
     /// empty: every process on the host.
     pub select_cgroups: Vec<PathBuf>,
@@ -106,7 +104,6 @@ impl AgentConfig {
             window: Duration::from_secs(10),
             quantiles: vec![0.5, 0.95, 0.99],
             buffer_windows: 120_000,
-            tracefs: PathBuf::from("/sys/kernel/tracing"),
             select_cgroups: Vec::new(),
             server: true,
             client: true,
@@ -209,7 +206,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         Some(source) => Some(read_profiles(&source.config_file)?),
         None => None,
     };
-    let capture = KernelCapture::load(&config.tracefs)?;
+    let capture = KernelCapture::load()?;
 
     let stats = Arc::new(ShipperStats::default());
     let (outbox, boot_id) = open_outbox(

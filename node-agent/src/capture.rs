@@ -1,4 +1,4 @@
-//! Capture: loads the kernel programs, attaches them to the syscall tracepoints, and reads
+//! Capture: loads the kernel programs, attaches them to the socket tracepoints, and reads
 //! closed windows out of the kernel's maps.
 //!
 //! The kernel numbers windows itself (wall-clock ns / window length, through
@@ -8,38 +8,25 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
-    path::{Path, PathBuf},
     time::Duration,
 };
 
 use aya::{
     Ebpf, include_bytes_aligned,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_BITS_WORDS, RequestEvent, SeriesKey, SeriesTotals, cgroup_bit,
+    AgentSettings, BucketKey, CGROUP_BITS_WORDS, CONNECTION_SIZE, RequestEvent, SeriesKey, SeriesTotals, cgroup_bit,
     drop_reason,
 };
 
 use crate::{Error, Result};
 
-/// The kernel side's programs (see the eBPF crate), each on the `syscalls` tracepoint of
-/// the same name: the followed syscalls' exits, and closes as they start.
-pub const PROGRAMS: &[&str] = &[
-    "sys_enter_close",
-    "sys_exit_accept",
-    "sys_exit_accept4",
-    "sys_exit_connect",
-    "sys_exit_read",
-    "sys_exit_recvfrom",
-    "sys_exit_readv",
-    "sys_exit_recvmsg",
-    "sys_exit_write",
-    "sys_exit_sendto",
-    "sys_exit_writev",
-    "sys_exit_sendmsg",
-];
+/// The kernel side's programs (see the eBPF crate), each attached as a raw tracepoint to
+/// the tracepoint of the same name. The TCP state program comes first: a connection must
+/// never be tracked without its close being seen.
+pub const PROGRAMS: &[&str] = &["inet_sock_set_state", "sock_recv_length", "sock_send_length"];
 /// An empty program, for benchmarks: attached to every tracepoint of [`PROGRAMS`], it
 /// measures the cost of the mechanism alone.
 pub const FLOOR: &str = "floor";
@@ -84,7 +71,7 @@ pub struct KernelCapture {
 /// The attachments of the loaded programs: (program, link) per tracepoint.
 #[derive(Default)]
 struct Links {
-    attached: Vec<(&'static str, TracePointLinkId)>,
+    attached: Vec<(&'static str, RawTracePointLinkId)>,
     floor: bool,
 }
 
@@ -94,17 +81,20 @@ impl Links {
     }
 
     /// Attaches each program to its tracepoint, or with `floor` the empty one to all of
-    /// them. Close first: a connection must never be tracked without its close being seen.
+    /// them.
     fn attach(&mut self, ebpf: &mut Ebpf, floor: bool) -> Result<()> {
         for &tracepoint in PROGRAMS {
             let name = if floor { FLOOR } else { tracepoint };
-            let program: &mut TracePoint = program(ebpf, name)?;
+            let program: &mut RawTracePoint = program(ebpf, name)?;
             if program.fd().is_err() {
                 program.load().map_err(Error::program(name))?;
             }
             let link = program
-                .attach("syscalls", tracepoint)
-                .map_err(Error::program(name))?;
+                .attach(tracepoint)
+                .map_err(|source| Error::Attach {
+                    tracepoint,
+                    source: Box::new(source),
+                })?;
             self.attached.push((name, link));
         }
         self.floor = floor;
@@ -113,7 +103,7 @@ impl Links {
 
     fn detach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
         for (name, link) in self.attached.drain(..) {
-            let program: &mut TracePoint = program(ebpf, name)?;
+            let program: &mut RawTracePoint = program(ebpf, name)?;
             program.detach(link).map_err(Error::program(name))?;
         }
         Ok(())
@@ -135,9 +125,8 @@ where
 
 impl KernelCapture {
     /// Loads and attaches everything; counting starts with [`KernelCapture::configure`].
-    pub fn load(tracefs: &Path) -> Result<Self> {
+    pub fn load() -> Result<Self> {
         check_privileges()?;
-        ensure_tracefs(tracefs)?;
         raise_memlock_limit();
         // No kernel BTF in user space: the program needs no CO-RE relocation (the verifier
         // checks its register loads against the kernel's own BTF), and parsing vmlinux BTF
@@ -166,13 +155,29 @@ impl KernelCapture {
         self.links.detach(&mut self.ebpf)
     }
 
-    /// Attaches the programs again after [`KernelCapture::detach`].
+    /// Attaches the programs again after [`KernelCapture::detach`]. Connections are
+    /// forgotten (their closes went unseen while detached) and adopted again at their next
+    /// request line.
     pub fn attach(&mut self) -> Result<()> {
         if self.links.is_attached() {
             return Ok(());
         }
         self.links.detach(&mut self.ebpf)?;
+        self.forget_connections()?;
         self.links.attach(&mut self.ebpf, false)
+    }
+
+    fn forget_connections(&mut self) -> Result<()> {
+        // An LRU hash map: aya's HashMap handles both kinds.
+        let mut connections: BpfHashMap<&mut MapData, u64, [u8; CONNECTION_SIZE]> =
+            BpfHashMap::try_from(map(&mut self.ebpf, "CONNECTIONS")?)
+                .map_err(Error::map("CONNECTIONS"))?;
+        let sockets: Vec<u64> = connections.keys().filter_map(|key| key.ok()).collect();
+        for socket in sockets {
+            // Gone already (closed since the listing): fine.
+            let _ = connections.remove(&socket);
+        }
+        Ok(())
     }
 
     /// Benchmarks only: detaches the programs and attaches in their place an empty one on
@@ -406,48 +411,6 @@ fn check_privileges() -> Result<()> {
     } else {
         Err(Error::MissingPrivileges {
             missing: missing.join(", "),
-        })
-    }
-}
-
-/// Makes sure syscall tracepoints are visible under `tracefs`, mounting it when needed.
-fn ensure_tracefs(tracefs: &Path) -> Result<()> {
-    let events = tracefs.join("events/syscalls");
-    if events.is_dir() {
-        return Ok(());
-    }
-    let target = std::ffi::CString::new(tracefs.as_os_str().as_encoded_bytes()).map_err(|_| {
-        Error::Config(format!(
-            "tracefs path {} contains a NUL byte",
-            tracefs.display()
-        ))
-    })?;
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let mounted = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if mounted != 0 {
-        return Err(Error::TracefsUnavailable {
-            path: PathBuf::from(tracefs),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    if events.is_dir() {
-        tracing::info!(path = %tracefs.display(), "mounted tracefs");
-        Ok(())
-    } else {
-        Err(Error::TracefsUnavailable {
-            path: PathBuf::from(tracefs),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "mounted, but it has no events/syscalls (kernel without syscall tracepoints?)",
-            ),
         })
     }
 }

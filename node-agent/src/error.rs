@@ -1,6 +1,4 @@
 //! The node agent's one error type. Every variant says what failed and what to do.
-use std::path::PathBuf;
-
 /// What can stop the node agent.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -11,13 +9,14 @@ pub enum Error {
     MissingPrivileges { missing: String },
 
     #[error(
-        "tracefs is not available at {path} and mounting it failed ({source}); mount it with \
-         `mount -t tracefs nodev {path}` or pass --tracefs with where it is mounted",
-        path = path.display()
+        "attaching to the kernel's {tracepoint} tracepoint failed: {source}; Trazor needs \
+         Linux 6.3 or later (its socket layer has the sock_recv_length and sock_send_length \
+         tracepoints)"
     )]
-    TracefsUnavailable {
-        path: PathBuf,
-        source: std::io::Error,
+    Attach {
+        tracepoint: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
     },
 
     #[error("loading the eBPF object failed: {0}")]

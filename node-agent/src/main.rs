@@ -32,9 +32,6 @@ struct Flags {
     /// dropped (and counted) beyond this.
     #[arg(long, default_value_t = 120_000)]
     buffer_windows: usize,
-    /// Where tracefs is mounted (the agent mounts it there if it can).
-    #[arg(long, default_value = "/sys/kernel/tracing")]
-    tracefs: PathBuf,
     /// Trace only processes in this cgroup (repeatable; a path under the cgroup2 mount,
     /// e.g. /system.slice/nginx.service). Default: every process on the host.
     #[arg(long = "select-cgroup", value_name = "PATH")]
@@ -136,7 +133,6 @@ async fn main() -> ExitCode {
     config.window = flags.window;
     config.quantiles = flags.percentiles;
     config.buffer_windows = flags.buffer_windows;
-    config.tracefs = flags.tracefs;
     config.select_cgroups = flags.select_cgroups;
     config.server = flags.directions.contains(&DirectionFlag::Server);
     config.client = flags.directions.contains(&DirectionFlag::Client);

@@ -104,21 +104,6 @@ fn missing_privileges_name_the_capabilities() {
 }
 
 #[test]
-fn unmountable_tracefs_is_explained() {
-    if !require_root("unmountable_tracefs_is_explained") {
-        return;
-    }
-    let output = run(&["--tracefs", "/nonexistent/tracing"]);
-    assert_eq!(output.status.code(), Some(1));
-    let text = stderr(&output);
-    assert!(
-        text.contains("tracefs is not available at /nonexistent/tracing")
-            && text.contains("mount -t tracefs"),
-        "{text}"
-    );
-}
-
-#[test]
 fn unreachable_collector_is_retried_not_fatal() {
     if !require_root("unreachable_collector_is_retried_not_fatal") {
         return;

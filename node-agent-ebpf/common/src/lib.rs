@@ -323,13 +323,10 @@ pub mod drop_reason {
     pub const HISTOGRAM_TABLE_FULL: u32 = 2;
     /// A connection closed while a request on it had no response yet.
     pub const UNANSWERED_AT_CLOSE: u32 = 3;
-    /// A connection entry was replaced (fd reused after a close we did not see) while a
-    /// request on it was in flight: that request is discarded, never given a bogus time.
-    pub const STALE_REQUEST_DISCARDED: u32 = 4;
     /// The ring buffer to user space was full: an exemplar or route name was lost.
-    pub const EVENT_RING_FULL: u32 = 5;
+    pub const EVENT_RING_FULL: u32 = 4;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 5;
 
     /// Stable metric label of a counter.
     pub fn name(reason: u32) -> &'static str {
@@ -338,12 +335,15 @@ pub mod drop_reason {
             SERIES_TABLE_FULL => "series_table_full",
             HISTOGRAM_TABLE_FULL => "histogram_table_full",
             UNANSWERED_AT_CLOSE => "unanswered_at_close",
-            STALE_REQUEST_DISCARDED => "stale_request_discarded",
             EVENT_RING_FULL => "event_ring_full",
             _ => "unknown",
         }
     }
 }
+
+/// Bytes of a `CONNECTIONS` entry (the eBPF crate's private `Connection`; it asserts this),
+/// so user space can clear the map.
+pub const CONNECTION_SIZE: usize = 32 + PATH_LEN;
 
 /// Words of the traced-cgroup bitmap (64 bits each): a power of two.
 pub const CGROUP_BITS_WORDS: usize = 1024;

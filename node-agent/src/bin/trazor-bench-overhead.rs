@@ -61,9 +61,6 @@ struct Args {
     /// process that is not traced, in ns.
     #[arg(long)]
     syscall_loop: bool,
-    /// tracefs mount point.
-    #[arg(long, default_value = "/sys/kernel/tracing")]
-    tracefs: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -101,7 +98,7 @@ fn main() -> anyhow::Result<()> {
     let server_cgroup = std::fs::metadata(&args.server_cgroup)
         .with_context(|| format!("reading {}", args.server_cgroup.display()))?
         .ino();
-    let mut capture = KernelCapture::load(&args.tracefs)?;
+    let mut capture = KernelCapture::load()?;
     let settings = |cgroups: Option<Vec<u64>>| CaptureSettings {
         window: Duration::from_secs(1),
         slow_threshold: None,
