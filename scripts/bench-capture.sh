@@ -11,8 +11,8 @@
 #      untraced slot cancels the slow swings of a shared machine, and the median over the
 #      cycles is the figure. CPU time per request (nginx's and wrk's cgroups) is reported
 #      next to it.
-#   2. The per-syscall cost of the attached programs for a process that is not traced: a
-#      read/write loop, attached vs detached, alternated the same way.
+#   2. The per-call cost of the attached programs for a process that is not traced: a
+#      write/read loop over a socket pair, attached vs detached, alternated the same way.
 #   3. Agent CPU (user + kernel, from /proc) and RSS at a fixed request rate, normalised to
 #      millicores per 10 000 req/s (target <= 25), RSS (target <= 30 MiB); plus the run time
 #      of the eBPF program itself (kernel.bpf_stats_enabled), which the kernel charges to
@@ -145,16 +145,16 @@ stop_agent() {
     AGENT_PID=""
 }
 
-# Ids of the loaded programs on syscall tracepoints (ours are the new ones once the agent
-# has started; this bpftool cannot list the owning pids).
-syscall_programs() {
-    bpftool -j prog show | jq -r '.[] | select(.type == "tracepoint" and (.name | test("^sys_(enter|exit)_"))) | .id' | sort
+# Ids of the loaded programs on raw tracepoints named like ours (ours are the new ones once
+# the agent has started; this bpftool cannot list the owning pids).
+socket_programs() {
+    bpftool -j prog show | jq -r '.[] | select(.type == "raw_tracepoint" and (.name | test("^(sock_(recv|send)_len|inet_sock_set)"))) | .id' | sort
 }
 
 # --- 1. throughput, modes alternated every slot under constant load ---------------------
 MODES=untraced,floor,traced,not-selected,traced-all
-# wrk runs past the end of the alternation (switching modes attaches and detaches a dozen
-# tracepoints, so a slot takes longer than its length); it is stopped when the alternation
+# wrk runs past the end of the alternation (switching modes attaches and detaches
+# tracepoints and clears the connection table, so a slot takes longer than its length); it is stopped when the alternation
 # ends, and a wrk that ended first fails the run.
 WRK_SECONDS=$(( CYCLES * 5 * (SLOT_MS + SETTLE_MS + 500) / 1000 + 120 ))
 say "nginx under wrk (-t1 -c$CONNECTIONS), $CYCLES cycles of $MODES, ${SLOT_MS} ms slots"
@@ -176,8 +176,8 @@ THR_ALL=$(ratio_of traced-all)
 THR_FLOOR=$(ratio_of floor)
 [ -n "$THR_TRACED" ] && [ -n "$THR_FILTER" ] || die "could not read trazor-bench-overhead's table"
 
-# --- 2. per-syscall cost for a process that is not traced -------------------------------
-say "per-syscall cost of the attached program for an untraced process (read/write loop)"
+# --- 2. per-call cost for a process that is not traced -----------------------------------
+say "per-call cost of the attached programs for an untraced process (socket write/read loop)"
 SYSCALLS=$("$BIN/trazor-bench-overhead" --syscall-loop --status-addr unused \
     --server-cgroup "$SERVER_CGROUP" --modes untraced,floor,not-selected --cycles 40 \
     --slot 150ms --settle 10ms)
@@ -190,10 +190,10 @@ SYSCALL_NS_ADDED=$(awk -v a="$SYSCALL_NS_FILTER" -v b="$SYSCALL_NS_UNTRACED" 'BE
 
 # --- 3. agent CPU and RSS at a fixed rate ------------------------------------------------
 say "agent CPU and RSS at $RATE req/s for ${RATE_SECONDS}s (tracing everything)"
-programs_before=$(syscall_programs)
+programs_before=$(socket_programs)
 start_agent
 sleep 1
-OUR_PROGRAMS=$(comm -13 <(echo "$programs_before") <(syscall_programs) | paste -sd, -)
+OUR_PROGRAMS=$(comm -13 <(echo "$programs_before") <(socket_programs) | paste -sd, -)
 sysctl -q -w kernel.bpf_stats_enabled=1
 # On-CPU time of every agent thread, user + kernel, in ns (schedstat: finer than ticks).
 cpu_ns() { cat /proc/"$AGENT_PID"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'; }
@@ -209,6 +209,9 @@ report=$("$BIN/trazor-sample-client" --target "127.0.0.1:$NGINX_PORT" --path /in
 t_after=$(date +%s%N)
 cpu_after=$(cpu_ns)
 bpf_after=$(bpf_ns)
+# Mean run time per call of each of our programs (counted since the stats were enabled).
+PER_CALL=$(bpftool -j prog show | jq -r --arg ids "$OUR_PROGRAMS" \
+    '($ids | split(",") | map(tonumber)) as $ours | [.[] | select(.id as $id | $ours | index($id)) | select(.run_cnt // 0 > 0) | "\(.name) \(.run_time_ns / .run_cnt | floor) ns × \(.run_cnt)"] | join(", ")')
 RSS_KIB=$(awk '/^VmRSS:/ { print $2 }' "/proc/$AGENT_PID/status")
 HWM_KIB=$(awk '/^VmHWM:/ { print $2 }' "/proc/$AGENT_PID/status")
 sysctl -q -w kernel.bpf_stats_enabled="$STATS_BEFORE"
@@ -233,9 +236,9 @@ TABLE=$(cat <<TABLE
 | nginx throughput, not selected / untraced (program attached, nothing selected) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
 | nginx throughput, traced-all / untraced (every process: nginx and wrk) | $THR_ALL | (reported) | - |
 | nginx throughput, floor / untraced (an empty program on the same tracepoints: the mechanism alone) | $THR_FLOOR | (reported) | - |
-| syscall cost for an untraced process, ns added per syscall (read/write loop: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FLOOR ns with the empty floor program, $SYSCALL_NS_FILTER ns with ours) | $SYSCALL_NS_ADDED | (reported) | - |
+| socket call cost for an untraced process, ns added per call (write/read loop over a socket pair: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FLOOR ns with the empty floor program, $SYSCALL_NS_FILTER ns with ours) | $SYSCALL_NS_ADDED | (reported) | - |
 | agent CPU (user + kernel), millicores per 10 000 req/s (at $ACTUAL_RATE req/s) | $AGENT_MC | <= 25 | $(verdict "$AGENT_MC" "<=" 25) |
-| eBPF programs' run time, millicores per 10 000 req/s, charged to the traced processes | $BPF_MC | (reported) | - |
+| eBPF programs' run time, millicores per 10 000 req/s, charged to the traced processes (per call: $PER_CALL) | $BPF_MC | (reported) | - |
 | agent RSS at the end of the fixed-rate run, MiB | $RSS_MIB | <= 30 | $(verdict "$RSS_MIB" "<=" 30) |
 | agent peak RSS since start (VmHWM: includes loading the eBPF object), MiB | $HWM_MIB | <= 30 | $(verdict "$HWM_MIB" "<=" 30) |
 TABLE
@@ -255,7 +258,7 @@ mkdir -p bench/results
     echo "- machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- workload: nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 1 worker, sendfile on, 1 KiB static file, in its own cgroup; wrk -t1 -c$CONNECTIONS on loopback, in another, running through the whole alternation"
-    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the programs, attach/detach and the cgroup selection changed in place): untraced = detached; floor = an empty program on the same tracepoints instead of ours; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections predate the slot and are not adopted as client connections, so wrk only pays the per-syscall filter)"
+    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the programs, attach/detach and the cgroup selection changed in place): untraced = detached; floor = an empty program on the same tracepoints instead of ours; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections are adopted as client connections at their next request line, so both sides are traced)"
     echo "- throughput: nginx's stub_status request counter at each slot's start and end; ratio = a mode's slot / the same cycle's untraced slot, median over the cycles (25th-75th percentile in the detail below)"
     echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's programs with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive), agent tracing every process"
     echo
@@ -265,7 +268,7 @@ mkdir -p bench/results
     echo
     echo "$THROUGHPUT"
     echo
-    echo "Per-syscall detail (read/write loop; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall):"
+    echo "Per-call detail (write/read loop over a socket pair; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall):"
     echo
     echo "$SYSCALLS"
 } > bench/results/capture.md

@@ -5,7 +5,6 @@
 #   - Debian packages used by tests and the demo (nginx, wrk, bpftool, curl, ...)
 #   - the nightly toolchain's rust-src (the eBPF crate builds core with -Z build-std)
 #   - bpf-linker, linked against the nightly toolchain's own libLLVM (same major)
-#   - tracefs mounted at /sys/kernel/tracing (tracepoints attach through it)
 #
 # Quick when everything is in place: each step checks before it acts.
 set -euo pipefail
@@ -45,6 +44,11 @@ if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q
 else
     say "nightly rust-src present"
 fi
+# clippy for the kernel programs, which only nightly builds (scripts/test.sh lints them).
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^clippy'; then
+    say "adding clippy to nightly"
+    rustup component add clippy --toolchain nightly
+fi
 
 # --- bpf-linker against nightly's own LLVM ------------------------------------
 BPF_LINKER_VERSION=0.13.0
@@ -66,15 +70,6 @@ else
     LLVM_PREFIX="$PREFIX" cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
         --no-default-features --features "llvm-$LLVM_MAJOR" --force
     echo "$want" > "$STAMP"
-fi
-
-# --- tracefs ------------------------------------------------------------------
-if [ -d /sys/kernel/tracing/events/syscalls ]; then
-    say "tracefs mounted"
-elif $SUDO mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; then
-    say "mounted tracefs at /sys/kernel/tracing"
-else
-    say "warning: could not mount tracefs at /sys/kernel/tracing; the agent will try again and say why"
 fi
 
 say "done"

@@ -19,6 +19,9 @@ cargo fmt --all --check
 
 step "clippy (first run compiles the workspace: several minutes)"
 cargo clippy --locked --all-targets -- -D warnings
+# The kernel programs build only for the BPF target, with nightly (node-agent/build.rs).
+(cd node-agent-ebpf && cargo +nightly clippy --locked --release --target bpfel-unknown-none \
+    -Z build-std=core -- -D warnings)
 
 step "tests"
 cargo test --locked

@@ -99,7 +99,7 @@ async fn start_capture(window: Duration, client: bool) -> Capture {
     config.client = client;
     let agent = trazor_node_agent::start(config)
         .await
-        .expect("the agent starts (root, tracefs, eBPF)");
+        .expect("the agent starts (root, eBPF)");
     Capture {
         _agent: agent,
         sink,
@@ -891,9 +891,9 @@ async fn windows_rotating_under_load_lose_nothing() {
     assert_eq!(capture.count(report.pid, Direction::Client), report.ok);
 }
 
-/// A keep-alive connection accepted before the agent started (a load balancer's, through an
-/// agent restart) is adopted at its next request line: every later request counted, timed
-/// like any other.
+/// Keep-alive connections opened before the agent started (a load balancer's, through an
+/// agent restart) are adopted at their next request line, on both sides: every later
+/// request counted, timed like any other, the client side with its peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_opened_before_the_agent_are_adopted() {
     if !require_ebpf_privileges("connections_opened_before_the_agent_are_adopted") {
@@ -905,27 +905,66 @@ async fn connections_opened_before_the_agent_are_adopted() {
     let mut connection = RawConnection::open(server.server.address);
     connection.send(&[&request("/before/1")], Duration::ZERO);
     assert_eq!(connection.response(), 200);
+    // A client process too: one request on its keep-alive connection, then a pause long
+    // enough for the agent to start, then 20 more on the same connection.
+    let target = server.server.address;
+    let client = tokio::spawn(async move {
+        run_client(
+            target,
+            &[
+                "--path",
+                "/made/7",
+                "--requests",
+                "21",
+                "--pause-after-first",
+                "4s",
+            ],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let capture = start_capture(Duration::from_secs(1), false).await;
+    let capture = start_capture(Duration::from_secs(1), true).await;
+    let traced_from = unix_nanos();
     for n in 0..20 {
         connection.send(&[&request(&format!("/after/{n}"))], Duration::ZERO);
         assert_eq!(connection.response(), 200);
     }
+    let client = client.await.unwrap();
     capture.settle().await;
+    assert_eq!(client.ok, 21, "{client:?}");
+    let made = capture.windows(client.pid, Direction::Client);
+    assert_eq!(capture.count(client.pid, Direction::Client), 20, "{made:?}");
+    for window in &made {
+        let peer = window.peer.as_ref().unwrap();
+        assert_eq!(
+            (peer.address.as_str(), peer.port),
+            ("127.0.0.1", u32::from(target.port()))
+        );
+        assert_eq!(window.route, "/made/{id}");
+    }
+    assert!(min_nanos(&made) >= 5 * MS, "{made:?}");
+
+    // Server side: both connections, 20 requests each after the agent started.
     let windows = capture.windows(server.pid(), Direction::Server);
+    let served = |route: &str| {
+        windows
+            .iter()
+            .filter(|window| window.route == route)
+            .map(|window| stats(window).count)
+            .sum::<u64>()
+    };
     assert_eq!(
-        capture.count(server.pid(), Direction::Server),
-        20,
+        (served("/after/{id}"), served("/made/{id}")),
+        (20, 20),
         "{windows:?}"
     );
-    assert!(
-        windows.iter().all(|window| window.route == "/after/{id}"),
-        "{windows:?}"
-    );
+    assert_eq!(capture.count(server.pid(), Direction::Server), 40);
     let truth = server.true_latencies();
-    assert_eq!(truth.len(), 21);
-    let true_max = truth[1..]
+    assert_eq!(truth.len(), 42);
+    let true_max = truth
         .iter()
+        .filter(|(_, at)| *at > traced_from)
         .map(|(latency, _)| *latency)
         .max()
         .unwrap();

@@ -110,7 +110,7 @@ async fn collector_killed_mid_stream_every_request_counted_once() {
     config.window = Duration::from_secs(1);
     let agent = trazor_node_agent::start(config)
         .await
-        .expect("the agent starts (root, tracefs, eBPF)");
+        .expect("the agent starts (root, eBPF)");
     let server = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "2ms"]).unwrap();
 
     // ~3 s of requests across 1 s windows; the collector dies after the first windows

@@ -45,7 +45,7 @@ async fn start_pipeline(window: Duration) -> Pipeline {
     config.window = window;
     let agent = trazor_node_agent::start(config)
         .await
-        .expect("the agent starts (root, tracefs, eBPF)");
+        .expect("the agent starts (root, eBPF)");
     Pipeline {
         _agent: agent,
         feed,

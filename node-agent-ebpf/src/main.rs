@@ -9,7 +9,7 @@
 //! else a process does reaches us: syscalls that touch no socket cost nothing at all (a
 //! `syscalls:` tracepoint would send every syscall of every process through the kernel's
 //! syscall-tracing path). A failed receive stops at once; then a process outside the
-//! selection stops at one bit of `TRACED_CGROUP_BITS`, before any hash lookup.
+//! selection stops at one slot of `TRACED_CGROUP_SLOTS`, before any hash lookup.
 //!
 //! The user buffer (to read a request or status line) comes from the syscall's arguments,
 //! which the task saved in its registers on entry: the syscall number tells where the
@@ -46,8 +46,9 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_BITS_WORDS, CONNECTION_SIZE, Direction, PATH_LEN, RequestEvent, SeriesKey,
-    SeriesTotals, bucket_index, cgroup_bit, drop_reason, event_flag, method, route_hash,
+    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, CONNECTION_SIZE, Direction,
+    PATH_LEN, RequestEvent, SeriesKey, SeriesTotals, bucket_index, cgroup_slot, drop_reason,
+    event_flag, method, route_hash,
 };
 
 /// Connections traced: most hosts have far fewer open connections than this.
@@ -66,10 +67,11 @@ static SETTINGS: Array<AgentSettings> = Array::with_max_entries(1, 0);
 #[map]
 static TRACED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
 
-/// A bit per `cgroup_bit(id)` of every id in `TRACED_CGROUPS`: a clear bit rules a process
-/// out with one inlined array access, before any hash lookup.
+/// At `cgroup_slot(id)` of every id in `TRACED_CGROUPS`: that id, or `CGROUP_SLOT_SHARED`
+/// when several share the slot; elsewhere 0. One inlined array access decides for a
+/// process, selected or not, without a hash lookup (unless its slot is shared).
 #[map]
-static TRACED_CGROUP_BITS: Array<[u64; CGROUP_BITS_WORDS]> = Array::with_max_entries(1, 0);
+static TRACED_CGROUP_SLOTS: Array<u64> = Array::with_max_entries(CGROUP_SLOTS, 0);
 
 /// Keyed by the socket's kernel address. LRU as a backstop: every entry is removed when its
 /// socket reaches `TCP_CLOSE`, so only a full table of live connections evicts.
@@ -248,37 +250,45 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The current process (tgid) and the settings, when it is one to trace. The cheapest
+/// Who is sending or receiving: the process and its cgroup.
+#[derive(Clone, Copy)]
+struct Process {
+    tgid: u32,
+    cgroup_id: u64,
+}
+
+/// The current process and the settings, when it is one to trace. The cheapest
 /// rejections come first: most processes on a node are not selected.
 #[inline(always)]
-fn traced_process() -> Option<(u32, AgentSettings)> {
+fn traced_process() -> Option<(Process, AgentSettings)> {
     // A copy: user space may rewrite the map value while this program runs.
     let settings = *SETTINGS.get(0)?;
     if settings.window_nanos == 0 {
         return None;
     }
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if settings.trace_all == 0 {
-        // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        let (word, bit) = cgroup_bit(cgroup_id);
-        let bits = TRACED_CGROUP_BITS.get(0)?;
-        if bits[word] & bit == 0 {
-            return None;
+        let slot = *TRACED_CGROUP_SLOTS.get(cgroup_slot(cgroup_id))?;
+        if slot != cgroup_id {
+            if slot != CGROUP_SLOT_SHARED {
+                return None;
+            }
+            // SAFETY: the value is a plain u8 and only tested for presence.
+            unsafe { TRACED_CGROUPS.get(cgroup_id) }?;
         }
-        // SAFETY: the value is a plain u8 and only tested for presence.
-        unsafe { TRACED_CGROUPS.get(&cgroup_id) }?;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if tgid == settings.agent_tgid {
         return None;
     }
-    Some((tgid, settings))
+    Some((Process { tgid, cgroup_id }, settings))
 }
 
-/// The first PEEK_LEN bytes the current syscall received or sent, and their user address.
+/// The first PEEK_LEN bytes the current syscall received or sent, and their user address,
+/// from its user buffer as [`SavedRegisters::user_buffer`] found it.
 #[inline(always)]
-fn peek() -> Result<([u8; PEEK_LEN], u64), i32> {
-    let (shape, buffer) = SavedRegisters::current().user_buffer().ok_or(-1)?;
+fn peek((shape, buffer): (BufferShape, u64)) -> Result<([u8; PEEK_LEN], u64), i32> {
     let iovec = match shape {
         BufferShape::Flat => None,
         // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
@@ -401,11 +411,11 @@ fn track_connection(socket: u64, direction: Direction) -> Option<*mut Connection
         _pad: [0; 3],
         path: [0; PATH_LEN],
     };
-    if CONNECTIONS.insert(&socket, &idle, 0).is_err() {
+    if CONNECTIONS.insert(socket, idle, 0).is_err() {
         count_drop(drop_reason::CONNECTION_TABLE_FULL);
         return None;
     }
-    CONNECTIONS.get_ptr_mut(&socket)
+    CONNECTIONS.get_ptr_mut(socket)
 }
 
 #[inline(always)]
@@ -415,13 +425,30 @@ fn wants(settings: &AgentSettings, direction: Direction) -> bool {
 
 /// A process received `returned` bytes on `socket`.
 #[inline(always)]
-fn on_receive(settings: &AgentSettings, tgid: u32, socket: u64, returned: i64) -> Result<(), i32> {
-    let Some(connection) = CONNECTIONS.get_ptr_mut(&socket) else {
+fn on_receive(
+    settings: &AgentSettings,
+    process: Process,
+    socket: u64,
+    returned: i64,
+) -> Result<(), i32> {
+    if returned == 0 {
+        // End of stream: nothing more was pipelined.
+        if let Some(connection) = CONNECTIONS.get_ptr_mut(socket) {
+            // SAFETY: a valid map value pointer for the duration of this program.
+            unsafe { (*connection).batch_start_nanos = 0 };
+        }
+        return Ok(());
+    }
+    // Bytes we cannot see (received by io_uring's work, or spliced) start or end nothing.
+    let Some(buffer) = SavedRegisters::current().user_buffer() else {
+        return Ok(());
+    };
+    let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is served from its first request line.
         if returned < 4 || !wants(settings, Direction::Server) {
             return Ok(());
         }
-        let (bytes, data) = peek()?;
+        let (bytes, data) = peek(buffer)?;
         let Some(method) = parse_method(&bytes) else {
             return Ok(());
         };
@@ -438,19 +465,13 @@ fn on_receive(settings: &AgentSettings, tgid: u32, socket: u64, returned: i64) -
             (*connection).request_start_nanos != 0,
         )
     };
-    if returned == 0 {
-        // End of stream: nothing more was pipelined.
-        // SAFETY: as above.
-        unsafe { (*connection).batch_start_nanos = 0 };
-        return Ok(());
-    }
     // Server side receives matter when idle (a request may start), client side when a
     // request is out (its response may arrive). Anything else is body bytes.
     let server = direction == Direction::Server as u8;
     if returned < 4 || server == busy {
         return Ok(());
     }
-    let (bytes, data) = peek()?;
+    let (bytes, data) = peek(buffer)?;
     if server {
         if let Some(method) = parse_method(&bytes) {
             start_request(connection, method, data, now());
@@ -462,7 +483,7 @@ fn on_receive(settings: &AgentSettings, tgid: u32, socket: u64, returned: i64) -
         Some(status) if !is_interim(status) => {
             // SAFETY: as above.
             let start = unsafe { (*connection).request_start_nanos };
-            finish_request(settings, connection, tgid, start, status)
+            finish_request(settings, connection, process, start, status)
         }
         _ => Ok(()),
     }
@@ -470,13 +491,23 @@ fn on_receive(settings: &AgentSettings, tgid: u32, socket: u64, returned: i64) -
 
 /// A process sent `written` bytes on `socket`.
 #[inline(always)]
-fn on_send(settings: &AgentSettings, tgid: u32, socket: u64, written: i64) -> Result<(), i32> {
-    let Some(connection) = CONNECTIONS.get_ptr_mut(&socket) else {
+fn on_send(
+    settings: &AgentSettings,
+    process: Process,
+    socket: u64,
+    written: i64,
+) -> Result<(), i32> {
+    // Bytes from no user buffer (`sendfile`'s body, spliced data) start or end nothing, so
+    // they cost no lookup.
+    let Some(buffer) = SavedRegisters::current().user_buffer() else {
+        return Ok(());
+    };
+    let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is made from its first request line.
         if written < 4 || !wants(settings, Direction::Client) {
             return Ok(());
         }
-        let (bytes, data) = peek()?;
+        let (bytes, data) = peek(buffer)?;
         let Some(method) = parse_method(&bytes) else {
             return Ok(());
         };
@@ -497,7 +528,7 @@ fn on_send(settings: &AgentSettings, tgid: u32, socket: u64, written: i64) -> Re
     if direction == Direction::Client as u8 {
         if start == 0 {
             // A request went out: it started when its send returned.
-            let (bytes, data) = peek()?;
+            let (bytes, data) = peek(buffer)?;
             if let Some(method) = parse_method(&bytes) {
                 start_request(connection, method, data, now());
             }
@@ -507,7 +538,7 @@ fn on_send(settings: &AgentSettings, tgid: u32, socket: u64, written: i64) -> Re
     if start == 0 && batch_start == 0 {
         return Ok(());
     }
-    let (bytes, _) = peek()?;
+    let (bytes, _) = peek(buffer)?;
     let Some(status) = parse_status(&bytes) else {
         // Body bytes, or a response we cannot read: the request stays open.
         return Ok(());
@@ -516,14 +547,14 @@ fn on_send(settings: &AgentSettings, tgid: u32, socket: u64, written: i64) -> Re
         return Ok(());
     }
     if start != 0 {
-        return finish_request(settings, connection, tgid, start, status);
+        return finish_request(settings, connection, process, start, status);
     }
     // A response on an idle connection answers a pipelined request received with the last
     // batch. A 408 is a server timing out an idle connection: not an answer.
     if status == 408 {
         return Ok(());
     }
-    finish_request(settings, connection, tgid, batch_start, status)
+    finish_request(settings, connection, process, batch_start, status)
 }
 
 /// Ends the connection's request, started at `start`, now with `status`, and counts it.
@@ -531,7 +562,7 @@ fn on_send(settings: &AgentSettings, tgid: u32, socket: u64, written: i64) -> Re
 fn finish_request(
     settings: &AgentSettings,
     connection: *mut Connection,
-    tgid: u32,
+    process: Process,
     start: u64,
     status: u16,
 ) -> Result<(), i32> {
@@ -548,10 +579,9 @@ fn finish_request(
     }
     let latency = end - start;
     let series = SeriesKey {
-        // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id: process.cgroup_id,
         window: ((end + settings.realtime_offset_nanos) / window_nanos) as u32,
-        tgid,
+        tgid: process.tgid,
         route: connection.route,
         peer_addr: connection.peer_addr,
         peer_port: connection.peer_port,
@@ -567,7 +597,7 @@ fn finish_request(
     let mut flags = 0u8;
     // Creating a key races with other CPUs counting the same series: an insert that loses
     // (EEXIST) falls back to this CPU's slot of the key the winner created.
-    let existing = match SERIES.get_ptr_mut(&series) {
+    let existing = match SERIES.get_ptr_mut(series) {
         Some(totals) => Some(totals),
         None => {
             let first = SeriesTotals {
@@ -576,10 +606,10 @@ fn finish_request(
                 min_nanos: latency,
                 max_nanos: latency,
             };
-            if SERIES.insert(&series, &first, BPF_NOEXIST as u64).is_ok() {
+            if SERIES.insert(series, first, BPF_NOEXIST as u64).is_ok() {
                 flags |= event_flag::NEW_SERIES;
                 None
-            } else if let Some(totals) = SERIES.get_ptr_mut(&series) {
+            } else if let Some(totals) = SERIES.get_ptr_mut(series) {
                 Some(totals)
             } else {
                 count_drop(drop_reason::SERIES_TABLE_FULL);
@@ -605,12 +635,12 @@ fn finish_request(
         bucket: bucket_index(latency),
         _pad: 0,
     };
-    match HISTOGRAM.get_ptr_mut(&bucket) {
+    match HISTOGRAM.get_ptr_mut(bucket) {
         // SAFETY: this CPU's slot of a per-CPU value.
         Some(count) => unsafe { *count += 1 },
         None => {
-            if HISTOGRAM.insert(&bucket, &1, BPF_NOEXIST as u64).is_err() {
-                match HISTOGRAM.get_ptr_mut(&bucket) {
+            if HISTOGRAM.insert(bucket, 1, BPF_NOEXIST as u64).is_err() {
+                match HISTOGRAM.get_ptr_mut(bucket) {
                     // SAFETY: as above; another CPU created the key first.
                     Some(count) => unsafe { *count += 1 },
                     None => count_drop(drop_reason::HISTOGRAM_TABLE_FULL),
@@ -669,8 +699,8 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
     if returned < 0 || ctx.arg::<u64>(2) as u32 & MSG_PEEK != 0 {
         return 0;
     }
-    if let Some((tgid, settings)) = traced_process() {
-        let _ = on_receive(&settings, tgid, ctx.arg::<u64>(0), i64::from(returned));
+    if let Some((process, settings)) = traced_process() {
+        let _ = on_receive(&settings, process, ctx.arg::<u64>(0), i64::from(returned));
     }
     0
 }
@@ -682,8 +712,8 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
     if written <= 0 {
         return 0;
     }
-    if let Some((tgid, settings)) = traced_process() {
-        let _ = on_send(&settings, tgid, ctx.arg::<u64>(0), i64::from(written));
+    if let Some((process, settings)) = traced_process() {
+        let _ = on_send(&settings, process, ctx.arg::<u64>(0), i64::from(written));
     }
     0
 }
@@ -698,12 +728,12 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let socket = ctx.arg::<u64>(0);
-    if let Some(connection) = CONNECTIONS.get_ptr(&socket) {
+    if let Some(connection) = CONNECTIONS.get_ptr(socket) {
         // SAFETY: a valid map value pointer for the duration of this program.
         if unsafe { (*connection).request_start_nanos } != 0 {
             count_drop(drop_reason::UNANSWERED_AT_CLOSE);
         }
-        let _ = CONNECTIONS.remove(&socket);
+        let _ = CONNECTIONS.remove(socket);
     }
     0
 }

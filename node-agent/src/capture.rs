@@ -17,8 +17,8 @@ use aya::{
     programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_BITS_WORDS, CONNECTION_SIZE, RequestEvent, SeriesKey, SeriesTotals, cgroup_bit,
-    drop_reason,
+    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CONNECTION_SIZE, RequestEvent, SeriesKey,
+    SeriesTotals, cgroup_slot, drop_reason,
 };
 
 use crate::{Error, Result};
@@ -26,7 +26,11 @@ use crate::{Error, Result};
 /// The kernel side's programs (see the eBPF crate), each attached as a raw tracepoint to
 /// the tracepoint of the same name. The TCP state program comes first: a connection must
 /// never be tracked without its close being seen.
-pub const PROGRAMS: &[&str] = &["inet_sock_set_state", "sock_recv_length", "sock_send_length"];
+pub const PROGRAMS: &[&str] = &[
+    "inet_sock_set_state",
+    "sock_recv_length",
+    "sock_send_length",
+];
 /// An empty program, for benchmarks: attached to every tracepoint of [`PROGRAMS`], it
 /// measures the cost of the mechanism alone.
 pub const FLOOR: &str = "floor";
@@ -66,6 +70,8 @@ pub struct KernelCapture {
     events: RingBuf<MapData>,
     settings: AgentSettings,
     links: Links,
+    /// The non-empty slots of `TRACED_CGROUP_SLOTS`, as last written.
+    cgroup_slots: HashMap<u32, u64>,
 }
 
 /// The attachments of the loaded programs: (program, link) per tracepoint.
@@ -89,12 +95,10 @@ impl Links {
             if program.fd().is_err() {
                 program.load().map_err(Error::program(name))?;
             }
-            let link = program
-                .attach(tracepoint)
-                .map_err(|source| Error::Attach {
-                    tracepoint,
-                    source: Box::new(source),
-                })?;
+            let link = program.attach(tracepoint).map_err(|source| Error::Attach {
+                tracepoint,
+                source: Box::new(source),
+            })?;
             self.attached.push((name, link));
         }
         self.floor = floor;
@@ -147,6 +151,7 @@ impl KernelCapture {
             events,
             settings: AgentSettings::default(),
             links: capture_links,
+            cgroup_slots: HashMap::new(),
         })
     }
 
@@ -222,24 +227,32 @@ impl KernelCapture {
             .filter_map(|key| key.ok())
             .filter(|key| !cgroups.contains(key))
             .collect();
-        // The exact set gains new ids before the bitmap lets them through, and loses old ones
-        // after the bitmap stopped doing so.
+        // The exact set gains new ids before a shared slot sends lookups to it, and loses old
+        // ones after no slot does.
         for id in cgroups {
             traced
                 .insert(id, 1, 0)
                 .map_err(Error::map("TRACED_CGROUPS"))?;
         }
-        let mut bits = [0u64; CGROUP_BITS_WORDS];
-        for &id in cgroups {
-            let (word, bit) = cgroup_bit(id);
-            bits[word] |= bit;
+        let slots = cgroup_slot_table(cgroups);
+        let mut table: Array<&mut MapData, u64> =
+            Array::try_from(map(&mut self.ebpf, "TRACED_CGROUP_SLOTS")?)
+                .map_err(Error::map("TRACED_CGROUP_SLOTS"))?;
+        let changed = slots
+            .iter()
+            .filter(|(index, value)| self.cgroup_slots.get(index) != Some(value))
+            .map(|(&index, &value)| (index, value));
+        let emptied = self
+            .cgroup_slots
+            .keys()
+            .filter(|index| !slots.contains_key(index))
+            .map(|&index| (index, 0));
+        for (index, value) in changed.chain(emptied) {
+            table
+                .set(index, value, 0)
+                .map_err(Error::map("TRACED_CGROUP_SLOTS"))?;
         }
-        let mut bitmap: Array<&mut MapData, [u64; CGROUP_BITS_WORDS]> =
-            Array::try_from(map(&mut self.ebpf, "TRACED_CGROUP_BITS")?)
-                .map_err(Error::map("TRACED_CGROUP_BITS"))?;
-        bitmap
-            .set(0, bits, 0)
-            .map_err(Error::map("TRACED_CGROUP_BITS"))?;
+        self.cgroup_slots = slots;
         let mut traced: BpfHashMap<&mut MapData, u64, u8> =
             BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_CGROUPS")?)
                 .map_err(Error::map("TRACED_CGROUPS"))?;
@@ -344,6 +357,19 @@ impl KernelCapture {
             })
             .collect()
     }
+}
+
+/// The non-empty slots of `TRACED_CGROUP_SLOTS` for this set of cgroup ids.
+fn cgroup_slot_table(cgroups: &[u64]) -> HashMap<u32, u64> {
+    let unique: std::collections::BTreeSet<u64> = cgroups.iter().copied().collect();
+    let mut slots = HashMap::new();
+    for id in unique {
+        slots
+            .entry(cgroup_slot(id))
+            .and_modify(|slot| *slot = CGROUP_SLOT_SHARED)
+            .or_insert(id);
+    }
+    slots
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map> {
@@ -460,6 +486,17 @@ mod tests {
                 max_nanos: 20
             }
         );
+    }
+
+    #[test]
+    fn cgroup_slots_hold_their_id_or_send_a_shared_slot_to_the_exact_set() {
+        let slots = u64::from(trazor_node_agent_ebpf_common::CGROUP_SLOTS);
+        let table = cgroup_slot_table(&[7, 7, 9, 7 + slots, 12 + 2 * slots]);
+        assert_eq!(
+            table,
+            HashMap::from([(7, CGROUP_SLOT_SHARED), (9, 9), (12, 12 + 2 * slots)])
+        );
+        assert!(cgroup_slot_table(&[]).is_empty());
     }
 
     #[test]

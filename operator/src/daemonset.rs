@@ -1,13 +1,13 @@
 //! The node-agent DaemonSet, built from [`AgentSettings`]. Pure: unit-tested field by field.
 //!
-//! Least privilege: the agent is not `privileged`. It runs as root (tracefs is root-only) with
-//! every capability dropped and only these added back:
-//! - `CAP_BPF` (Linux ≥ 5.8): create BPF maps and load the tracepoint programs.
-//! - `CAP_PERFMON` (Linux ≥ 5.8): attach programs to tracepoints through `perf_event_open`
-//!   and let them read kernel and user memory (`bpf_probe_read_*`) for request parsing.
+//! Least privilege: the agent is not `privileged`. It runs as root (its spool is a host
+//! directory) with every capability dropped and only these added back:
+//! - `CAP_BPF` (Linux ≥ 5.8): create BPF maps and load the programs.
+//! - `CAP_PERFMON` (Linux ≥ 5.8): attach tracing programs to raw tracepoints and let them
+//!   read kernel and user memory (`bpf_probe_read_*`) for request parsing.
 //!
 //! Left out on purpose:
-//! - `CAP_SYS_ADMIN`: only needed to mount tracefs; the host's tracefs is mounted in instead.
+//! - `CAP_SYS_ADMIN`: the programs attach as raw tracepoints, so no tracefs is mounted.
 //! - `CAP_SYS_RESOURCE`: only raises `RLIMIT_MEMLOCK`, which kernels ≥ 5.11 no longer use for
 //!   BPF memory (it is charged to the cgroup); the agent treats a failed `setrlimit` as harmless.
 //! - `CAP_SYS_PTRACE`: only needed to open `/proc/<pid>/root` of other processes (uprobes on
@@ -219,8 +219,8 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
             privileged: Some(false),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
-            // Root because tracefs and the BPF syscalls' file checks are root-only; the
-            // capabilities below, not the uid, decide what it may do.
+            // Root because the spool is a root-owned host directory; the capabilities
+            // below, not the uid, decide what it may do.
             run_as_user: Some(0),
             run_as_non_root: Some(false),
             capabilities: Some(Capabilities {
@@ -264,7 +264,6 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
             ..ResourceRequirements::default()
         }),
         volume_mounts: Some(vec![
-            mount("tracefs", "/sys/kernel/tracing", true),
             mount("cgroup", "/sys/fs/cgroup", true),
             mount("config", CONFIG_DIR, true),
             mount("spool", SPOOL_DIR, false),
@@ -313,7 +312,6 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
                     termination_grace_period_seconds: Some(30),
                     containers: vec![container],
                     volumes: Some(vec![
-                        host_path("tracefs", "/sys/kernel/tracing"),
                         host_path("cgroup", "/sys/fs/cgroup"),
                         // No BTF mount: the programs need no CO-RE relocation.
                         Volume {
@@ -414,11 +412,7 @@ mod tests {
             .into_iter()
             .map(|m| (m.name, m.mount_path, m.read_only))
             .collect();
-        for (name, path) in [
-            ("tracefs", "/sys/kernel/tracing"),
-            ("cgroup", "/sys/fs/cgroup"),
-            ("config", "/etc/trazor"),
-        ] {
+        for (name, path) in [("cgroup", "/sys/fs/cgroup"), ("config", "/etc/trazor")] {
             assert!(
                 mounts.contains(&(name.into(), path.into(), Some(true))),
                 "{name} in {mounts:?}"

@@ -47,6 +47,10 @@ struct Flags {
     /// A new connection for every request (`Connection: close`), instead of keep-alive.
     #[arg(long)]
     new_connection: bool,
+    /// Pause this long after each connection's first response (tests start a tracer in
+    /// between, to see connections opened before it).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pause_after_first: Duration,
     /// Stay alive this long after printing the counts, so the process can still be looked
     /// up (e.g. its name in /proc) when its last window closes.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -124,6 +128,7 @@ fn run_worker(
             i.mul_f64(worker as f64 / concurrency as f64)
         });
     let mut connection: Option<BufReader<TcpStream>> = None;
+    let mut first = true;
     loop {
         match deadline {
             Some(deadline) if Instant::now() >= deadline => return,
@@ -157,6 +162,10 @@ fn run_worker(
                 connection = None;
                 eprintln!("trazor-sample-client: request failed: {error}");
             }
+        }
+        if first {
+            first = false;
+            thread::sleep(flags.pause_after_first);
         }
         if flags.new_connection {
             connection = None;

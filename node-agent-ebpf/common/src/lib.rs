@@ -345,15 +345,18 @@ pub mod drop_reason {
 /// so user space can clear the map.
 pub const CONNECTION_SIZE: usize = 32 + PATH_LEN;
 
-/// Words of the traced-cgroup bitmap (64 bits each): a power of two.
-pub const CGROUP_BITS_WORDS: usize = 1024;
+/// Slots of the traced-cgroup table `TRACED_CGROUP_SLOTS`: a power of two.
+pub const CGROUP_SLOTS: u32 = 65_536;
 
-/// The word and bit of `cgroup_id` in the traced-cgroup bitmap. cgroup ids are inode
-/// numbers, handed out in sequence, so their low bits spread well.
+/// A slot that several traced cgroups share: the exact set `TRACED_CGROUPS` decides. (An
+/// empty slot holds 0, which is no cgroup's id: the root cgroup's is 1.)
+pub const CGROUP_SLOT_SHARED: u64 = u64::MAX;
+
+/// The slot of `cgroup_id` in the traced-cgroup table. cgroup ids are inode numbers, handed
+/// out in sequence, so their low bits spread well.
 #[inline(always)]
-pub fn cgroup_bit(cgroup_id: u64) -> (usize, u64) {
-    let slot = (cgroup_id as usize) & (CGROUP_BITS_WORDS * 64 - 1);
-    (slot / 64, 1 << (slot % 64))
+pub fn cgroup_slot(cgroup_id: u64) -> u32 {
+    (cgroup_id as u32) & (CGROUP_SLOTS - 1)
 }
 
 #[cfg(feature = "user")]

@@ -56,9 +56,9 @@ struct Args {
     /// the server's and the load generator's.
     #[arg(long, value_delimiter = ',')]
     cpu_cgroups: Vec<PathBuf>,
-    /// Instead of reading the server's counter, time a loop of read/write syscalls on
-    /// /dev/zero and /dev/null on this thread: the per-syscall cost of the hooks for a
-    /// process that is not traced, in ns.
+    /// Instead of reading the server's counter, time a loop of write/read syscalls over a
+    /// socket pair on this thread: the per-call cost of the hooks for a process that is not
+    /// traced, in ns.
     #[arg(long)]
     syscall_loop: bool,
 }
@@ -258,12 +258,11 @@ fn served(args: &Args) -> anyhow::Result<u64> {
         .with_context(|| format!("no request count in {counters:?}"))
 }
 
-/// Runs read(/dev/zero)/write(/dev/null) pairs for about `length`; returns the syscalls
-/// made and the thread's CPU time they took.
+/// Runs write/read pairs over a connected pair of (Unix) sockets for about `length`, so
+/// every syscall passes a socket tracepoint; returns the syscalls made and the thread's
+/// CPU time they took.
 fn syscall_loop(length: Duration) -> anyhow::Result<(u64, u64)> {
-    use std::fs::File;
-    let mut zero = File::open("/dev/zero")?;
-    let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let (mut sender, mut receiver) = std::os::unix::net::UnixStream::pair()?;
     let mut buffer = [0u8; 64];
     let thread_cpu = || {
         let mut now = libc::timespec {
@@ -279,8 +278,8 @@ fn syscall_loop(length: Duration) -> anyhow::Result<(u64, u64)> {
     let mut calls = 0u64;
     while started.elapsed() < length {
         for _ in 0..1000 {
-            zero.read_exact(&mut buffer)?;
-            null.write_all(&buffer)?;
+            sender.write_all(&buffer)?;
+            receiver.read_exact(&mut buffer)?;
         }
         calls += 2000;
     }
