@@ -5,7 +5,7 @@
 #      switches the eBPF programs between modes every slot: detached (untraced), an empty
 #      program on the same tracepoints (floor: what the mechanism alone costs),
 #      attached with nginx's cgroup selected (traced: target >= 0.97 of untraced
-#      throughput), attached with nothing selected (the filter alone: target >= 0.99), and
+#      throughput), attached with another cgroup selected (the filter alone: target >= 0.99), and
 #      attached tracing every process (traced-all, reported). nginx's own request counter
 #      (stub_status) gives each slot's throughput; each cycle's ratio to the same cycle's
 #      untraced slot cancels the slow swings of a shared machine, and the median over the
@@ -233,7 +233,7 @@ TABLE=$(cat <<TABLE
 | measurement | value | target | result |
 |---|---|---|---|
 | nginx throughput, traced / untraced (nginx's cgroup selected; median of $CYCLES paired cycles) | $THR_TRACED | >= 0.97 | $(verdict "$THR_TRACED" ">=" 0.97) |
-| nginx throughput, not selected / untraced (program attached, nothing selected) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
+| nginx throughput, not selected / untraced (programs attached, another cgroup selected) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
 | nginx throughput, traced-all / untraced (every process: nginx and wrk) | $THR_ALL | (reported) | - |
 | nginx throughput, floor / untraced (an empty program on the same tracepoints: the mechanism alone) | $THR_FLOOR | (reported) | - |
 | socket call cost for an untraced process, ns added per call (write/read loop over a socket pair: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FLOOR ns with the empty floor program, $SYSCALL_NS_FILTER ns with ours) | $SYSCALL_NS_ADDED | (reported) | - |
@@ -258,7 +258,7 @@ mkdir -p bench/results
     echo "- machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- workload: nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 1 worker, sendfile on, 1 KiB static file, in its own cgroup; wrk -t1 -c$CONNECTIONS on loopback, in another, running through the whole alternation"
-    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the programs, attach/detach and the cgroup selection changed in place): untraced = detached; floor = an empty program on the same tracepoints instead of ours; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, nothing selected; traced-all = every process (wrk's connections are adopted as client connections at their next request line, so both sides are traced)"
+    echo "- modes, switched every slot by \`trazor-bench-overhead\` (one load of the programs, attach/detach and the cgroup selection changed in place): untraced = detached; floor = an empty program on the same tracepoints instead of ours; traced = nginx's cgroup selected (its connections, opened before, are adopted at their next request line); not-selected = attached, another cgroup selected (with nothing selected at all the agent detaches the programs); traced-all = every process (wrk's connections are adopted as client connections at their next request line, so both sides are traced)"
     echo "- throughput: nginx's stub_status request counter at each slot's start and end; ratio = a mode's slot / the same cycle's untraced slot, median over the cycles (25th-75th percentile in the detail below)"
     echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's programs with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive), agent tracing every process"
     echo

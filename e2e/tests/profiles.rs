@@ -68,6 +68,30 @@ impl Drop for PodCgroup {
     }
 }
 
+async fn wait_for_generation(agent: &trazor_node_agent::RunningAgent, generation: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.config_generation.load(Ordering::Relaxed) < generation {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not reload its configuration"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// BPF links to raw tracepoints held by this process (the agent runs in it): the kernel's
+/// own account of what is attached, from the links' fdinfo.
+fn raw_tracepoint_links() -> usize {
+    std::fs::read_dir("/proc/self/fdinfo")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| {
+            info.lines()
+                .any(|line| line.split_whitespace().eq(["link_type:", "raw_tracepoint"]))
+        })
+        .count()
+}
+
 fn profile_document(app: &str, window_seconds: u32) -> String {
     json!({
         "version": 1,
@@ -241,14 +265,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
 
     // Reload: select inventory instead, with 2 s windows, under the running agent.
     replace_file(&config_file, &profile_document("inventory", 2));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.config_generation.load(Ordering::Relaxed) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not reload its configuration"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_generation(&agent, 2).await;
     tokio::task::spawn_blocking(move || {
         send(a, REQUESTS);
         send(b, REQUESTS);
@@ -303,6 +320,20 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
         2,
         "only the two pods were ever traced: {by_pod:?}"
     );
+
+    // A profile that selects no pod on this node: the programs are detached (the node pays
+    // nothing), and attached again when a pod is selected.
+    assert_eq!(
+        raw_tracepoint_links(),
+        3,
+        "attached while inventory is selected"
+    );
+    replace_file(&config_file, &profile_document("nobody", 2));
+    wait_for_generation(&agent, 3).await;
+    assert_eq!(raw_tracepoint_links(), 0, "detached with nothing selected");
+    replace_file(&config_file, &profile_document("checkout", 2));
+    wait_for_generation(&agent, 4).await;
+    assert_eq!(raw_tracepoint_links(), 3, "attached again");
 
     drop(agent);
     drop((server_a, server_b));

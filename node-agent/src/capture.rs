@@ -193,7 +193,8 @@ impl KernelCapture {
     }
 
     /// Starts (or changes) counting. Safe at any time: the traced set changes between two
-    /// syscalls, and windows already counted are untouched.
+    /// socket calls, and windows already counted are untouched. With an empty selection
+    /// the programs are detached until something is selected again.
     pub fn configure(&mut self, settings: &CaptureSettings) -> Result<()> {
         let window = settings.window;
         let window_nanos = u64::try_from(window.as_nanos())
@@ -214,7 +215,17 @@ impl KernelCapture {
             agent_tgid: std::process::id(),
             directions: u32::from(settings.server) | (u32::from(settings.client) << 1),
         };
-        self.write_settings()
+        self.write_settings()?;
+        // Nothing selected: detached, so a node without a selected pod pays nothing at all.
+        match &settings.cgroups {
+            Some(cgroups) if cgroups.is_empty() => {
+                if self.links.is_attached() {
+                    tracing::info!("no process selected: eBPF programs detached");
+                }
+                self.detach()
+            }
+            _ => self.attach(),
+        }
     }
 
     /// Makes `cgroups` the exact set of traced cgroup ids.

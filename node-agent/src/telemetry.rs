@@ -154,7 +154,7 @@ impl AgentTelemetry {
             (
                 "trazor_agent_ebpf_attached",
                 "gauge",
-                "1 once the eBPF programs are attached.",
+                "1 once the eBPF programs are loaded and the selection applied (while no process is selected they stay detached, at no cost to the node).",
                 u64::from(self.attached.load(Ordering::Relaxed)),
             ),
         ];

@@ -3,7 +3,7 @@
 //! A load generator (wrk) keeps a server (nginx) saturated for the whole run; this tool
 //! loads the eBPF programs once and switches between modes every slot (half a second by
 //! default): programs detached, attached with the server's cgroup selected, attached with
-//! nothing selected, attached tracing every process. The server's own request counter
+//! another cgroup selected, attached tracing every process. The server's own request counter
 //! (nginx `stub_status`) is read at each slot's start and end. Neighbouring slots see the
 //! same machine, so each cycle's rate of a mode divided by the same cycle's untraced rate
 //! cancels the slow swings of a shared host; the median of those ratios over many cycles
@@ -23,6 +23,10 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Parser;
 use trazor_node_agent::capture::{CaptureSettings, KernelCapture};
+
+/// A cgroup id no cgroup has (ids are inode numbers): selecting it keeps the programs
+/// attached while tracing nothing.
+const NO_SUCH_CGROUP: u64 = u64::MAX - 1;
 
 #[derive(Parser)]
 #[command(about = "Measures what tracing costs a saturated server (see the module docs)")]
@@ -70,9 +74,10 @@ enum Mode {
     /// An empty program on the same tracepoints: what the tracing mechanism alone costs.
     Floor,
     /// Programs attached, the server's cgroup selected (its requests traced, the load
-    /// generator's syscalls filtered out).
+    /// generator's socket calls filtered out).
     Traced,
-    /// Programs attached, no cgroup selected: the cost of the filter alone.
+    /// Programs attached, the server not selected (another cgroup is): the cost of the
+    /// filter alone.
     NotSelected,
     /// Programs attached, every process traced (the load generator's requests too).
     TracedAll,
@@ -125,7 +130,9 @@ fn main() -> anyhow::Result<()> {
                     capture.attach()?;
                 }
                 Mode::NotSelected => {
-                    capture.configure(&settings(Some(Vec::new())))?;
+                    // Another cgroup selected, as on a node where other pods are traced:
+                    // with nothing selected at all the programs would be detached.
+                    capture.configure(&settings(Some(vec![NO_SUCH_CGROUP])))?;
                     capture.attach()?;
                 }
                 Mode::TracedAll => {
