@@ -148,7 +148,7 @@ stop_agent() {
 # Ids of the loaded programs on raw tracepoints named like ours (ours are the new ones once
 # the agent has started; this bpftool cannot list the owning pids).
 socket_programs() {
-    bpftool -j prog show | jq -r '.[] | select(.type == "raw_tracepoint" and (.name | test("^(sock_(recv|send)_len|inet_sock_set)"))) | .id' | sort
+    bpftool -j prog show | jq -r '.[] | select(.type == "raw_tracepoint" and (.name | test("^(sock_(recv|send)_len|inet_sock_set|tcp_destroy_soc)"))) | .id' | sort
 }
 
 # --- 1. throughput, modes alternated every slot under constant load ---------------------

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use trazor_collector::{BoundCollector, CollectorConfig};
 use trazor_e2e::{HttpClient, SampleServer, require_ebpf_privileges};
 use trazor_node_agent::{
-    AgentConfig, agent::ProfileSource, attribute::cgroup2_mount, pods::PodSource,
+    AgentConfig, agent::ProfileSource, attribute::cgroup2_mount, capture::PROGRAMS, pods::PodSource,
 };
 
 const SAMPLE_SERVER: &str = env!("CARGO_BIN_EXE_trazor-sample-server");
@@ -325,7 +325,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
     // nothing), and attached again when a pod is selected.
     assert_eq!(
         raw_tracepoint_links(),
-        3,
+        PROGRAMS.len(),
         "attached while inventory is selected"
     );
     replace_file(&config_file, &profile_document("nobody", 2));
@@ -333,7 +333,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
     assert_eq!(raw_tracepoint_links(), 0, "detached with nothing selected");
     replace_file(&config_file, &profile_document("checkout", 2));
     wait_for_generation(&agent, 4).await;
-    assert_eq!(raw_tracepoint_links(), 3, "attached again");
+    assert_eq!(raw_tracepoint_links(), PROGRAMS.len(), "attached again");
 
     drop(agent);
     drop((server_a, server_b));

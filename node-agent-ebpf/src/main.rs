@@ -4,12 +4,13 @@
 //! Where they hook: the `sock_recv_length` and `sock_send_length` tracepoints, which the
 //! kernel fires once per socket receive and send (whatever the syscall: `read`, `recvfrom`,
 //! `readv`, `recvmsg`, `write`, `sendto`, `writev`, `sendmsg`, `sendfile`, ...) as it
-//! returns, and `inet_sock_set_state` for TCP state changes. All three are attached as raw
-//! tracepoints: a direct call with the tracepoint's arguments, no record to fill. Nothing
-//! else a process does reaches us: syscalls that touch no socket cost nothing at all (a
-//! `syscalls:` tracepoint would send every syscall of every process through the kernel's
-//! syscall-tracing path). A failed receive stops at once; then a process outside the
-//! selection stops at one slot of `TRACED_CGROUP_SLOTS`, before any hash lookup.
+//! returns, and `inet_sock_set_state` and `tcp_destroy_sock` for the end of a TCP
+//! connection. All are attached as raw tracepoints: a direct call with the tracepoint's
+//! arguments, no record to fill. Nothing else a process does reaches us: syscalls that
+//! touch no socket cost nothing at all (a `syscalls:` tracepoint would send every syscall
+//! of every process through the kernel's syscall-tracing path). A failed receive stops at
+//! once; then a process outside the selection stops at one slot of `TRACED_CGROUP_SLOTS`,
+//! before any hash lookup.
 //!
 //! The user buffer (to read a request or status line) comes from the syscall's arguments,
 //! which the task saved in its registers on entry: the syscall number tells where the
@@ -18,9 +19,10 @@
 //!
 //! A connection is a TCP socket, keyed in `CONNECTIONS` by its kernel address, from the
 //! first request line seen on it, read (server side) or written (client side), until the
-//! socket reaches `TCP_CLOSE`, which always happens before its memory can be reused: so a
-//! new connection can never inherit an old one's request, whatever fd numbers are reused,
-//! and connections opened before the agent started are traced from their next request.
+//! socket reaches `TCP_CLOSE` (`inet_sock_set_state`), or at the latest until it is
+//! destroyed (`tcp_destroy_sock`), before its memory can be reused: so a new connection can
+//! never inherit an old one's request, whatever fd numbers are reused, and connections
+//! opened before the agent started are traced from their next request.
 //!
 //! Server side, a request starts when a receive returns bytes that begin with an HTTP
 //! method and ends when the send of its status line (`HTTP/1.x NNN`, not a `1xx` interim)
@@ -719,15 +721,29 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
 }
 
 /// `inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)`:
-/// a TCP socket reaching TCP_CLOSE is done, and its memory may be reused for a new socket
-/// once this returns, so its connection entry goes now. (Called in whatever context moved
-/// the state, often a softirq: no process filter applies here.)
+/// a TCP socket reaching TCP_CLOSE is done, so its connection entry goes now. (Called in
+/// whatever context moved the state, often a softirq: no process filter applies here.)
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
-    if ctx.arg::<u64>(2) as u32 != TCP_CLOSE {
-        return 0;
+    if ctx.arg::<u64>(2) as u32 == TCP_CLOSE {
+        forget_connection(ctx.arg::<u64>(0));
     }
-    let socket = ctx.arg::<u64>(0);
+    0
+}
+
+/// `tcp_destroy_sock(struct sock *sk)`: the socket is being freed, and its memory may be
+/// reused for a new one. By now no process can receive or send on it, so no entry can be
+/// created for it after this: an entry adopted just as the socket reached TCP_CLOSE (a
+/// receive racing with a reset on another CPU) ends here at the latest, and a new socket
+/// at the same address never inherits it.
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
+    forget_connection(ctx.arg::<u64>(0));
+    0
+}
+
+#[inline(always)]
+fn forget_connection(socket: u64) {
     if let Some(connection) = CONNECTIONS.get_ptr(socket) {
         // SAFETY: a valid map value pointer for the duration of this program.
         if unsafe { (*connection).request_start_nanos } != 0 {
@@ -735,7 +751,6 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         }
         let _ = CONNECTIONS.remove(socket);
     }
-    0
 }
 
 /// Does nothing: attached to every tracepoint the real programs use, it measures what the

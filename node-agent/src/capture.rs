@@ -24,9 +24,10 @@ use trazor_node_agent_ebpf_common::{
 use crate::{Error, Result};
 
 /// The kernel side's programs (see the eBPF crate), each attached as a raw tracepoint to
-/// the tracepoint of the same name. The TCP state program comes first: a connection must
-/// never be tracked without its close being seen.
+/// the tracepoint of the same name. The programs that end connections come first: a
+/// connection must never be tracked without its end being seen.
 pub const PROGRAMS: &[&str] = &[
+    "tcp_destroy_sock",
     "inet_sock_set_state",
     "sock_recv_length",
     "sock_send_length",
