@@ -10,7 +10,8 @@
 #      (stub_status) gives each slot's throughput; each cycle's ratio to the same cycle's
 #      untraced slot cancels the slow swings of a shared machine, and the median over the
 #      cycles is the figure. CPU time per request (nginx's and wrk's cgroups) is reported
-#      next to it.
+#      next to it, and the p99 latency of a probe request sent every millisecond on a
+#      connection of its own through the same saturated nginx, per mode.
 #   2. The per-call cost of the attached programs for a process that is not traced: a
 #      write/read loop over a socket pair, attached vs detached, alternated the same way.
 #   3. Agent CPU (user + kernel, from /proc) and RSS at a fixed request rate, normalised to
@@ -164,7 +165,8 @@ WRK_PID=$!
 sleep 1
 THROUGHPUT=$("$BIN/trazor-bench-overhead" --status-addr "127.0.0.1:$NGINX_PORT" \
     --server-cgroup "$SERVER_CGROUP" --cpu-cgroups "$SERVER_CGROUP,$CLIENT_CGROUP" \
-    --modes "$MODES" --cycles "$CYCLES" --slot "${SLOT_MS}ms" --settle "${SETTLE_MS}ms")
+    --modes "$MODES" --cycles "$CYCLES" --slot "${SLOT_MS}ms" --settle "${SETTLE_MS}ms" \
+    --probe-path /index.html --probe-interval 1ms)
 kill -0 "$WRK_PID" 2>/dev/null || die "wrk ended before the alternation did: raise WRK_SECONDS"
 kill "$WRK_PID" 2>/dev/null; wait "$WRK_PID" 2>/dev/null || true
 WRK_PID=""
@@ -174,6 +176,9 @@ THR_TRACED=$(ratio_of traced)
 THR_FILTER=$(ratio_of not-selected)
 THR_ALL=$(ratio_of traced-all)
 THR_FLOOR=$(ratio_of floor)
+p99_of() { awk -F'|' -v mode="$1" '$2 ~ "^ "mode" $" { gsub(/ /, "", $8); print $8 }' <<<"$THROUGHPUT"; }
+P99_TRACED=$(p99_of traced)
+P99_FILTER=$(p99_of not-selected)
 [ -n "$THR_TRACED" ] && [ -n "$THR_FILTER" ] || die "could not read trazor-bench-overhead's table"
 
 # --- 2. per-call cost for a process that is not traced -----------------------------------
@@ -234,6 +239,8 @@ TABLE=$(cat <<TABLE
 |---|---|---|---|
 | nginx throughput, traced / untraced (nginx's cgroup selected; median of $CYCLES paired cycles) | $THR_TRACED | >= 0.97 | $(verdict "$THR_TRACED" ">=" 0.97) |
 | nginx throughput, not selected / untraced (programs attached, another cgroup selected) | $THR_FILTER | >= 0.99 | $(verdict "$THR_FILTER" ">=" 0.99) |
+| nginx p99 latency, traced / untraced (a probe request every 1 ms on its own keep-alive connection, through the same saturated nginx; p99 of all measured slots of each mode) | $P99_TRACED | (reported) | - |
+| nginx p99 latency, not selected / untraced | $P99_FILTER | (reported) | - |
 | nginx throughput, traced-all / untraced (every process: nginx and wrk) | $THR_ALL | (reported) | - |
 | nginx throughput, floor / untraced (an empty program on the same tracepoints: the mechanism alone) | $THR_FLOOR | (reported) | - |
 | socket call cost for an untraced process, ns added per call (write/read loop over a socket pair: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FLOOR ns with the empty floor program, $SYSCALL_NS_FILTER ns with ours) | $SYSCALL_NS_ADDED | (reported) | - |
@@ -264,7 +271,7 @@ mkdir -p bench/results
     echo
     echo "$TABLE"
     echo
-    echo "Throughput detail (CPU ns/request: nginx's and wrk's cgroups together):"
+    echo "Throughput and latency detail (CPU ns/request: nginx's and wrk's cgroups together; probe: one request per ms on its own keep-alive connection, p99 over every measured slot of the mode):"
     echo
     echo "$THROUGHPUT"
     echo

@@ -13,10 +13,14 @@
 #![allow(clippy::print_stdout)]
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     os::unix::fs::MetadataExt,
     path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -65,6 +69,104 @@ struct Args {
     /// traced, in ns.
     #[arg(long)]
     syscall_loop: bool,
+    /// Also time requests for this path on a keep-alive connection of our own, one per
+    /// `--probe-interval`, to report each mode's p99 latency next to its throughput.
+    #[arg(long)]
+    probe_path: Option<String>,
+    /// Pause between two probe requests.
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    probe_interval: Duration,
+}
+
+/// Probe latencies, in ns, per mode: recorded only while a slot is being measured.
+struct Probe {
+    /// 1 + the index of the mode being measured; 0 between measurements.
+    measuring: AtomicUsize,
+    stop: AtomicBool,
+    latencies: Mutex<Vec<Vec<u64>>>,
+}
+
+impl Probe {
+    /// Starts timing requests for `path` on a connection to `address`, in a thread.
+    fn start(
+        address: &str,
+        path: &str,
+        interval: Duration,
+        modes: usize,
+    ) -> anyhow::Result<Arc<Self>> {
+        let probe = Arc::new(Self {
+            measuring: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            latencies: Mutex::new(vec![Vec::new(); modes]),
+        });
+        let mut connection = BufReader::new(
+            TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?,
+        );
+        connection.get_ref().set_nodelay(true)?;
+        connection
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(5)))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+        let thread_probe = probe.clone();
+        std::thread::spawn(move || {
+            while !thread_probe.stop.load(Ordering::Relaxed) {
+                let mode = thread_probe.measuring.load(Ordering::Relaxed);
+                let started = Instant::now();
+                if let Err(error) = connection
+                    .get_mut()
+                    .write_all(request.as_bytes())
+                    .and_then(|()| read_response(&mut connection))
+                {
+                    eprintln!("[overhead] latency probe stopped: {error}");
+                    return;
+                }
+                let nanos = started.elapsed().as_nanos() as u64;
+                // Only requests that started and ended within one measured slot count.
+                if mode != 0
+                    && thread_probe.measuring.load(Ordering::Relaxed) == mode
+                    && let Ok(mut latencies) = thread_probe.latencies.lock()
+                {
+                    latencies[mode - 1].push(nanos);
+                }
+                std::thread::sleep(interval);
+            }
+        });
+        Ok(probe)
+    }
+
+    /// Each mode's latencies, sorted.
+    fn finish(&self) -> Vec<Vec<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut latencies = self
+            .latencies
+            .lock()
+            .map(|latencies| latencies.clone())
+            .unwrap_or_default();
+        for mode in &mut latencies {
+            mode.sort_unstable();
+        }
+        latencies
+    }
+}
+
+/// Reads one response with a Content-Length body.
+fn read_response(connection: &mut BufReader<TcpStream>) -> std::io::Result<()> {
+    let mut length = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if connection.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("connection closed"));
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    connection.read_exact(&mut body)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -118,6 +220,15 @@ fn main() -> anyhow::Result<()> {
     // Requests the kernel counted, and requests the server served in slots that trace it:
     // a sanity check that the traced modes really traced.
     let (mut counted, mut served_traced) = (0u64, 0u64);
+    let probe = match (&args.probe_path, args.syscall_loop) {
+        (Some(path), false) => Some(Probe::start(
+            &args.status_addr,
+            path,
+            args.probe_interval,
+            modes,
+        )?),
+        _ => None,
+    };
     for cycle in 0..args.cycles {
         for step in 0..modes {
             let index = (cycle + step) % modes;
@@ -149,7 +260,13 @@ fn main() -> anyhow::Result<()> {
             }
             let (before, cpu_before, started) =
                 (served(&args)?, cpu_micros(&args)?, Instant::now());
+            if let Some(probe) = &probe {
+                probe.measuring.store(index + 1, Ordering::Relaxed);
+            }
             std::thread::sleep(args.slot);
+            if let Some(probe) = &probe {
+                probe.measuring.store(0, Ordering::Relaxed);
+            }
             let (after, cpu_after, elapsed) =
                 (served(&args)?, cpu_micros(&args)?, started.elapsed());
             rates[index].push((after - before) as f64 / elapsed.as_secs_f64());
@@ -205,11 +322,24 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    let latencies = probe.map(|probe| probe.finish()).unwrap_or_default();
+    let p99 = |index: usize| {
+        latencies
+            .get(index)
+            .filter(|sorted| !sorted.is_empty())
+            .map(|sorted| true_quantile(sorted, 0.99))
+    };
     println!(
-        "| mode | median req/s | throughput ratio: median (25th–75th pct) | CPU ns/request | untraced / this CPU per request: median (25th–75th pct) |"
+        "| mode | median req/s | throughput ratio: median (25th–75th pct) | CPU ns/request | untraced / this CPU per request: median (25th–75th pct) | probe p99 µs (requests) | p99 / untraced p99 |"
     );
-    println!("|---|---|---|---|---|");
-    for ((mode, mode_rates), mode_cpu) in args.modes.iter().zip(&rates).zip(&cpu_per_request) {
+    println!("|---|---|---|---|---|---|---|");
+    for (index, ((mode, mode_rates), mode_cpu)) in args
+        .modes
+        .iter()
+        .zip(&rates)
+        .zip(&cpu_per_request)
+        .enumerate()
+    {
         let ratios: Vec<f64> = mode_rates
             .iter()
             .zip(&rates[0])
@@ -220,8 +350,15 @@ fn main() -> anyhow::Result<()> {
             .zip(&cpu_per_request[0])
             .map(|(cpu, untraced)| untraced / cpu)
             .collect();
+        let (probe_p99, p99_ratio) = match (p99(index), p99(0)) {
+            (Some(p99), Some(untraced)) => (
+                format!("{:.1} ({})", p99 as f64 / 1e3, latencies[index].len()),
+                format!("{:.3}", p99 as f64 / untraced as f64),
+            ),
+            _ => ("-".to_owned(), "-".to_owned()),
+        };
         println!(
-            "| {} | {:.0} | {:.4} ({:.4}–{:.4}) | {:.0} | {:.4} ({:.4}–{:.4}) |",
+            "| {} | {:.0} | {:.4} ({:.4}–{:.4}) | {:.0} | {:.4} ({:.4}–{:.4}) | {probe_p99} | {p99_ratio} |",
             mode.name(),
             quantile(mode_rates, 0.5),
             quantile(&ratios, 0.5),
@@ -234,6 +371,12 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The nearest-rank quantile of sorted values.
+fn true_quantile(sorted: &[u64], quantile: f64) -> u64 {
+    let rank = ((quantile * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }
 
 fn count(closed: Vec<trazor_node_agent::capture::ClosedSeries>) -> u64 {
