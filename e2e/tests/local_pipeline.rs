@@ -1,4 +1,4 @@
-//! The whole pipeline on this machine, all real: eBPF programs on syscall tracepoints, a
+//! The whole pipeline on this machine, all real: eBPF programs on socket tracepoints, a
 //! node agent, gRPC to a collector, and its WebSocket feed, measuring sample servers whose
 //! response time is known.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -3,7 +3,8 @@
 //!
 //! A profile selects the pods of its namespace whose labels match its selector (and, when it
 //! names containers, only those containers). The kernel then traces exactly the cgroups of
-//! the selected containers: everything else costs one map lookup per syscall.
+//! the selected containers: everything else costs one array lookup per socket receive or
+//! send.
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -139,8 +139,8 @@ impl Read for TimedReads<'_> {
 
 fn serve_connection(stream: TcpStream, flags: &Flags, log: &LatencyLog) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    // Reads and writes on the same fd (no try_clone/dup): the agent follows a connection by
-    // (process, fd), as it sees it in the syscalls.
+    // Reads and writes on the same fd (no try_clone/dup needed: the agent follows the socket,
+    // whatever fds point at it).
     let mut writer = &stream;
     let mut reader = BufReader::new(TimedReads {
         stream: &stream,
