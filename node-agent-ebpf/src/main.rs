@@ -425,6 +425,30 @@ fn wants(settings: &AgentSettings, direction: Direction) -> bool {
     settings.directions & (direction as u32) != 0
 }
 
+/// Tracks `socket`, which `length` bytes from `buffer` just went over, as a connection of
+/// `direction` when they begin with a request line; that request starts now.
+#[inline(always)]
+fn adopt(
+    settings: &AgentSettings,
+    socket: u64,
+    buffer: (BufferShape, u64),
+    length: i64,
+    direction: Direction,
+) -> Result<(), i32> {
+    if length < 4 || !wants(settings, direction) {
+        return Ok(());
+    }
+    let (bytes, data) = peek(buffer)?;
+    let Some(method) = parse_method(&bytes) else {
+        return Ok(());
+    };
+    let start = now();
+    if let Some(connection) = track_connection(socket, direction) {
+        start_request(connection, method, data, start);
+    }
+    Ok(())
+}
+
 /// A process received `returned` bytes on `socket`.
 #[inline(always)]
 fn on_receive(
@@ -447,18 +471,7 @@ fn on_receive(
     };
     let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is served from its first request line.
-        if returned < 4 || !wants(settings, Direction::Server) {
-            return Ok(());
-        }
-        let (bytes, data) = peek(buffer)?;
-        let Some(method) = parse_method(&bytes) else {
-            return Ok(());
-        };
-        let start = now();
-        if let Some(connection) = track_connection(socket, Direction::Server) {
-            start_request(connection, method, data, start);
-        }
-        return Ok(());
+        return adopt(settings, socket, buffer, returned, Direction::Server);
     };
     // SAFETY: a valid map value pointer for the duration of this program.
     let (direction, busy) = unsafe {
@@ -506,18 +519,7 @@ fn on_send(
     };
     let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is made from its first request line.
-        if written < 4 || !wants(settings, Direction::Client) {
-            return Ok(());
-        }
-        let (bytes, data) = peek(buffer)?;
-        let Some(method) = parse_method(&bytes) else {
-            return Ok(());
-        };
-        let start = now();
-        if let Some(connection) = track_connection(socket, Direction::Client) {
-            start_request(connection, method, data, start);
-        }
-        return Ok(());
+        return adopt(settings, socket, buffer, written, Direction::Client);
     };
     // SAFETY: a valid map value pointer for the duration of this program.
     let (direction, start, batch_start) = unsafe {
