@@ -9,7 +9,8 @@
 //! acknowledged (each feed document carries agent id, boot id and sequence, so a consumer
 //! can drop them).
 //!
-//! Format: segment files `journal-<n>.log` of records `[len u32 LE][crc32 u32 LE][payload]`;
+//! Format: segment files `journal-<n>.log` of records `[len u32 LE][crc32 u32 LE][payload]`
+//! (`trazor_proto::record`);
 //! payload kind 1 is a window (agent id, boot id, protobuf `LatencyWindow`), kind 2 a dedup
 //! mark (agent id, boot id, highest sequence). A new segment starts with a mark for every
 //! (agent, boot) known, so old segments can be deleted without forgetting what was seen;
@@ -28,14 +29,15 @@ use std::{
 };
 
 use prost::Message as _;
-use trazor_proto::v1::LatencyWindow;
+use trazor_proto::{
+    record::{frame, records},
+    v1::LatencyWindow,
+};
 
 use crate::dedup::Deduplicator;
 
 const WINDOW: u8 = 1;
 const MARK: u8 = 2;
-/// Largest record accepted on replay: anything bigger is corruption.
-const MAX_RECORD: usize = 16 * 1024 * 1024;
 
 /// Journal sizing and durability.
 #[derive(Clone, Debug)]
@@ -108,18 +110,6 @@ fn take_str<'a>(payload: &mut &'a [u8]) -> Option<&'a str> {
     std::str::from_utf8(text).ok()
 }
 
-/// Frames one record onto `buffer`: `payload` is written by `write`.
-fn frame(buffer: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
-    let start = buffer.len();
-    buffer.extend_from_slice(&[0u8; 8]);
-    write(buffer);
-    let payload = &buffer[start + 8..];
-    let length = (payload.len() as u32).to_le_bytes();
-    let crc = crc32fast::hash(payload).to_le_bytes();
-    buffer[start..start + 4].copy_from_slice(&length);
-    buffer[start + 4..start + 8].copy_from_slice(&crc);
-}
-
 fn mark_record(buffer: &mut Vec<u8>, agent: &str, boot: &str, highest: u64) {
     frame(buffer, |payload| {
         payload.push(MARK);
@@ -131,25 +121,15 @@ fn mark_record(buffer: &mut Vec<u8>, agent: &str, boot: &str, highest: u64) {
 
 /// Reads one segment into `replay`; returns the length of its intact prefix.
 fn replay_segment(bytes: &[u8], replay: &mut Replay) -> usize {
-    let mut position = 0;
-    while position < bytes.len() {
-        let Some(header) = bytes.get(position..position + 8) else {
-            break;
-        };
-        let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if length > MAX_RECORD {
+    let mut intact = 0;
+    let mut reader = records(bytes);
+    while let Some(payload) = reader.next() {
+        if !decode_record(payload, replay) {
             break;
         }
-        let Some(payload) = bytes.get(position + 8..position + 8 + length) else {
-            break;
-        };
-        if crc32fast::hash(payload) != crc || !decode_record(payload, replay) {
-            break;
-        }
-        position += 8 + length;
+        intact = reader.position();
     }
-    position
+    intact
 }
 
 fn decode_record(payload: &[u8], replay: &mut Replay) -> bool {

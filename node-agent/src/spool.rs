@@ -5,7 +5,7 @@
 //!   after a restart carry the (agent id, boot id, sequence) the collector may already have
 //!   seen, and its dedup drops them. Delete the directory to start a new sequence space.
 //! - `segment-<first sequence>.log`: append-only records `[len u32 LE][crc32 u32 LE]
-//!   [protobuf LatencyWindow]`, in sequence order. A new segment starts when the active one
+//!   [protobuf LatencyWindow]` (`trazor_proto::record`), in sequence order. A new segment starts when the active one
 //!   passes an eighth of the size limit.
 //! - `acked`: the highest acknowledged sequence (written to a temporary file and renamed,
 //!   at most once a second, and whenever a segment is deleted). A stale cursor only makes
@@ -30,12 +30,10 @@ use std::{
 };
 
 use prost::Message as _;
-use trazor_proto::v1::LatencyWindow;
+use trazor_proto::{record, v1::LatencyWindow};
 
 use crate::ship::ShipperStats;
 
-/// Largest record accepted when reading a spool back: anything bigger is corruption.
-const MAX_RECORD: usize = 16 * 1024 * 1024;
 /// How often the ack cursor is written at most (besides when segments are deleted).
 const CURSOR_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -84,26 +82,16 @@ fn segment_path(dir: &Path, first_sequence: u64) -> PathBuf {
 /// Reads a segment's intact records; returns them and the intact length.
 fn read_segment(bytes: &[u8]) -> (Vec<LatencyWindow>, usize) {
     let mut windows = Vec::new();
-    let mut position = 0;
-    while let Some(header) = bytes.get(position..position + 8) {
-        let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if length > MAX_RECORD {
-            break;
-        }
-        let Some(payload) = bytes.get(position + 8..position + 8 + length) else {
-            break;
-        };
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
+    let mut intact = 0;
+    let mut reader = record::records(bytes);
+    while let Some(payload) = reader.next() {
         let Ok(window) = LatencyWindow::decode(payload) else {
             break;
         };
         windows.push(window);
-        position += 8 + length;
+        intact = reader.position();
     }
-    (windows, position)
+    (windows, intact)
 }
 
 impl Spool {
@@ -205,15 +193,10 @@ impl Spool {
         };
         let mut buffer = Vec::with_capacity(windows.len() * 512);
         for window in windows {
-            let start = buffer.len();
-            buffer.extend_from_slice(&[0u8; 8]);
-            // Encoding into a Vec cannot fail.
-            let _ = window.encode(&mut buffer);
-            let payload = &buffer[start + 8..];
-            let length = (payload.len() as u32).to_le_bytes();
-            let crc = crc32fast::hash(payload).to_le_bytes();
-            buffer[start..start + 4].copy_from_slice(&length);
-            buffer[start + 4..start + 8].copy_from_slice(&crc);
+            record::frame(&mut buffer, |payload| {
+                // Encoding into a Vec cannot fail.
+                let _ = window.encode(payload);
+            });
         }
         let full = self
             .segments

@@ -4,10 +4,12 @@
 //! `proto/trazor/v1/`); its evolution rules are written at the top of the .proto file.
 //! [`histogram`] merges and reads the latency histograms both sides exchange.
 //! [`agent_config`] is the configuration document the operator writes for the node agents.
+//! [`record`] frames the records the agent's spool and the collector's journal keep on disk.
 
 pub mod agent_config;
 pub mod auth;
 pub mod histogram;
+pub mod record;
 
 /// Generated from `proto/trazor/v1/ingest.proto`.
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
