@@ -48,9 +48,9 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, CONNECTION_SIZE, Direction,
-    PATH_LEN, RequestEvent, SeriesKey, SeriesTotals, bucket_index, cgroup_slot, drop_reason,
-    event_flag, method, route_hash,
+    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, Connection, Direction, PATH_LEN,
+    RequestEvent, SeriesKey, SeriesTotals, bucket_index, cgroup_slot, drop_reason, event_flag,
+    method, route_hash,
 };
 
 /// Connections traced: most hosts have far fewer open connections than this.
@@ -92,27 +92,6 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUN
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Connection {
-    /// `bpf_ktime_get_ns` when the current request started; 0 when idle.
-    request_start_nanos: u64,
-    /// Server side: when the receive that started the last request returned. Requests
-    /// pipelined behind it arrived in that receive (or just after), so a status line sent
-    /// on an idle connection answers one of them and is timed from here. 0: none pending.
-    batch_start_nanos: u64,
-    peer_addr: u32,
-    route: u32,
-    peer_port: u16,
-    direction: u8,
-    method: u8,
-    path_len: u8,
-    _pad: [u8; 3],
-    path: [u8; PATH_LEN],
-}
-
-const _: () = assert!(core::mem::size_of::<Connection>() == CONNECTION_SIZE);
 
 /// How the user buffer of a syscall is described by its arguments.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -263,8 +242,7 @@ struct Process {
 /// rejections come first: most processes on a node are not selected.
 #[inline(always)]
 fn traced_process() -> Option<(Process, AgentSettings)> {
-    // A copy: user space may rewrite the map value while this program runs.
-    let settings = *SETTINGS.get(0)?;
+    let settings = SETTINGS.get(0)?;
     if settings.window_nanos == 0 {
         return None;
     }
@@ -280,6 +258,9 @@ fn traced_process() -> Option<(Process, AgentSettings)> {
             unsafe { TRACED_CGROUPS.get(cgroup_id) }?;
         }
     }
+    // A copy, taken only for a traced process: user space may rewrite the map value while
+    // this program runs.
+    let settings = *settings;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if tgid == settings.agent_tgid {
         return None;
@@ -383,8 +364,8 @@ fn track_connection(socket: u64, direction: Direction) -> Option<*mut Connection
     // SAFETY: `socket` is the `struct sock *` the tracepoint passed; the helper checks the
     // kernel address and fails rather than fault.
     let head = unsafe { bpf_probe_read_kernel(socket as *const SockCommonHead) }.ok()?;
-    // Only TCP sockets reach TCP_CLOSE through `inet_sock_set_state`, which ends tracking.
-    // A socket already closing is not adopted: its TCP_CLOSE may have passed.
+    // Only TCP sockets report their end (`inet_sock_set_state`, `tcp_destroy_sock`), which
+    // ends tracking. A socket already closing is not adopted: its TCP_CLOSE may have passed.
     if !matches!(head.family, AF_INET | AF_INET6)
         || !matches!(head.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
     {

@@ -17,7 +17,7 @@ use aya::{
     programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CONNECTION_SIZE, RequestEvent, SeriesKey,
+    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, Connection, RequestEvent, SeriesKey,
     SeriesTotals, cgroup_slot, drop_reason,
 };
 
@@ -88,21 +88,19 @@ impl Links {
     }
 
     /// Attaches each program to its tracepoint, or with `floor` the empty one to all of
-    /// them.
+    /// them: all or none (what a failure left attached is detached again).
     fn attach(&mut self, ebpf: &mut Ebpf, floor: bool) -> Result<()> {
+        self.floor = floor;
         for &tracepoint in PROGRAMS {
             let name = if floor { FLOOR } else { tracepoint };
-            let program: &mut RawTracePoint = program(ebpf, name)?;
-            if program.fd().is_err() {
-                program.load().map_err(Error::program(name))?;
+            match attach_one(ebpf, name, tracepoint) {
+                Ok(link) => self.attached.push((name, link)),
+                Err(error) => {
+                    let _ = self.detach(ebpf);
+                    return Err(error);
+                }
             }
-            let link = program.attach(tracepoint).map_err(|source| Error::Attach {
-                tracepoint,
-                source: Box::new(source),
-            })?;
-            self.attached.push((name, link));
         }
-        self.floor = floor;
         Ok(())
     }
 
@@ -113,6 +111,21 @@ impl Links {
         }
         Ok(())
     }
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &'static str,
+) -> Result<RawTracePointLinkId> {
+    let program: &mut RawTracePoint = program(ebpf, name)?;
+    if program.fd().is_err() {
+        program.load().map_err(Error::program(name))?;
+    }
+    program.attach(tracepoint).map_err(|source| Error::Attach {
+        tracepoint,
+        source: Box::new(source),
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
@@ -175,7 +188,7 @@ impl KernelCapture {
 
     fn forget_connections(&mut self) -> Result<()> {
         // An LRU hash map: aya's HashMap handles both kinds.
-        let mut connections: BpfHashMap<&mut MapData, u64, [u8; CONNECTION_SIZE]> =
+        let mut connections: BpfHashMap<&mut MapData, u64, Connection> =
             BpfHashMap::try_from(map(&mut self.ebpf, "CONNECTIONS")?)
                 .map_err(Error::map("CONNECTIONS"))?;
         let sockets: Vec<u64> = connections.keys().filter_map(|key| key.ok()).collect();

@@ -341,9 +341,32 @@ pub mod drop_reason {
     }
 }
 
-/// Bytes of a `CONNECTIONS` entry (the eBPF crate's private `Connection`; it asserts this),
-/// so user space can clear the map.
-pub const CONNECTION_SIZE: usize = 32 + PATH_LEN;
+/// A traced connection, the value of the kernel's `CONNECTIONS` map (keyed by the socket's
+/// kernel address). Only the kernel reads it; user space clears the map after a detach.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// `bpf_ktime_get_ns` when the current request started; 0 when idle.
+    pub request_start_nanos: u64,
+    /// Server side: when the receive that started the last request returned. Requests
+    /// pipelined behind it arrived in that receive (or just after), so a status line sent
+    /// on an idle connection answers one of them and is timed from here. 0: none pending.
+    pub batch_start_nanos: u64,
+    /// Client side: the peer's IPv4 address (network order), 0 otherwise.
+    pub peer_addr: u32,
+    /// [`route_hash`] of the current request's path.
+    pub route: u32,
+    /// Client side: the peer's port, 0 otherwise.
+    pub peer_port: u16,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    /// One of [`method`].
+    pub method: u8,
+    /// Valid bytes in `path`.
+    pub path_len: u8,
+    pub _pad: [u8; 3],
+    pub path: [u8; PATH_LEN],
+}
 
 /// Slots of the traced-cgroup table `TRACED_CGROUP_SLOTS`: a power of two.
 pub const CGROUP_SLOTS: u32 = 65_536;
@@ -361,13 +384,14 @@ pub fn cgroup_slot(cgroup_id: u64) -> u32 {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all four are #[repr(C)] structs of integers with explicit padding fields, so
+    // SAFETY: all are #[repr(C)] structs of integers with explicit padding fields, so
     // every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::SeriesKey {}
     unsafe impl aya::Pod for super::SeriesTotals {}
     unsafe impl aya::Pod for super::BucketKey {}
     unsafe impl aya::Pod for super::AgentSettings {}
     unsafe impl aya::Pod for super::RequestEvent {}
+    unsafe impl aya::Pod for super::Connection {}
 }
 
 #[cfg(test)]
