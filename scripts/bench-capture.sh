@@ -9,11 +9,15 @@
 #      attached tracing every process (traced-all, reported). nginx's own request counter
 #      (stub_status) gives each slot's throughput; each cycle's ratio to the same cycle's
 #      untraced slot cancels the slow swings of a shared machine, and the median over the
-#      cycles is the figure. CPU time per request (nginx's and wrk's cgroups) is reported
-#      next to it, and the p99 latency of a probe request sent every millisecond on a
+#      cycles is the figure. nginx's CPU time per request (its cgroup) is reported next
+#      to it, and the p99 latency of a probe request sent every millisecond on a
 #      connection of its own through the same saturated nginx, per mode.
 #   2. The per-call cost of the attached programs for a process that is not traced: a
 #      write/read loop over a socket pair, attached vs detached, alternated the same way.
+#      In the same alternation, stand-in programs that repeat one operation of the traced
+#      path (a clock read, a read of the call's user buffer, a hash lookup) price each
+#      operation on this machine; a traced nginx request makes 2 + 3 + 4 of them, which
+#      gives the least the traced path can cost here, next to the 0.97 target's budget.
 #   3. Agent CPU (user + kernel, from /proc) and RSS at a fixed request rate, normalised to
 #      millicores per 10 000 req/s (target <= 25), RSS (target <= 30 MiB); plus the run time
 #      of the eBPF program itself (kernel.bpf_stats_enabled), which the kernel charges to
@@ -164,7 +168,7 @@ sh -c 'echo $$ > "$1/cgroup.procs" && exec wrk -t1 -c"$2" -d"$3s" "$4"' wrk \
 WRK_PID=$!
 sleep 1
 THROUGHPUT=$("$BIN/trazor-bench-overhead" --status-addr "127.0.0.1:$NGINX_PORT" \
-    --server-cgroup "$SERVER_CGROUP" --cpu-cgroups "$SERVER_CGROUP,$CLIENT_CGROUP" \
+    --server-cgroup "$SERVER_CGROUP" --cpu-cgroups "$SERVER_CGROUP" \
     --modes "$MODES" --cycles "$CYCLES" --slot "${SLOT_MS}ms" --settle "${SETTLE_MS}ms" \
     --probe-path /index.html --probe-interval 1ms)
 kill -0 "$WRK_PID" 2>/dev/null || die "wrk ended before the alternation did: raise WRK_SECONDS"
@@ -177,21 +181,35 @@ THR_FILTER=$(ratio_of not-selected)
 THR_ALL=$(ratio_of traced-all)
 THR_FLOOR=$(ratio_of floor)
 p99_of() { awk -F'|' -v mode="$1" '$2 ~ "^ "mode" $" { gsub(/ /, "", $8); print $8 }' <<<"$THROUGHPUT"; }
+cpu_of() { awk -F'|' -v mode="$1" '$2 ~ "^ "mode" $" { print $5 + 0 }' <<<"$THROUGHPUT"; }
+NGINX_NS_UNTRACED=$(cpu_of untraced)
 P99_TRACED=$(p99_of traced)
 P99_FILTER=$(p99_of not-selected)
 [ -n "$THR_TRACED" ] && [ -n "$THR_FILTER" ] || die "could not read trazor-bench-overhead's table"
 
 # --- 2. per-call cost for a process that is not traced -----------------------------------
-say "per-call cost of the attached programs for an untraced process (socket write/read loop)"
+say "per-call cost of the attached programs for an untraced process, and of each operation (socket write/read loop)"
 SYSCALLS=$("$BIN/trazor-bench-overhead" --syscall-loop --status-addr unused \
-    --server-cgroup "$SERVER_CGROUP" --modes untraced,floor,not-selected --cycles 40 \
-    --slot 150ms --settle 10ms)
+    --server-cgroup "$SERVER_CGROUP" \
+    --modes untraced,floor,not-selected,cost-clock-read,cost-user-read,cost-lookup \
+    --cycles 60 --slot 150ms --settle 10ms)
 echo "$SYSCALLS" >&2
 ns_of() { awk -F'|' -v mode="$1" '$2 ~ "^ "mode" $" { print $5 + 0 }' <<<"$SYSCALLS"; }
 SYSCALL_NS_UNTRACED=$(ns_of untraced)
 SYSCALL_NS_FILTER=$(ns_of not-selected)
 SYSCALL_NS_FLOOR=$(ns_of floor)
 SYSCALL_NS_ADDED=$(awk -v a="$SYSCALL_NS_FILTER" -v b="$SYSCALL_NS_UNTRACED" 'BEGIN { print a - b }')
+# Each cost_* program repeats its operation COST_REPEATS (8) times per call.
+price_of() { awk -v a="$(ns_of "$1")" -v b="$SYSCALL_NS_FLOOR" 'BEGIN { printf "%.0f", (a - b) / 8 }'; }
+PRICE_CLOCK=$(price_of cost-clock-read)
+PRICE_USER_READ=$(price_of cost-user-read)
+PRICE_LOOKUP=$(price_of cost-lookup)
+# A traced nginx request (keep-alive): the request's receive reads its head (1 user read),
+# the clock and its connection (1 lookup); the writev of the status line reads the iovec
+# and the status line (2 user reads), the clock, its connection, series and bucket (3).
+TRACED_FLOOR_NS=$((2 * PRICE_CLOCK + 3 * PRICE_USER_READ + 4 * PRICE_LOOKUP))
+TRACED_FLOOR_PCT=$(awk -v a="$TRACED_FLOOR_NS" -v b="$NGINX_NS_UNTRACED" 'BEGIN { printf "%.1f", 100 * a / b }')
+TARGET_BUDGET_NS=$(awk -v b="$NGINX_NS_UNTRACED" 'BEGIN { printf "%.0f", b * (1 / 0.97 - 1) }')
 
 # --- 3. agent CPU and RSS at a fixed rate ------------------------------------------------
 say "agent CPU and RSS at $RATE req/s for ${RATE_SECONDS}s (tracing everything)"
@@ -244,6 +262,7 @@ TABLE=$(cat <<TABLE
 | nginx throughput, traced-all / untraced (every process: nginx and wrk) | $THR_ALL | (reported) | - |
 | nginx throughput, floor / untraced (an empty program on the same tracepoints: the mechanism alone) | $THR_FLOOR | (reported) | - |
 | socket call cost for an untraced process, ns added per call (write/read loop over a socket pair: $SYSCALL_NS_UNTRACED ns detached, $SYSCALL_NS_FLOOR ns with the empty floor program, $SYSCALL_NS_FILTER ns with ours) | $SYSCALL_NS_ADDED | (reported) | - |
+| least CPU the traced path can add to an nginx request here, ns: its operations at their prices in a hot loop (2 clock reads × $PRICE_CLOCK ns, 3 user-memory reads × $PRICE_USER_READ ns, 4 hash lookups × $PRICE_LOOKUP ns), = $TRACED_FLOOR_PCT % of nginx's untraced $NGINX_NS_UNTRACED ns per request; the 0.97 target allows $TARGET_BUDGET_NS ns | $TRACED_FLOOR_NS | (reported) | - |
 | agent CPU (user + kernel), millicores per 10 000 req/s (at $ACTUAL_RATE req/s) | $AGENT_MC | <= 25 | $(verdict "$AGENT_MC" "<=" 25) |
 | eBPF programs' run time, millicores per 10 000 req/s, charged to the traced processes (per call: $PER_CALL) | $BPF_MC | (reported) | - |
 | agent RSS at the end of the fixed-rate run, MiB | $RSS_MIB | <= 30 | $(verdict "$RSS_MIB" "<=" 30) |
@@ -271,11 +290,11 @@ mkdir -p bench/results
     echo
     echo "$TABLE"
     echo
-    echo "Throughput and latency detail (CPU ns/request: nginx's and wrk's cgroups together; probe: one request per ms on its own keep-alive connection, p99 over every measured slot of the mode):"
+    echo "Throughput and latency detail (CPU ns/request: nginx's cgroup; probe: one request per ms on its own keep-alive connection, p99 over every measured slot of the mode):"
     echo
     echo "$THROUGHPUT"
     echo
-    echo "Per-call detail (write/read loop over a socket pair; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall):"
+    echo "Per-call detail (write/read loop over a socket pair; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall; cost-* modes: a stand-in program repeating one operation 8 times per call, priced as (its ns - floor's ns) / 8):"
     echo
     echo "$SYSCALLS"
 } > bench/results/capture.md

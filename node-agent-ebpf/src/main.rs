@@ -48,9 +48,9 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, Connection, Direction, PATH_LEN,
-    RequestEvent, SeriesKey, SeriesTotals, bucket_index, cgroup_slot, drop_reason, event_flag,
-    method, route_hash,
+    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, Connection,
+    Direction, PATH_LEN, RequestEvent, SeriesKey, SeriesTotals, bucket_index, cgroup_slot,
+    drop_reason, event_flag, method, route_hash,
 };
 
 /// Connections traced: most hosts have far fewer open connections than this.
@@ -205,9 +205,12 @@ impl SavedRegisters {
     }
 }
 
-/// Bytes of a buffer inspected: enough for "OPTIONS " and for "HTTP/1.1 200" (the path is
-/// read straight into the connection entry by `start_request`).
-const PEEK_LEN: usize = 16;
+/// Bytes of a response inspected: enough for "HTTP/1.1 200".
+const STATUS_LEN: usize = 16;
+/// Bytes of a request inspected, in one read: the longest "METHOD " ("OPTIONS ", 8 bytes)
+/// and the path after it. Each read of user memory costs about as much as a hash lookup,
+/// so the request line is read once, not once for the method and again for the path.
+const HEAD_LEN: usize = 8 + PATH_LEN;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 /// `recv(2)` flag: the bytes stay queued and will be received again.
@@ -268,10 +271,10 @@ fn traced_process() -> Option<(Process, AgentSettings)> {
     Some((Process { tgid, cgroup_id }, settings))
 }
 
-/// The first PEEK_LEN bytes the current syscall received or sent, and their user address,
-/// from its user buffer as [`SavedRegisters::user_buffer`] found it.
+/// The user address of the bytes the current syscall received or sent, from its user
+/// buffer as [`SavedRegisters::user_buffer`] found it.
 #[inline(always)]
-fn peek((shape, buffer): (BufferShape, u64)) -> Result<([u8; PEEK_LEN], u64), i32> {
+fn user_data((shape, buffer): (BufferShape, u64)) -> Result<u64, i32> {
     let iovec = match shape {
         BufferShape::Flat => None,
         // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
@@ -288,16 +291,35 @@ fn peek((shape, buffer): (BufferShape, u64)) -> Result<([u8; PEEK_LEN], u64), i3
     if data == 0 {
         return Err(-1);
     }
-    // A buffer shorter than PEEK_LEN still lies in the process's memory almost always; if
-    // not, the read fails and the request is simply not recognised.
+    Ok(data)
+}
+
+/// The first STATUS_LEN bytes at `data`: a short read, so it succeeds however short the
+/// buffer (a buffer that small still lies in the process's memory almost always).
+#[inline(always)]
+fn read_status_line(data: u64) -> Result<[u8; STATUS_LEN], i32> {
     // SAFETY: the helper checks the user address.
-    let bytes = unsafe { bpf_probe_read_user(data as *const [u8; PEEK_LEN])? };
-    Ok((bytes, data))
+    unsafe { bpf_probe_read_user(data as *const [u8; STATUS_LEN]) }
+}
+
+/// The first HEAD_LEN bytes at `data`, and whether they hold the path: when the buffer ends
+/// too close to unmapped memory for the long read, the method alone (short read) still
+/// starts the request, with its path unknown.
+#[inline(always)]
+fn read_request_head(data: u64) -> Result<([u8; HEAD_LEN], bool), i32> {
+    // SAFETY: the helper checks the user address.
+    if let Ok(head) = unsafe { bpf_probe_read_user(data as *const [u8; HEAD_LEN]) } {
+        return Ok((head, true));
+    }
+    let mut head = [0u8; HEAD_LEN];
+    // SAFETY: as above; the destination is the first STATUS_LEN bytes of `head`.
+    unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head[..STATUS_LEN]) }?;
+    Ok((head, false))
 }
 
 /// The method a request starts with and the length of "METHOD ", or None.
 #[inline(always)]
-fn parse_method(bytes: &[u8; PEEK_LEN]) -> Option<(u8, usize)> {
+fn parse_method(bytes: &[u8; HEAD_LEN]) -> Option<(u8, usize)> {
     let parsed = match &[bytes[0], bytes[1], bytes[2], bytes[3]] {
         b"GET " => (method::GET, 4),
         b"PUT " => (method::PUT, 4),
@@ -315,7 +337,7 @@ fn parse_method(bytes: &[u8; PEEK_LEN]) -> Option<(u8, usize)> {
 
 /// The status code of a response's status line (`HTTP/1.x NNN`), or None.
 #[inline(always)]
-fn parse_status(bytes: &[u8; PEEK_LEN]) -> Option<u16> {
+fn parse_status(bytes: &[u8; STATUS_LEN]) -> Option<u16> {
     if &bytes[..7] != b"HTTP/1." || bytes[8] != b' ' {
         return None;
     }
@@ -336,18 +358,26 @@ fn is_interim(status: u16) -> bool {
 }
 
 /// Marks `connection` as carrying a request that started at `start`, keeping its path.
-/// `data` is the user address of `bytes`; `method` and `skip` come from [`parse_method`].
+/// `head` comes from [`read_request_head`]; `method` and `skip` from [`parse_method`].
 #[inline(always)]
-fn start_request(connection: *mut Connection, method: (u8, usize), data: u64, start: u64) {
+fn start_request(
+    connection: *mut Connection,
+    method: (u8, usize),
+    (head, path_known): &([u8; HEAD_LEN], bool),
+    start: u64,
+) {
     let (method, skip) = method;
     // SAFETY: a valid map value pointer for the duration of this program.
     let connection = unsafe { &mut *connection };
-    // The path straight from user memory into the map value: no copy loop to verify.
-    // SAFETY: the helper checks the user address.
-    if unsafe { bpf_probe_read_user_buf((data + skip as u64) as *const u8, &mut connection.path) }
-        .is_err()
-    {
-        connection.path = [0; PATH_LEN];
+    // One fixed-offset copy per method length: straight-line code for the verifier.
+    let path = &mut connection.path;
+    match skip {
+        _ if !path_known => *path = [0; PATH_LEN],
+        4 => path.copy_from_slice(&head[4..4 + PATH_LEN]),
+        5 => path.copy_from_slice(&head[5..5 + PATH_LEN]),
+        6 => path.copy_from_slice(&head[6..6 + PATH_LEN]),
+        7 => path.copy_from_slice(&head[7..7 + PATH_LEN]),
+        _ => path.copy_from_slice(&head[8..8 + PATH_LEN]),
     }
     let (route, len) = route_hash(&connection.path);
     connection.route = route;
@@ -419,13 +449,13 @@ fn adopt(
     if length < 4 || !wants(settings, direction) {
         return Ok(());
     }
-    let (bytes, data) = peek(buffer)?;
-    let Some(method) = parse_method(&bytes) else {
+    let head = read_request_head(user_data(buffer)?)?;
+    let Some(method) = parse_method(&head.0) else {
         return Ok(());
     };
     let start = now();
     if let Some(connection) = track_connection(socket, direction) {
-        start_request(connection, method, data, start);
+        start_request(connection, method, &head, start);
     }
     Ok(())
 }
@@ -467,15 +497,16 @@ fn on_receive(
     if returned < 4 || server == busy {
         return Ok(());
     }
-    let (bytes, data) = peek(buffer)?;
+    let data = user_data(buffer)?;
     if server {
-        if let Some(method) = parse_method(&bytes) {
-            start_request(connection, method, data, now());
+        let head = read_request_head(data)?;
+        if let Some(method) = parse_method(&head.0) {
+            start_request(connection, method, &head, now());
         }
         return Ok(());
     }
     // Client side: the response to our request.
-    match parse_status(&bytes) {
+    match parse_status(&read_status_line(data)?) {
         Some(status) if !is_interim(status) => {
             // SAFETY: as above.
             let start = unsafe { (*connection).request_start_nanos };
@@ -513,9 +544,9 @@ fn on_send(
     if direction == Direction::Client as u8 {
         if start == 0 {
             // A request went out: it started when its send returned.
-            let (bytes, data) = peek(buffer)?;
-            if let Some(method) = parse_method(&bytes) {
-                start_request(connection, method, data, now());
+            let head = read_request_head(user_data(buffer)?)?;
+            if let Some(method) = parse_method(&head.0) {
+                start_request(connection, method, &head, now());
             }
         }
         return Ok(());
@@ -523,8 +554,7 @@ fn on_send(
     if start == 0 && batch_start == 0 {
         return Ok(());
     }
-    let (bytes, _) = peek(buffer)?;
-    let Some(status) = parse_status(&bytes) else {
+    let Some(status) = parse_status(&read_status_line(user_data(buffer)?)?) else {
         // Body bytes, or a response we cannot read: the request stays open.
         return Ok(());
     };
@@ -740,6 +770,53 @@ fn forget_connection(socket: u64) {
 /// mechanism alone costs. Only the overhead benchmark attaches it.
 #[raw_tracepoint]
 pub fn floor(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+// The benchmark's price list: each program below, attached like `floor`, repeats one
+// operation of the traced path COST_REPEATS times, so that its run time over floor's, per
+// socket call, divided by COST_REPEATS is what the operation costs on this machine.
+
+/// A clock read (two per request: at its start and at its end).
+#[raw_tracepoint]
+pub fn cost_clock_read(_ctx: RawTracePointContext) -> i32 {
+    for _ in 0..COST_REPEATS {
+        // A helper call: the compiler cannot drop it.
+        let _ = now();
+    }
+    0
+}
+
+/// A read of the socket call's user buffer (a request line, a status line, an iovec).
+#[raw_tracepoint]
+pub fn cost_user_read(_ctx: RawTracePointContext) -> i32 {
+    let Some(Ok(data)) = SavedRegisters::current().user_buffer().map(user_data) else {
+        return 0;
+    };
+    for _ in 0..COST_REPEATS {
+        let _ = read_status_line(data);
+    }
+    0
+}
+
+/// A hash map lookup that finds its key (a connection, a series, a histogram bucket), here
+/// in SERIES under a window number no real window reaches.
+#[raw_tracepoint]
+pub fn cost_lookup(_ctx: RawTracePointContext) -> i32 {
+    for route in 0..COST_REPEATS {
+        let key = SeriesKey {
+            window: u32::MAX,
+            route,
+            ..SeriesKey::default()
+        };
+        match SERIES.get_ptr_mut(key) {
+            // SAFETY: this CPU's slot of a per-CPU value.
+            Some(totals) => unsafe { (*totals).count += 1 },
+            None => {
+                let _ = SERIES.insert(key, SeriesTotals::default(), 0);
+            }
+        }
+    }
     0
 }
 

@@ -299,7 +299,11 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         node = %config.node_name,
         boot_id = %hello.boot_id,
         window = %humantime::format_duration(windows.settings.window),
-        mode = if config.profiles.is_some() { "profiles" } else { "standalone: every process" },
+        mode = match (&config.profiles, config.select_cgroups.is_empty()) {
+            (Some(_), _) => "profiles".to_owned(),
+            (None, true) => "standalone: every process".to_owned(),
+            (None, false) => format!("standalone: cgroups {:?}", config.select_cgroups),
+        },
         "eBPF programs attached; measuring HTTP/1.x requests"
     );
     tasks.push(tokio::spawn(windows.run()));

@@ -35,6 +35,12 @@ pub const PROGRAMS: &[&str] = &[
 /// An empty program, for benchmarks: attached to every tracepoint of [`PROGRAMS`], it
 /// measures the cost of the mechanism alone.
 pub const FLOOR: &str = "floor";
+/// Programs for benchmarks that price one operation of the traced path each, repeated
+/// [`trazor_node_agent_ebpf_common::COST_REPEATS`] times per call, attached like [`FLOOR`]:
+/// a clock read, a read of the socket call's user buffer, a hash lookup.
+pub const COST_CLOCK_READ: &str = "cost_clock_read";
+pub const COST_USER_READ: &str = "cost_user_read";
+pub const COST_LOOKUP: &str = "cost_lookup";
 
 /// One series of one closed window, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,20 +85,21 @@ pub struct KernelCapture {
 #[derive(Default)]
 struct Links {
     attached: Vec<(&'static str, RawTracePointLinkId)>,
-    floor: bool,
+    /// A benchmark's program attached in place of ours ([`FLOOR`], a `COST_` one).
+    stand_in: Option<&'static str>,
 }
 
 impl Links {
     fn is_attached(&self) -> bool {
-        !self.attached.is_empty() && !self.floor
+        !self.attached.is_empty() && self.stand_in.is_none()
     }
 
-    /// Attaches each program to its tracepoint, or with `floor` the empty one to all of
-    /// them: all or none (what a failure left attached is detached again).
-    fn attach(&mut self, ebpf: &mut Ebpf, floor: bool) -> Result<()> {
-        self.floor = floor;
+    /// Attaches each program to its tracepoint, or a stand-in to all of them: all or none
+    /// (what a failure left attached is detached again).
+    fn attach(&mut self, ebpf: &mut Ebpf, stand_in: Option<&'static str>) -> Result<()> {
+        self.stand_in = stand_in;
         for &tracepoint in PROGRAMS {
-            let name = if floor { FLOOR } else { tracepoint };
+            let name = stand_in.unwrap_or(tracepoint);
             match attach_one(ebpf, name, tracepoint) {
                 Ok(link) => self.attached.push((name, link)),
                 Err(error) => {
@@ -154,7 +161,7 @@ impl KernelCapture {
             .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trazor")))
             .map_err(|error| Error::Load(Box::new(error)))?;
         let mut capture_links = Links::default();
-        capture_links.attach(&mut ebpf, false)?;
+        capture_links.attach(&mut ebpf, None)?;
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(Error::MissingInObject {
             kind: "map",
             name: "EVENTS".to_owned(),
@@ -183,7 +190,7 @@ impl KernelCapture {
         }
         self.links.detach(&mut self.ebpf)?;
         self.forget_connections()?;
-        self.links.attach(&mut self.ebpf, false)
+        self.links.attach(&mut self.ebpf, None)
     }
 
     fn forget_connections(&mut self) -> Result<()> {
@@ -199,11 +206,11 @@ impl KernelCapture {
         Ok(())
     }
 
-    /// Benchmarks only: detaches the programs and attaches in their place an empty one on
-    /// the same tracepoint, whose cost is the floor of this way of tracing.
-    pub fn attach_floor(&mut self) -> Result<()> {
+    /// Benchmarks only: detaches the programs and attaches in their place `program`
+    /// ([`FLOOR`] or a `COST_` one) on the same tracepoints.
+    pub fn attach_stand_in(&mut self, program: &'static str) -> Result<()> {
         self.links.detach(&mut self.ebpf)?;
-        self.links.attach(&mut self.ebpf, true)
+        self.links.attach(&mut self.ebpf, Some(program))
     }
 
     /// Starts (or changes) counting. Safe at any time: the traced set changes between two

@@ -368,6 +368,9 @@ pub struct Connection {
     pub path: [u8; PATH_LEN],
 }
 
+/// How many times each of the benchmark's `cost_*` programs repeats its operation.
+pub const COST_REPEATS: u32 = 8;
+
 /// Slots of the traced-cgroup table `TRACED_CGROUP_SLOTS`: a power of two.
 pub const CGROUP_SLOTS: u32 = 65_536;
 

@@ -26,7 +26,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use trazor_node_agent::capture::{CaptureSettings, KernelCapture};
+use trazor_node_agent::capture::{
+    COST_CLOCK_READ, COST_LOOKUP, COST_USER_READ, CaptureSettings, FLOOR, KernelCapture,
+};
 
 /// A cgroup id no cgroup has (ids are inode numbers): selecting it keeps the programs
 /// attached while tracing nothing.
@@ -183,6 +185,13 @@ enum Mode {
     NotSelected,
     /// Programs attached, every process traced (the load generator's requests too).
     TracedAll,
+    /// With --syscall-loop: a program repeating a clock read COST_REPEATS times per call,
+    /// instead of ours (its ns per call over floor's, / COST_REPEATS, prices the operation).
+    CostClockRead,
+    /// With --syscall-loop: likewise, a read of the call's user buffer.
+    CostUserRead,
+    /// With --syscall-loop: likewise, a hash map lookup that finds its key.
+    CostLookup,
 }
 
 impl Mode {
@@ -193,6 +202,20 @@ impl Mode {
             Mode::Traced => "traced",
             Mode::NotSelected => "not-selected",
             Mode::TracedAll => "traced-all",
+            Mode::CostClockRead => "cost-clock-read",
+            Mode::CostUserRead => "cost-user-read",
+            Mode::CostLookup => "cost-lookup",
+        }
+    }
+
+    /// The benchmark program attached in this mode's place of ours, if any.
+    fn stand_in(self) -> Option<&'static str> {
+        match self {
+            Mode::Floor => Some(FLOOR),
+            Mode::CostClockRead => Some(COST_CLOCK_READ),
+            Mode::CostUserRead => Some(COST_USER_READ),
+            Mode::CostLookup => Some(COST_LOOKUP),
+            Mode::Untraced | Mode::Traced | Mode::NotSelected | Mode::TracedAll => None,
         }
     }
 }
@@ -201,6 +224,17 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.modes.first() != Some(&Mode::Untraced) {
         bail!("--modes must start with untraced: every ratio is against it");
+    }
+    if !args.syscall_loop
+        && let Some(mode) = args
+            .modes
+            .iter()
+            .find(|mode| mode.stand_in().is_some() && **mode != Mode::Floor)
+    {
+        bail!(
+            "mode {} prices an operation per socket call: use it with --syscall-loop",
+            mode.name()
+        );
     }
     let server_cgroup = std::fs::metadata(&args.server_cgroup)
         .with_context(|| format!("reading {}", args.server_cgroup.display()))?
@@ -235,7 +269,11 @@ fn main() -> anyhow::Result<()> {
             let mode = args.modes[index];
             match mode {
                 Mode::Untraced => capture.detach()?,
-                Mode::Floor => capture.attach_floor()?,
+                Mode::Floor | Mode::CostClockRead | Mode::CostUserRead | Mode::CostLookup => {
+                    if let Some(program) = mode.stand_in() {
+                        capture.attach_stand_in(program)?;
+                    }
+                }
                 Mode::Traced => {
                     capture.configure(&settings(Some(vec![server_cgroup])))?;
                     capture.attach()?;
