@@ -556,6 +556,44 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
     check_against_truth(&capture, "chunked", &chunked, 10);
 }
 
+/// The agent reads a request's method and path in one read of the receive buffer; a
+/// request received into the last bytes before unmapped memory (here 24, fewer than that
+/// read) is still counted and timed from its method alone, its path unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_received_next_to_unmapped_memory_are_counted_without_their_path() {
+    if !require_ebpf_privileges(
+        "requests_received_next_to_unmapped_memory_are_counted_without_their_path",
+    ) {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), false).await;
+    let scratch = Scratch::new("page-end");
+    let server = TimedServer::start(
+        &scratch,
+        "page-end",
+        &["--delay", "5ms", "--read-at-page-end", "24"],
+    );
+    let address = server.server.address;
+    tokio::task::spawn_blocking(move || {
+        let mut connection = RawConnection::open(address);
+        for n in 0..10 {
+            connection.send(&[&request(&format!("/page-end/{n}"))], Duration::ZERO);
+            assert_eq!(connection.response(), 200);
+        }
+    })
+    .await
+    .unwrap();
+    capture.settle().await;
+
+    check_against_truth(&capture, "page-end", &server, 10);
+    let windows = capture.windows(server.pid(), Direction::Server);
+    assert!(
+        windows.iter().all(|window| window.route.is_empty()),
+        "the path was not readable: {windows:?}"
+    );
+}
+
 fn request(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: keep-alive\r\n\r\n")
 }

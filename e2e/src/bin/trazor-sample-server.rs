@@ -51,6 +51,11 @@ struct Flags {
     /// "<latency ns> <wall-clock ns when the status line's write returned>".
     #[arg(long)]
     latency_log: Option<std::path::PathBuf>,
+    /// Read the socket BYTES at a time into the last BYTES of a page that is followed by an
+    /// inaccessible one: received bytes that end right before unmapped memory, as a server
+    /// reading into the tail of a large buffer can have them (tests the agent's reads).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(1..=4096))]
+    read_at_page_end: Option<u16>,
 }
 
 /// How a response goes out on the socket.
@@ -119,6 +124,8 @@ fn main() -> ExitCode {
 struct TimedReads<'a> {
     stream: &'a TcpStream,
     first_return: Option<Instant>,
+    /// With --read-at-page-end: where the socket's bytes are received first.
+    page_end: Option<PageEnd>,
 }
 
 impl TimedReads<'_> {
@@ -129,11 +136,73 @@ impl TimedReads<'_> {
 
 impl Read for TimedReads<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let read = (&mut &*self.stream).read(buf)?;
+        let read = match &mut self.page_end {
+            Some(page_end) => page_end.read(self.stream, buf)?,
+            None => (&mut &*self.stream).read(buf)?,
+        };
         if read > 0 && self.first_return.is_none() {
             self.first_return = Some(Instant::now());
         }
         Ok(read)
+    }
+}
+
+/// The last `len` bytes of a page mapped just before an inaccessible one.
+struct PageEnd {
+    mapping: *mut libc::c_void,
+    mapping_len: usize,
+    tail: *mut u8,
+    len: usize,
+}
+
+impl PageEnd {
+    fn new(len: usize) -> std::io::Result<Self> {
+        const PAGE: usize = 4096;
+        // SAFETY: a fresh private anonymous mapping: no other reference to it exists.
+        let mapping = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mapping == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let page_end = PageEnd {
+            mapping,
+            mapping_len: 2 * PAGE,
+            // SAFETY: len <= PAGE (the flag's range), so this stays in the first page.
+            tail: unsafe { mapping.cast::<u8>().add(PAGE - len.min(PAGE)) },
+            len: len.min(PAGE),
+        };
+        // SAFETY: the second page of our own mapping.
+        if unsafe { libc::mprotect(mapping.cast::<u8>().add(PAGE).cast(), PAGE, libc::PROT_NONE) }
+            != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(page_end)
+    }
+
+    /// Receives up to `len` bytes into the page's tail, then copies them to `buf`.
+    fn read(&mut self, stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: `len` bytes of our mapping, borrowed mutably through `self` only.
+        let tail = unsafe { std::slice::from_raw_parts_mut(self.tail, self.len) };
+        let wanted = self.len.min(buf.len());
+        let read = (&mut &*stream).read(&mut tail[..wanted])?;
+        buf[..read].copy_from_slice(&tail[..read]);
+        Ok(read)
+    }
+}
+
+impl Drop for PageEnd {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, unmapped once.
+        unsafe { libc::munmap(self.mapping, self.mapping_len) };
     }
 }
 
@@ -142,9 +211,14 @@ fn serve_connection(stream: TcpStream, flags: &Flags, log: &LatencyLog) -> std::
     // Reads and writes on the same fd (no try_clone/dup needed: the agent follows the socket,
     // whatever fds point at it).
     let mut writer = &stream;
+    let page_end = match flags.read_at_page_end {
+        Some(bytes) => Some(PageEnd::new(usize::from(bytes))?),
+        None => None,
+    };
     let mut reader = BufReader::new(TimedReads {
         stream: &stream,
         first_return: None,
+        page_end,
     });
     loop {
         // A request already buffered (pipelined) arrived with the read that brought the
