@@ -39,8 +39,8 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_user_buf,
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user, bpf_probe_read_user_buf,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint},
@@ -302,19 +302,32 @@ fn read_status_line(data: u64) -> Result<[u8; STATUS_LEN], i32> {
     unsafe { bpf_probe_read_user(data as *const [u8; STATUS_LEN]) }
 }
 
-/// The first HEAD_LEN bytes at `data`, and whether they hold the path: when the buffer ends
-/// too close to unmapped memory for the long read, the method alone (short read) still
-/// starts the request, with its path unknown.
-#[inline(always)]
-fn read_request_head(data: u64) -> Result<([u8; HEAD_LEN], bool), i32> {
-    // SAFETY: the helper checks the user address.
-    if let Ok(head) = unsafe { bpf_probe_read_user(data as *const [u8; HEAD_LEN]) } {
-        return Ok((head, true));
+/// The first HEAD_LEN bytes of a request, on the stack. Aligned, so that the compiler
+/// moves and clears it a word at a time, not byte by byte.
+#[repr(C, align(8))]
+struct RequestHead {
+    bytes: [u8; HEAD_LEN],
+    /// Whether `bytes` holds the path: when the buffer ends too close to unmapped memory for
+    /// the long read, the method alone (a short read) still starts the request.
+    path_known: bool,
+}
+
+impl RequestHead {
+    /// Reads the head of the bytes at `data`.
+    #[inline(always)]
+    fn read(data: u64) -> Result<Self, i32> {
+        let mut head = RequestHead {
+            bytes: [0; HEAD_LEN],
+            path_known: true,
+        };
+        // SAFETY: the helper checks the user address.
+        if unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head.bytes) }.is_err() {
+            head.path_known = false;
+            // SAFETY: as above; into the first STATUS_LEN bytes (the failed read zeroed all).
+            unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head.bytes[..STATUS_LEN]) }?;
+        }
+        Ok(head)
     }
-    let mut head = [0u8; HEAD_LEN];
-    // SAFETY: as above; the destination is the first STATUS_LEN bytes of `head`.
-    unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head[..STATUS_LEN]) }?;
-    Ok((head, false))
 }
 
 /// The method a request starts with and the length of "METHOD ", or None.
@@ -358,26 +371,20 @@ fn is_interim(status: u16) -> bool {
 }
 
 /// Marks `connection` as carrying a request that started at `start`, keeping its path.
-/// `head` comes from [`read_request_head`]; `method` and `skip` from [`parse_method`].
+/// `method` and `skip` come from [`parse_method`].
 #[inline(always)]
-fn start_request(
-    connection: *mut Connection,
-    method: (u8, usize),
-    (head, path_known): &([u8; HEAD_LEN], bool),
-    start: u64,
-) {
+fn start_request(connection: *mut Connection, method: (u8, usize), head: &RequestHead, start: u64) {
     let (method, skip) = method;
     // SAFETY: a valid map value pointer for the duration of this program.
     let connection = unsafe { &mut *connection };
-    // One fixed-offset copy per method length: straight-line code for the verifier.
-    let path = &mut connection.path;
-    match skip {
-        _ if !path_known => *path = [0; PATH_LEN],
-        4 => path.copy_from_slice(&head[4..4 + PATH_LEN]),
-        5 => path.copy_from_slice(&head[5..5 + PATH_LEN]),
-        6 => path.copy_from_slice(&head[6..6 + PATH_LEN]),
-        7 => path.copy_from_slice(&head[7..7 + PATH_LEN]),
-        _ => path.copy_from_slice(&head[8..8 + PATH_LEN]),
+    // A helper copies the path from its variable offset: unrolled byte copies would double
+    // the program's size, and its code competes with the server's for the CPU's caches.
+    // SAFETY: `skip` <= 8 (parse_method), so the source is within `head`.
+    if !head.path_known
+        || unsafe { bpf_probe_read_kernel_buf(head.bytes.as_ptr().add(skip), &mut connection.path) }
+            .is_err()
+    {
+        connection.path = [0; PATH_LEN];
     }
     let (route, len) = route_hash(&connection.path);
     connection.route = route;
@@ -449,8 +456,8 @@ fn adopt(
     if length < 4 || !wants(settings, direction) {
         return Ok(());
     }
-    let head = read_request_head(user_data(buffer)?)?;
-    let Some(method) = parse_method(&head.0) else {
+    let head = RequestHead::read(user_data(buffer)?)?;
+    let Some(method) = parse_method(&head.bytes) else {
         return Ok(());
     };
     let start = now();
@@ -499,8 +506,8 @@ fn on_receive(
     }
     let data = user_data(buffer)?;
     if server {
-        let head = read_request_head(data)?;
-        if let Some(method) = parse_method(&head.0) {
+        let head = RequestHead::read(data)?;
+        if let Some(method) = parse_method(&head.bytes) {
             start_request(connection, method, &head, now());
         }
         return Ok(());
@@ -544,8 +551,8 @@ fn on_send(
     if direction == Direction::Client as u8 {
         if start == 0 {
             // A request went out: it started when its send returned.
-            let head = read_request_head(user_data(buffer)?)?;
-            if let Some(method) = parse_method(&head.0) {
+            let head = RequestHead::read(user_data(buffer)?)?;
+            if let Some(method) = parse_method(&head.bytes) {
                 start_request(connection, method, &head, now());
             }
         }
