@@ -46,7 +46,9 @@ struct Args {
     /// cgroup v2 directory holding the server, selected in the `traced` mode.
     #[arg(long)]
     server_cgroup: PathBuf,
-    /// Modes to compare, comma-separated: untraced, traced, not-selected, traced-all.
+    /// Modes to compare, comma-separated, starting with untraced: untraced, floor, traced,
+    /// not-selected, traced-all; with --syscall-loop also cost-clock-read, cost-user-read,
+    /// cost-lookup.
     #[arg(
         long,
         default_value = "untraced,traced,not-selected,traced-all",
