@@ -302,22 +302,28 @@ fn read_status_line(data: u64) -> Result<[u8; STATUS_LEN], i32> {
     unsafe { bpf_probe_read_user(data as *const [u8; STATUS_LEN]) }
 }
 
-/// The first HEAD_LEN bytes of a request, on the stack. Aligned, so that the compiler
-/// moves and clears it a word at a time, not byte by byte.
+/// The first HEAD_LEN bytes of a request, on the stack, and its method. Aligned, so that
+/// the compiler moves and clears it a word at a time, not byte by byte.
 #[repr(C, align(8))]
 struct RequestHead {
     bytes: [u8; HEAD_LEN],
+    /// One of [`method`].
+    method: u8,
+    /// Length of "METHOD ": where the path starts in `bytes`.
+    path_offset: u8,
     /// Whether `bytes` holds the path: when the buffer ends too close to unmapped memory for
     /// the long read, the method alone (a short read) still starts the request.
     path_known: bool,
 }
 
 impl RequestHead {
-    /// Reads the head of the bytes at `data`.
+    /// The head of the bytes at `data`, when they begin with a request line.
     #[inline(always)]
-    fn read(data: u64) -> Result<Self, i32> {
+    fn read(data: u64) -> Result<Option<Self>, i32> {
         let mut head = RequestHead {
             bytes: [0; HEAD_LEN],
+            method: method::UNKNOWN,
+            path_offset: 0,
             path_known: true,
         };
         // SAFETY: the helper checks the user address.
@@ -326,7 +332,12 @@ impl RequestHead {
             // SAFETY: as above; into the first STATUS_LEN bytes (the failed read zeroed all).
             unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head.bytes[..STATUS_LEN]) }?;
         }
-        Ok(head)
+        let Some((method, path_offset)) = parse_method(&head.bytes) else {
+            return Ok(None);
+        };
+        head.method = method;
+        head.path_offset = path_offset as u8;
+        Ok(Some(head))
     }
 }
 
@@ -370,26 +381,28 @@ fn is_interim(status: u16) -> bool {
     (100..200).contains(&status) && status != 101
 }
 
-/// Marks `connection` as carrying a request that started at `start`, keeping its path.
-/// `method` and `skip` come from [`parse_method`].
+/// Marks `connection` as carrying the request `head` began, started at `start`.
 #[inline(always)]
-fn start_request(connection: *mut Connection, method: (u8, usize), head: &RequestHead, start: u64) {
-    let (method, skip) = method;
+fn start_request(connection: *mut Connection, head: &RequestHead, start: u64) {
     // SAFETY: a valid map value pointer for the duration of this program.
     let connection = unsafe { &mut *connection };
     // A helper copies the path from its variable offset: unrolled byte copies would double
     // the program's size, and its code competes with the server's for the CPU's caches.
-    // SAFETY: `skip` <= 8 (parse_method), so the source is within `head`.
+    // Bounded again here for the verifier (it loses the bound through the stack).
+    let path_offset = usize::from(head.path_offset).min(HEAD_LEN - PATH_LEN);
+    // SAFETY: `path_offset` <= HEAD_LEN - PATH_LEN, so the source is within `head`.
     if !head.path_known
-        || unsafe { bpf_probe_read_kernel_buf(head.bytes.as_ptr().add(skip), &mut connection.path) }
-            .is_err()
+        || unsafe {
+            bpf_probe_read_kernel_buf(head.bytes.as_ptr().add(path_offset), &mut connection.path)
+        }
+        .is_err()
     {
         connection.path = [0; PATH_LEN];
     }
     let (route, len) = route_hash(&connection.path);
     connection.route = route;
     connection.path_len = len as u8;
-    connection.method = method;
+    connection.method = head.method;
     connection.request_start_nanos = start;
     connection.batch_start_nanos = start;
 }
@@ -456,13 +469,12 @@ fn adopt(
     if length < 4 || !wants(settings, direction) {
         return Ok(());
     }
-    let head = RequestHead::read(user_data(buffer)?)?;
-    let Some(method) = parse_method(&head.bytes) else {
+    let Some(head) = RequestHead::read(user_data(buffer)?)? else {
         return Ok(());
     };
     let start = now();
     if let Some(connection) = track_connection(socket, direction) {
-        start_request(connection, method, &head, start);
+        start_request(connection, &head, start);
     }
     Ok(())
 }
@@ -506,9 +518,8 @@ fn on_receive(
     }
     let data = user_data(buffer)?;
     if server {
-        let head = RequestHead::read(data)?;
-        if let Some(method) = parse_method(&head.bytes) {
-            start_request(connection, method, &head, now());
+        if let Some(head) = RequestHead::read(data)? {
+            start_request(connection, &head, now());
         }
         return Ok(());
     }
@@ -551,9 +562,8 @@ fn on_send(
     if direction == Direction::Client as u8 {
         if start == 0 {
             // A request went out: it started when its send returned.
-            let head = RequestHead::read(user_data(buffer)?)?;
-            if let Some(method) = parse_method(&head.bytes) {
-                start_request(connection, method, &head, now());
+            if let Some(head) = RequestHead::read(user_data(buffer)?)? {
+                start_request(connection, &head, now());
             }
         }
         return Ok(());

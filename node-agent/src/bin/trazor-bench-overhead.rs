@@ -210,15 +210,12 @@ impl Mode {
         }
     }
 
-    /// The benchmark program attached in this mode's place of ours, if any.
-    fn stand_in(self) -> Option<&'static str> {
-        match self {
-            Mode::Floor => Some(FLOOR),
-            Mode::CostClockRead => Some(COST_CLOCK_READ),
-            Mode::CostUserRead => Some(COST_USER_READ),
-            Mode::CostLookup => Some(COST_LOOKUP),
-            Mode::Untraced | Mode::Traced | Mode::NotSelected | Mode::TracedAll => None,
-        }
+    /// A mode that prices one operation per socket call (with --syscall-loop only).
+    fn prices_an_operation(self) -> bool {
+        matches!(
+            self,
+            Mode::CostClockRead | Mode::CostUserRead | Mode::CostLookup
+        )
     }
 }
 
@@ -228,10 +225,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--modes must start with untraced: every ratio is against it");
     }
     if !args.syscall_loop
-        && let Some(mode) = args
-            .modes
-            .iter()
-            .find(|mode| mode.stand_in().is_some() && **mode != Mode::Floor)
+        && let Some(mode) = args.modes.iter().find(|mode| mode.prices_an_operation())
     {
         bail!(
             "mode {} prices an operation per socket call: use it with --syscall-loop",
@@ -271,11 +265,10 @@ fn main() -> anyhow::Result<()> {
             let mode = args.modes[index];
             match mode {
                 Mode::Untraced => capture.detach()?,
-                Mode::Floor | Mode::CostClockRead | Mode::CostUserRead | Mode::CostLookup => {
-                    if let Some(program) = mode.stand_in() {
-                        capture.attach_stand_in(program)?;
-                    }
-                }
+                Mode::Floor => capture.attach_stand_in(FLOOR)?,
+                Mode::CostClockRead => capture.attach_stand_in(COST_CLOCK_READ)?,
+                Mode::CostUserRead => capture.attach_stand_in(COST_USER_READ)?,
+                Mode::CostLookup => capture.attach_stand_in(COST_LOOKUP)?,
                 Mode::Traced => {
                     capture.configure(&settings(Some(vec![server_cgroup])))?;
                     capture.attach()?;
