@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use trazor_e2e::{SampleServer, require_ebpf_privileges};
-use trazor_node_agent::{AgentConfig, RunningAgent};
+use trazor_node_agent::{AgentConfig, RunningAgent, attribute::cgroup2_mount};
 use trazor_proto::v1::{
     Ack, AgentMessage, CollectorMessage, Direction, ExponentialHistogram, LatencyWindow,
     agent_message, collector_message,
@@ -79,12 +79,17 @@ impl LatencyIngest for WindowSink {
 }
 
 struct Capture {
-    _agent: RunningAgent,
+    agent: RunningAgent,
     sink: WindowSink,
     window: Duration,
 }
 
 async fn start_capture(window: Duration, client: bool) -> Capture {
+    start_capture_with(window, |config| config.client = client).await
+}
+
+/// An agent with the test's defaults, then `configure`'s changes.
+async fn start_capture_with(window: Duration, configure: impl FnOnce(&mut AgentConfig)) -> Capture {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let sink = WindowSink::default();
@@ -96,12 +101,12 @@ async fn start_capture(window: Duration, client: bool) -> Capture {
     );
     let mut config = AgentConfig::new(format!("http://{address}"), "e2e-capture");
     config.window = window;
-    config.client = client;
+    configure(&mut config);
     let agent = trazor_node_agent::start(config)
         .await
         .expect("the agent starts (root, eBPF)");
     Capture {
-        _agent: agent,
+        agent,
         sink,
         window,
     }
@@ -554,6 +559,10 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
     assert_eq!(capture.count(chunked.pid(), Direction::Server), 10);
     assert!(max_nanos(&windows) < 15 * MS, "{windows:?}");
     check_against_truth(&capture, "chunked", &chunked, 10);
+
+    // No shape leaves a response that looks unrequested (nothing else here makes HTTP
+    // requests: the test process hosts the agent, which never traces itself).
+    assert_eq!(kernel_drops(&capture, "response_without_request"), 0);
 }
 
 /// The agent reads a request's method and path in one read of the receive buffer; a
@@ -1013,4 +1022,125 @@ async fn connections_opened_before_the_agent_are_adopted() {
         SINGLE_REQUEST_SLACK_NANOS,
     );
     assert!(min_nanos(&windows) >= 5 * MS, "{windows:?}");
+}
+
+/// A cgroup of its own under the cgroup2 mount, so that an agent selecting only it sees
+/// nothing else of the machine; removed on drop, after moving its processes back.
+struct OwnCgroup {
+    root: PathBuf,
+    path: PathBuf,
+}
+
+impl OwnCgroup {
+    fn create(name: &str) -> Self {
+        let root = cgroup2_mount().expect("a cgroup2 mount");
+        let path = root.join(format!("trazor-e2e-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("creating a cgroup under the cgroup2 mount");
+        Self { root, path }
+    }
+
+    fn adopt(&self, pid: u32) {
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+fn kernel_drops(capture: &Capture, reason: &str) -> u64 {
+    let drops = capture.agent.telemetry.kernel_drops();
+    drops
+        .iter()
+        .find(|(name, _)| *name == reason)
+        .unwrap_or_else(|| panic!("no drop counter {reason}: {drops:?}"))
+        .1
+}
+
+/// A connection table far too small for the requests in flight (64 entries, 256 requests
+/// each on its own connection, all waiting 2 s for their response): the least recently
+/// used entries are evicted, and every request is accounted for, either counted in a window
+/// or, its response going out on a connection no longer tracked, as
+/// `response_without_request`; every eviction is counted, and the gauges show the table
+/// full of requests in flight while they wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_connection_table_counts_every_request_it_loses() {
+    if !require_ebpf_privileges("a_full_connection_table_counts_every_request_it_loses") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    const CONNECTIONS: u64 = 256;
+    const TABLE: u32 = 64;
+    // Only the server's cgroup is traced: the counters see nothing else of the machine.
+    let cgroup = OwnCgroup::create("full-table");
+    let server = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "2s"]).unwrap();
+    cgroup.adopt(server.pid());
+    let selected = cgroup.path.clone();
+    let capture = start_capture_with(Duration::from_secs(1), move |config| {
+        config.select_cgroups = vec![selected];
+        config.max_connections = TABLE;
+        config.connection_sweep = Duration::from_millis(200);
+    })
+    .await;
+    let target = server.address;
+    let client = tokio::spawn(async move {
+        let connections = CONNECTIONS.to_string();
+        run_client(
+            target,
+            &["--requests", &connections, "--concurrency", &connections],
+        )
+        .await
+    });
+
+    // All 256 requests arrive within a fraction of the 2 s they wait: look at the table
+    // while they do.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let waiting = capture.agent.telemetry.connection_table().unwrap();
+    eprintln!("while waiting: {waiting:?}");
+    assert_eq!(waiting.capacity, TABLE);
+    assert!(
+        (1..=u64::from(TABLE)).contains(&waiting.tracked),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting.in_flight, waiting.tracked, "{waiting:?}");
+    let oldest = waiting.oldest_in_flight.unwrap();
+    assert!(
+        oldest >= Duration::from_millis(800) && oldest < Duration::from_secs(2),
+        "{waiting:?}"
+    );
+    assert!(
+        waiting.evicted >= CONNECTIONS - u64::from(TABLE),
+        "{waiting:?}"
+    );
+
+    let client = client.await.unwrap();
+    assert_eq!((client.ok, client.failures), (CONNECTIONS, 0), "{client:?}");
+    capture.settle().await;
+    let counted = capture.count(server.pid(), Direction::Server);
+    let without_request = kernel_drops(&capture, "response_without_request");
+    let not_tracked = kernel_drops(&capture, "connection_table_full");
+    let after = capture.agent.telemetry.connection_table().unwrap();
+    eprintln!(
+        "counted {counted}, response without request {without_request}, \
+         table full {not_tracked}, after: {after:?}"
+    );
+    assert_eq!(counted + without_request, CONNECTIONS);
+    assert!(
+        counted <= u64::from(TABLE),
+        "at most a table's worth survives"
+    );
+    // Every eviction took a request in flight: each one lost a response, and nothing else
+    // did but a connection the full table could not take at all.
+    assert_eq!(after.evicted + not_tracked, without_request, "{after:?}");
+    assert_eq!((after.tracked, after.in_flight), (0, 0), "{after:?}");
+    assert_eq!(kernel_drops(&capture, "unanswered_at_close"), 0);
+    let served = capture.windows(server.pid(), Direction::Server);
+    assert!(min_nanos(&served) >= 2_000 * MS, "{served:?}");
 }

@@ -50,10 +50,11 @@ use aya_ebpf::{
 use trazor_node_agent_ebpf_common::{
     AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, Connection,
     Direction, PATH_LEN, RequestEvent, SeriesKey, SeriesTotals, bucket_index, cgroup_slot,
-    drop_reason, event_flag, method, route_hash,
+    connection_count, drop_reason, event_flag, method, route_hash,
 };
 
-/// Connections traced: most hosts have far fewer open connections than this.
+/// Connections traced at once by default (the agent can load the map with another size):
+/// most hosts have far fewer open connections than this.
 const MAX_CONNECTIONS: u32 = 32_768;
 /// Distinct series (cgroup, process, route, peer, method, status class) per open window.
 const MAX_SERIES: u32 = 16_384;
@@ -89,6 +90,11 @@ static HISTOGRAM: PerCpuHashMap<BucketKey, u64> = PerCpuHashMap::with_max_entrie
 
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
+
+/// Entries added to and removed from `CONNECTIONS`, so the agent can count evictions.
+#[map]
+static CONNECTION_COUNTS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(connection_count::COUNT, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -222,7 +228,12 @@ const TCP_CLOSE_WAIT: u8 = 8;
 
 #[inline(always)]
 fn count_drop(reason: u32) {
-    if let Some(counter) = DROPS.get_ptr_mut(reason) {
+    increment(&DROPS, reason);
+}
+
+#[inline(always)]
+fn increment(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, and programs do not migrate while running.
         unsafe { *counter += 1 };
     }
@@ -320,6 +331,14 @@ impl RequestHead {
     /// The head of the bytes at `data`, when they begin with a request line.
     #[inline(always)]
     fn read(data: u64) -> Result<Option<Self>, i32> {
+        let mut head = Self::read_unparsed(data)?;
+        Ok(head.parse_request_line().then_some(head))
+    }
+
+    /// The first HEAD_LEN bytes at `data` (or only the first STATUS_LEN, see `path_known`),
+    /// whatever they are.
+    #[inline(always)]
+    fn read_unparsed(data: u64) -> Result<Self, i32> {
         let mut head = RequestHead {
             bytes: [0; HEAD_LEN],
             method: method::UNKNOWN,
@@ -332,12 +351,19 @@ impl RequestHead {
             // SAFETY: as above; into the first STATUS_LEN bytes (the failed read zeroed all).
             unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head.bytes[..STATUS_LEN]) }?;
         }
-        let Some((method, path_offset)) = parse_method(&head.bytes) else {
-            return Ok(None);
+        Ok(head)
+    }
+
+    /// Fills in the method and where the path starts; false when the bytes do not begin
+    /// with a request line.
+    #[inline(always)]
+    fn parse_request_line(&mut self) -> bool {
+        let Some((method, path_offset)) = parse_method(&self.bytes) else {
+            return false;
         };
-        head.method = method;
-        head.path_offset = path_offset as u8;
-        Ok(Some(head))
+        self.method = method;
+        self.path_offset = path_offset as u8;
+        true
     }
 }
 
@@ -359,9 +385,10 @@ fn parse_method(bytes: &[u8; HEAD_LEN]) -> Option<(u8, usize)> {
     Some(parsed)
 }
 
-/// The status code of a response's status line (`HTTP/1.x NNN`), or None.
+/// The status code of a response's status line (`HTTP/1.x NNN`) at the start of `bytes`
+/// (at least 12 of them), or None.
 #[inline(always)]
-fn parse_status(bytes: &[u8; STATUS_LEN]) -> Option<u16> {
+fn parse_status<const N: usize>(bytes: &[u8; N]) -> Option<u16> {
     if &bytes[..7] != b"HTTP/1." || bytes[8] != b' ' {
         return None;
     }
@@ -444,7 +471,11 @@ fn track_connection(socket: u64, direction: Direction) -> Option<*mut Connection
         _pad: [0; 3],
         path: [0; PATH_LEN],
     };
-    if CONNECTIONS.insert(socket, idle, 0).is_err() {
+    // Only a new entry counts as adopted, so that evictions can be counted exactly; a
+    // receive and a send racing on two CPUs may both get here, and one finds the other's.
+    if CONNECTIONS.insert(socket, idle, BPF_NOEXIST as u64).is_ok() {
+        increment(&CONNECTION_COUNTS, connection_count::ADOPTED);
+    } else if CONNECTIONS.get_ptr_mut(socket).is_none() {
         count_drop(drop_reason::CONNECTION_TABLE_FULL);
         return None;
     }
@@ -456,25 +487,49 @@ fn wants(settings: &AgentSettings, direction: Direction) -> bool {
     settings.directions & (direction as u32) != 0
 }
 
-/// Tracks `socket`, which `length` bytes from `buffer` just went over, as a connection of
-/// `direction` when they begin with a request line; that request starts now.
+/// `length` bytes from `buffer` just went over `socket`, which is not tracked. If they begin
+/// with a request line, `socket` becomes a connection of `request_direction` (server side
+/// for a receive, client side for a send) and that request starts now. If they begin with
+/// a final status line instead, they answer a request that was never timed: counted.
 #[inline(always)]
-fn adopt(
+fn on_untracked(
     settings: &AgentSettings,
     socket: u64,
     buffer: (BufferShape, u64),
     length: i64,
-    direction: Direction,
+    request_direction: Direction,
 ) -> Result<(), i32> {
-    if length < 4 || !wants(settings, direction) {
+    // A response goes the other way: sent by a server, received by a client.
+    let response_direction = match request_direction {
+        Direction::Server => Direction::Client,
+        Direction::Client => Direction::Server,
+    };
+    let requests = wants(settings, request_direction);
+    let responses = wants(settings, response_direction);
+    if length < 4 || !(requests || responses) {
         return Ok(());
     }
-    let Some(head) = RequestHead::read(user_data(buffer)?)? else {
-        return Ok(());
+    let data = user_data(buffer)?;
+    let status = if requests {
+        let mut head = RequestHead::read_unparsed(data)?;
+        if head.parse_request_line() {
+            let start = now();
+            if let Some(connection) = track_connection(socket, request_direction) {
+                start_request(connection, &head, start);
+            }
+            return Ok(());
+        }
+        parse_status(&head.bytes)
+    } else {
+        parse_status(&read_status_line(data)?)
     };
-    let start = now();
-    if let Some(connection) = track_connection(socket, direction) {
-        start_request(connection, &head, start);
+    // A 408 is a server timing out an idle connection: no request is missing.
+    if let Some(status) = status
+        && responses
+        && !is_interim(status)
+        && status != 408
+    {
+        count_drop(drop_reason::RESPONSE_WITHOUT_REQUEST);
     }
     Ok(())
 }
@@ -501,7 +556,7 @@ fn on_receive(
     };
     let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is served from its first request line.
-        return adopt(settings, socket, buffer, returned, Direction::Server);
+        return on_untracked(settings, socket, buffer, returned, Direction::Server);
     };
     // SAFETY: a valid map value pointer for the duration of this program.
     let (direction, busy) = unsafe {
@@ -549,7 +604,7 @@ fn on_send(
     };
     let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is made from its first request line.
-        return adopt(settings, socket, buffer, written, Direction::Client);
+        return on_untracked(settings, socket, buffer, written, Direction::Client);
     };
     // SAFETY: a valid map value pointer for the duration of this program.
     let (direction, start, batch_start) = unsafe {
@@ -779,7 +834,10 @@ fn forget_connection(socket: u64) {
         if unsafe { (*connection).request_start_nanos } != 0 {
             count_drop(drop_reason::UNANSWERED_AT_CLOSE);
         }
-        let _ = CONNECTIONS.remove(socket);
+        // Fails only when the other end-of-connection program removed it first.
+        if CONNECTIONS.remove(socket).is_ok() {
+            increment(&CONNECTION_COUNTS, connection_count::FORGOTTEN);
+        }
     }
 }
 

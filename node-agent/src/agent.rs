@@ -21,7 +21,7 @@ use trazor_proto::{agent_config::NodeAgentConfig, v1::AgentHello};
 use crate::{
     Error, Result,
     attribute::{SourceResolver, cgroup2_mount},
-    capture::{CaptureSettings, KernelCapture},
+    capture::{CaptureSettings, KernelCapture, MAX_CONNECTIONS, MIN_CONNECTIONS},
     pods::{PodDirectory, PodSource, follow},
     route::{RouteNamer, RouteTemplate},
     select::{Selection, pod_cgroups, profile_settings, select},
@@ -74,6 +74,11 @@ pub struct AgentConfig {
     pub route_templates: Vec<String>,
     /// Distinct (route, peer) series per process and window; the rest go to `other`.
     pub max_series_per_source: usize,
+    /// Connections the kernel tracks at once; beyond, the least recently used is evicted.
+    pub max_connections: u32,
+    /// How often the connection table is looked through for its gauges and evictions (two
+    /// system calls per tracked connection).
+    pub connection_sweep: Duration,
     /// Select what to trace from TraceProfiles and pods instead of the settings above.
     pub profiles: Option<ProfileSource>,
     /// Auth, spool and self-metrics of the delivery path (see `ship`).
@@ -111,6 +116,8 @@ impl AgentConfig {
             sample_rate: 0.0,
             route_templates: Vec::new(),
             max_series_per_source: 200,
+            max_connections: crate::capture::DEFAULT_MAX_CONNECTIONS,
+            connection_sweep: Duration::from_secs(10),
             profiles: None,
             transport: TransportConfig::default(),
         }
@@ -154,6 +161,17 @@ impl AgentConfig {
         }
         if self.max_series_per_source == 0 {
             return Err(Error::Config("the series cap must be at least 1".into()));
+        }
+        if !(MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(Error::Config(format!(
+                "max connections {} is out of range: use {MIN_CONNECTIONS} to {MAX_CONNECTIONS}",
+                self.max_connections
+            )));
+        }
+        if self.connection_sweep < Duration::from_millis(100) {
+            return Err(Error::Config(
+                "the connection table sweep interval must be at least 100ms".into(),
+            ));
         }
         for template in &self.route_templates {
             RouteTemplate::parse(template).map_err(Error::Config)?;
@@ -206,7 +224,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         Some(source) => Some(read_profiles(&source.config_file)?),
         None => None,
     };
-    let capture = KernelCapture::load()?;
+    let capture = KernelCapture::load(config.max_connections)?;
 
     let stats = Arc::new(ShipperStats::default());
     let (outbox, boot_id) = open_outbox(
@@ -276,6 +294,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         events_dropped: 0,
         requests_over_cap: 0,
         reported_drops: Vec::new(),
+        connection_sweep: config.connection_sweep,
+        reported_evictions: 0,
         telemetry: telemetry.clone(),
         open_window: unix_nanos() / config.window.as_nanos(),
     };
@@ -389,6 +409,8 @@ struct WindowLoop {
     events_dropped: u64,
     requests_over_cap: u64,
     reported_drops: Vec<u64>,
+    connection_sweep: Duration,
+    reported_evictions: u64,
     telemetry: Arc<AgentTelemetry>,
     /// Number of the window being counted now, in the current window length.
     open_window: u128,
@@ -397,6 +419,8 @@ struct WindowLoop {
 impl WindowLoop {
     async fn run(mut self) {
         let mut since_config_check = Duration::ZERO;
+        let mut since_sweep = Duration::ZERO;
+        self.sweep_connections();
         loop {
             tokio::time::sleep(EVENT_POLL).await;
             self.take_events();
@@ -405,6 +429,11 @@ impl WindowLoop {
             if since_config_check >= CONFIG_POLL {
                 since_config_check = Duration::ZERO;
                 self.reload_if_changed();
+            }
+            since_sweep += EVENT_POLL;
+            if since_sweep >= self.connection_sweep {
+                since_sweep = Duration::ZERO;
+                self.sweep_connections();
             }
             if self.pods_changed.has_changed().unwrap_or(false) {
                 self.pods_changed.mark_unchanged();
@@ -493,6 +522,26 @@ impl WindowLoop {
         }
         self.outbox.push(windows);
         self.report_kernel_drops();
+    }
+
+    /// Looks through the kernel's connection table for the gauges, and says when it evicts.
+    fn sweep_connections(&mut self) {
+        match self.capture.connection_table() {
+            Ok(table) => {
+                if table.evicted > self.reported_evictions {
+                    tracing::warn!(
+                        evicted = table.evicted,
+                        capacity = table.capacity,
+                        "connection table full: least recently used connections evicted \
+                         (requests they had in flight count as response_without_request; \
+                         raise --max-connections)"
+                    );
+                    self.reported_evictions = table.evicted;
+                }
+                self.telemetry.set_connection_table(table);
+            }
+            Err(error) => tracing::warn!(%error, "could not read the connection table"),
+        }
     }
 
     fn report_kernel_drops(&mut self) {

@@ -18,7 +18,7 @@ use aya::{
 };
 use trazor_node_agent_ebpf_common::{
     AgentSettings, BucketKey, CGROUP_SLOT_SHARED, Connection, RequestEvent, SeriesKey,
-    SeriesTotals, cgroup_slot, drop_reason,
+    SeriesTotals, cgroup_slot, connection_count, drop_reason,
 };
 
 use crate::{Error, Result};
@@ -51,6 +51,33 @@ pub struct ClosedSeries {
     pub buckets: BTreeMap<i32, u64>,
 }
 
+/// Connections the kernel tracks at once unless told otherwise (about 5 MiB of kernel
+/// memory).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 32_768;
+/// Bounds of the connection table's size: below, each CPU's reserve of free entries would
+/// be most of the table; above, the table alone would take hundreds of MiB of kernel memory.
+pub const MIN_CONNECTIONS: u32 = 64;
+pub const MAX_CONNECTIONS: u32 = 1 << 20;
+
+/// The kernel's connection table as the agent last looked at it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionTable {
+    /// Entries the table holds at most.
+    pub capacity: u32,
+    /// Connections tracked now.
+    pub tracked: u64,
+    /// Of those, the ones with a request in flight.
+    pub in_flight: u64,
+    /// How long the oldest request in flight has been waiting for its response.
+    pub oldest_in_flight: Option<Duration>,
+    /// Entries evicted to make room in a full table since the programs were loaded. Exact
+    /// when no connection opens or closes during the look; otherwise a lower bound (it is
+    /// adopted - forgotten - cleared - tracked, and the kernel's counters move while the
+    /// table is read), except for a close that is between removing its entry and counting
+    /// the removal at that very moment.
+    pub evicted: u64,
+}
+
 /// Events read per drain at most, so a flood cannot stall the window loop.
 const MAX_EVENTS_PER_DRAIN: usize = 65_536;
 
@@ -79,6 +106,11 @@ pub struct KernelCapture {
     links: Links,
     /// The non-empty slots of `TRACED_CGROUP_SLOTS`, as last written.
     cgroup_slots: HashMap<u32, u64>,
+    max_connections: u32,
+    /// Connection entries the agent removed itself (after a detach).
+    cleared_connections: u64,
+    /// The highest eviction count seen (each look gives a lower bound).
+    evicted_connections: u64,
 }
 
 /// The attachments of the loaded programs: (program, link) per tracepoint.
@@ -149,8 +181,16 @@ where
 }
 
 impl KernelCapture {
-    /// Loads and attaches everything; counting starts with [`KernelCapture::configure`].
-    pub fn load() -> Result<Self> {
+    /// Loads and attaches everything, with room for `max_connections` traced connections
+    /// at once ([`DEFAULT_MAX_CONNECTIONS`] suits most hosts); counting starts with
+    /// [`KernelCapture::configure`].
+    pub fn load(max_connections: u32) -> Result<Self> {
+        if !(MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&max_connections) {
+            return Err(Error::Config(format!(
+                "max connections {max_connections} out of range \
+                 ({MIN_CONNECTIONS} to {MAX_CONNECTIONS})"
+            )));
+        }
         check_privileges()?;
         raise_memlock_limit();
         // No kernel BTF in user space: the program needs no CO-RE relocation (the verifier
@@ -158,6 +198,7 @@ impl KernelCapture {
         // here would double the agent's peak memory.
         let mut ebpf = aya::EbpfLoader::new()
             .btf(None)
+            .map_max_entries("CONNECTIONS", max_connections)
             .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trazor")))
             .map_err(|error| Error::Load(Box::new(error)))?;
         let mut capture_links = Links::default();
@@ -173,6 +214,9 @@ impl KernelCapture {
             settings: AgentSettings::default(),
             links: capture_links,
             cgroup_slots: HashMap::new(),
+            max_connections,
+            cleared_connections: 0,
+            evicted_connections: 0,
         })
     }
 
@@ -200,10 +244,59 @@ impl KernelCapture {
                 .map_err(Error::map("CONNECTIONS"))?;
         let sockets: Vec<u64> = connections.keys().filter_map(|key| key.ok()).collect();
         for socket in sockets {
-            // Gone already (closed since the listing): fine.
-            let _ = connections.remove(&socket);
+            // Gone already (evicted since the listing): fine.
+            if connections.remove(&socket).is_ok() {
+                self.cleared_connections += 1;
+            }
         }
         Ok(())
+    }
+
+    /// Looks through the connection table: how full it is, the requests in flight, and how
+    /// many entries were evicted so far. Costs two system calls per tracked connection.
+    pub fn connection_table(&mut self) -> Result<ConnectionTable> {
+        // Adopted before the look and forgotten after it, so that connections opening and
+        // closing meanwhile can only lower the eviction count (see ConnectionTable).
+        let adopted = self.connection_count(connection_count::ADOPTED)?;
+        let now = monotonic_nanos();
+        let mut table = ConnectionTable {
+            capacity: self.max_connections,
+            ..ConnectionTable::default()
+        };
+        let mut oldest_start = u64::MAX;
+        let connections: BpfHashMap<&MapData, u64, Connection> =
+            BpfHashMap::try_from(map_ref(&self.ebpf, "CONNECTIONS")?)
+                .map_err(Error::map("CONNECTIONS"))?;
+        // An entry removed between listing its key and reading it is an error item: skipped.
+        for (_, connection) in connections.iter().filter_map(|entry| entry.ok()) {
+            table.tracked += 1;
+            if connection.request_start_nanos != 0 {
+                table.in_flight += 1;
+                oldest_start = oldest_start.min(connection.request_start_nanos);
+            }
+        }
+        if table.in_flight > 0 {
+            table.oldest_in_flight = Some(Duration::from_nanos(now.saturating_sub(oldest_start)));
+        }
+        let forgotten = self.connection_count(connection_count::FORGOTTEN)?;
+        let evicted = adopted
+            .saturating_sub(forgotten)
+            .saturating_sub(self.cleared_connections)
+            .saturating_sub(table.tracked);
+        self.evicted_connections = self.evicted_connections.max(evicted);
+        table.evicted = self.evicted_connections;
+        Ok(table)
+    }
+
+    fn connection_count(&self, index: u32) -> Result<u64> {
+        let counts: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map_ref(&self.ebpf, "CONNECTION_COUNTS")?)
+                .map_err(Error::map("CONNECTION_COUNTS"))?;
+        Ok(counts
+            .get(&index, 0)
+            .map_err(Error::map("CONNECTION_COUNTS"))?
+            .iter()
+            .sum())
     }
 
     /// Benchmarks only: detaches the programs and attaches in their place `program`
@@ -411,6 +504,13 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::
     })
 }
 
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map> {
+    ebpf.map(name).ok_or(Error::MissingInObject {
+        kind: "map",
+        name: name.to_owned(),
+    })
+}
+
 fn sum_totals(per_cpu: &[SeriesTotals]) -> SeriesTotals {
     per_cpu.iter().filter(|totals| totals.count > 0).fold(
         SeriesTotals::default(),
@@ -430,18 +530,24 @@ fn sum_totals(per_cpu: &[SeriesTotals]) -> SeriesTotals {
 
 /// CLOCK_REALTIME - CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns is CLOCK_MONOTONIC).
 fn realtime_offset_nanos() -> u64 {
-    let read = |clock| {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes into the timespec we own; both clocks always exist.
-        unsafe { libc::clock_gettime(clock, &mut now) };
-        now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
-    };
-    let monotonic = read(libc::CLOCK_MONOTONIC);
-    let realtime = read(libc::CLOCK_REALTIME);
+    let monotonic = clock_nanos(libc::CLOCK_MONOTONIC);
+    let realtime = clock_nanos(libc::CLOCK_REALTIME);
     u64::try_from(realtime - monotonic).unwrap_or(0)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the kernel programs' clock.
+fn monotonic_nanos() -> u64 {
+    u64::try_from(clock_nanos(libc::CLOCK_MONOTONIC)).unwrap_or(0)
+}
+
+fn clock_nanos(clock: libc::clockid_t) -> i128 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; both clocks always exist.
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
 }
 
 /// Fails early, with the missing capabilities named, instead of a bare EPERM from the kernel.

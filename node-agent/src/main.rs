@@ -51,6 +51,10 @@ struct Flags {
     /// Distinct routes (and peers) per process and window; the rest go to route "other".
     #[arg(long, default_value_t = 200)]
     max_series: usize,
+    /// Connections traced at once (about 160 bytes of kernel memory each); beyond, the
+    /// least recently used is evicted and counted.
+    #[arg(long, default_value_t = trazor_node_agent::capture::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: u32,
     /// standalone: trace this host's processes (all, or --select-cgroup). kubernetes: trace
     /// the pods the TraceProfiles select (--config), watching this node's pods in the API.
     #[arg(long, value_enum, default_value = "standalone")]
@@ -140,6 +144,7 @@ async fn main() -> ExitCode {
     config.sample_rate = flags.sample_rate;
     config.route_templates = flags.route_templates;
     config.max_series_per_source = flags.max_series;
+    config.max_connections = flags.max_connections;
     config.transport.token = match trazor_node_agent::ship::load_token(flags.token_file.as_deref())
     {
         Ok(token) => token,

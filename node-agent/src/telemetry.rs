@@ -18,13 +18,14 @@ use std::{
 use axum::{Router, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 
-use crate::{Error, Result, ship::Outbox};
+use crate::{Error, Result, capture::ConnectionTable, ship::Outbox};
 
 /// Shared between the agent's loops and the metrics server.
 #[derive(Debug)]
 pub struct AgentTelemetry {
     outbox: Arc<Outbox>,
     kernel_drops: Mutex<Vec<(&'static str, u64)>>,
+    connection_table: Mutex<Option<ConnectionTable>>,
     attached: AtomicBool,
 }
 
@@ -33,6 +34,7 @@ impl AgentTelemetry {
         Self {
             outbox,
             kernel_drops: Mutex::new(Vec::new()),
+            connection_table: Mutex::new(None),
             attached: AtomicBool::new(false),
         }
     }
@@ -44,6 +46,30 @@ impl AgentTelemetry {
             .kernel_drops
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = drops;
+    }
+
+    /// The kernel's cumulative drop counters by reason, as last set.
+    pub fn kernel_drops(&self) -> Vec<(&'static str, u64)> {
+        self.kernel_drops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The connection table as the agent last looked through it.
+    pub fn set_connection_table(&self, table: ConnectionTable) {
+        *self
+            .connection_table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(table);
+    }
+
+    /// The last look at the connection table, once there was one.
+    pub fn connection_table(&self) -> Option<ConnectionTable> {
+        *self
+            .connection_table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The eBPF programs are attached (or detached).
@@ -160,15 +186,46 @@ impl AgentTelemetry {
         ];
         let mut text = String::new();
         for (name, kind, help, value) in metrics {
-            let _ = writeln!(text, "# HELP {name} {help}");
-            let _ = writeln!(text, "# TYPE {name} {kind}");
-            let _ = writeln!(text, "{name} {value}");
+            write_metric(&mut text, name, kind, help, value);
         }
-        let drops = self
-            .kernel_drops
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
+        if let Some(table) = self.connection_table() {
+            write_metric(
+                &mut text,
+                "trazor_agent_connections_tracked",
+                "gauge",
+                "Connections in the kernel's connection table.",
+                table.tracked,
+            );
+            write_metric(
+                &mut text,
+                "trazor_agent_connection_table_capacity",
+                "gauge",
+                "Connections the table holds before evicting the least recently used (--max-connections).",
+                table.capacity,
+            );
+            write_metric(
+                &mut text,
+                "trazor_agent_connections_evicted_total",
+                "counter",
+                "Connections evicted from the full table; a request one had in flight also counts as a kernel drop, reason response_without_request.",
+                table.evicted,
+            );
+            write_metric(
+                &mut text,
+                "trazor_agent_requests_in_flight",
+                "gauge",
+                "Requests received (or sent) whose response has not gone out (or come back) yet.",
+                table.in_flight,
+            );
+            write_metric(
+                &mut text,
+                "trazor_agent_oldest_request_in_flight_seconds",
+                "gauge",
+                "How long the oldest request in flight has waited; 0 with none.",
+                table.oldest_in_flight.map_or(0.0, |age| age.as_secs_f64()),
+            );
+        }
+        let drops = self.kernel_drops();
         let name = "trazor_agent_kernel_drops_total";
         let _ = writeln!(
             text,
@@ -180,6 +237,18 @@ impl AgentTelemetry {
         }
         text
     }
+}
+
+fn write_metric(
+    text: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(text, "# HELP {name} {help}");
+    let _ = writeln!(text, "# TYPE {name} {kind}");
+    let _ = writeln!(text, "{name} {value}");
 }
 
 /// Binds the metrics address (so a bad flag fails at start) and returns the server to run.

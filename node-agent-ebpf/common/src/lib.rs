@@ -325,8 +325,13 @@ pub mod drop_reason {
     pub const UNANSWERED_AT_CLOSE: u32 = 3;
     /// The ring buffer to user space was full: an exemplar or route name was lost.
     pub const EVENT_RING_FULL: u32 = 4;
+    /// A traced process sent (server side) or received (client side) a final response on
+    /// a connection without a request in flight: a request not timed. Its connection
+    /// entry was evicted from a full table while the request was out, the table had no
+    /// room for it, or its request line was not one we parse or began before the agent.
+    pub const RESPONSE_WITHOUT_REQUEST: u32 = 5;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 
     /// Stable metric label of a counter.
     pub fn name(reason: u32) -> &'static str {
@@ -336,9 +341,23 @@ pub mod drop_reason {
             HISTOGRAM_TABLE_FULL => "histogram_table_full",
             UNANSWERED_AT_CLOSE => "unanswered_at_close",
             EVENT_RING_FULL => "event_ring_full",
+            RESPONSE_WITHOUT_REQUEST => "response_without_request",
             _ => "unknown",
         }
     }
+}
+
+/// Indices of the per-CPU `CONNECTION_COUNTS` counters. Entries leave the connection table
+/// when their socket closes (forgotten), when the agent clears it, or when the table is full
+/// and the least recently used one is evicted, which the kernel reports to no one: the
+/// agent counts evictions as adopted - forgotten - cleared - still in the table.
+pub mod connection_count {
+    /// New entries: a connection adopted at its first request line.
+    pub const ADOPTED: u32 = 0;
+    /// Entries removed because their socket closed.
+    pub const FORGOTTEN: u32 = 1;
+    /// Number of counters.
+    pub const COUNT: u32 = 2;
 }
 
 /// A traced connection, the value of the kernel's `CONNECTIONS` map (keyed by the socket's

@@ -27,7 +27,8 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Parser;
 use trazor_node_agent::capture::{
-    COST_CLOCK_READ, COST_LOOKUP, COST_USER_READ, CaptureSettings, FLOOR, KernelCapture,
+    COST_CLOCK_READ, COST_LOOKUP, COST_USER_READ, CaptureSettings, DEFAULT_MAX_CONNECTIONS, FLOOR,
+    KernelCapture,
 };
 
 /// A cgroup id no cgroup has (ids are inode numbers): selecting it keeps the programs
@@ -235,7 +236,7 @@ fn main() -> anyhow::Result<()> {
     let server_cgroup = std::fs::metadata(&args.server_cgroup)
         .with_context(|| format!("reading {}", args.server_cgroup.display()))?
         .ino();
-    let mut capture = KernelCapture::load()?;
+    let mut capture = KernelCapture::load(DEFAULT_MAX_CONNECTIONS)?;
     let settings = |cgroups: Option<Vec<u64>>| CaptureSettings {
         window: Duration::from_secs(1),
         slow_threshold: None,
