@@ -471,6 +471,7 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
         "split-response",
         &["--delay", "5ms", "--shape", "split", "--part-pause", "30ms"],
     );
+    let continued = TimedServer::start(&scratch, "continue", &["--delay", "5ms"]);
     let chunked = TimedServer::start(
         &scratch,
         "chunked",
@@ -491,9 +492,10 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
         split_request.server.address,
         split_response.server.address,
         chunked.server.address,
+        continued.server.address,
     );
     tokio::task::spawn_blocking(move || {
-        let (keep_alive, pipelined, split_request, split_response, chunked) = addresses;
+        let (keep_alive, pipelined, split_request, split_response, chunked, continued) = addresses;
         let mut connection = RawConnection::open(keep_alive);
         for n in 0..20 {
             connection.send(&[&request(&format!("/keep/{n}"))], Duration::ZERO);
@@ -524,6 +526,22 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
                 connection.send(&[&request(&format!("{prefix}/{n}"))], Duration::ZERO);
                 assert_eq!(connection.response(), 200);
             }
+        }
+        // `Expect: 100-continue`: the head, the server's interim 100, then (20 ms later)
+        // the body, then the final response.
+        let mut connection = RawConnection::open(continued);
+        for n in 0..10 {
+            connection.send(
+                &[&format!(
+                    "POST /continue/{n} HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\
+                     Expect: 100-continue\r\n\r\n"
+                )],
+                Duration::ZERO,
+            );
+            assert_eq!(connection.response(), 100);
+            std::thread::sleep(Duration::from_millis(20));
+            connection.send(&["hello"], Duration::ZERO);
+            assert_eq!(connection.response(), 200);
         }
     })
     .await
@@ -559,6 +577,19 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
     assert_eq!(capture.count(chunked.pid(), Direction::Server), 10);
     assert!(max_nanos(&windows) < 15 * MS, "{windows:?}");
     check_against_truth(&capture, "chunked", &chunked, 10);
+
+    // 100 Continue: interim, so the request runs on to the final response, and the 20 ms
+    // the client took to send the body are in it.
+    let windows = capture.windows(continued.pid(), Direction::Server);
+    assert_eq!(capture.count(continued.pid(), Direction::Server), 10);
+    assert!(min_nanos(&windows) >= 25 * MS, "{windows:?}");
+    assert!(
+        windows
+            .iter()
+            .all(|window| window.route == "/continue/{id}"),
+        "{windows:?}"
+    );
+    check_against_truth(&capture, "continue", &continued, 10);
 
     // No shape leaves a response that looks unrequested (nothing else here makes HTTP
     // requests: the test process hosts the agent, which never traces itself).

@@ -233,6 +233,7 @@ fn serve_connection(stream: TcpStream, flags: &Flags, log: &LatencyLog) -> std::
         // Armed: the read that just brought the request line. Not armed: unchanged.
         let start = reader.get_ref().first_return;
         let mut content_length = 0usize;
+        let mut expects_continue = false;
         let mut close = request_line.ends_with("HTTP/1.0\r\n");
         loop {
             let mut header = String::new();
@@ -247,7 +248,13 @@ fn serve_connection(stream: TcpStream, flags: &Flags, log: &LatencyLog) -> std::
                 content_length = value.trim().parse().unwrap_or(0);
             } else if lower.starts_with("connection:") {
                 close = lower.contains("close");
+            } else if let Some(value) = lower.strip_prefix("expect:") {
+                expects_continue = value.trim() == "100-continue";
             }
+        }
+        if expects_continue && content_length > 0 {
+            // The client waits for this before it sends the body (RFC 9110, 10.1.1).
+            writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
         let mut body = vec![0u8; content_length];
         reader.read_exact(&mut body)?;
