@@ -2,7 +2,8 @@
 //! kubelet-like cgroup v2 hierarchy (systemd driver, containerd), moves two sample servers
 //! into two "pods", describes the pods in a pods file, and gives the agent the operator's
 //! configuration document. Then it rewrites that document under the running agent and checks
-//! the new selection takes effect with no window lost.
+//! the new selection takes effect with no window lost; and that a profile's ports and
+//! direction narrow what is traced of the pods it selects.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -23,6 +24,10 @@ use trazor_node_agent::{
 };
 
 const SAMPLE_SERVER: &str = env!("CARGO_BIN_EXE_trazor-sample-server");
+const SAMPLE_CLIENT: &str = env!("CARGO_BIN_EXE_trazor-sample-client");
+
+/// One agent at a time: the first test counts the eBPF links this process holds.
+static AGENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A pod's cgroups as the kubelet (systemd driver) and containerd lay them out; removed on
 /// drop, after moving its processes back to the root cgroup.
@@ -174,6 +179,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
     {
         return;
     }
+    let _serial = AGENT.lock().await;
     let root = cgroup2_mount().expect("a cgroup2 mount (see /proc/self/mountinfo)");
     let (uid_a, uid_b) = (
         "11111111-2222-4333-8444-555555555555",
@@ -338,5 +344,149 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
     drop(agent);
     drop((server_a, server_b));
     drop((cgroup_a, cgroup_b));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A profile with `ports` and a direction: of two servers in one pod, only the one on a
+/// listed port is traced (the other's responses don't count as lost requests either), and
+/// a client in the same pod is not traced at all (the profile measures the server side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_traces_only_its_ports_and_direction() {
+    if !require_ebpf_privileges("a_profile_traces_only_its_ports_and_direction") {
+        return;
+    }
+    let _serial = AGENT.lock().await;
+    let root = cgroup2_mount().expect("a cgroup2 mount (see /proc/self/mountinfo)");
+    let uid = "77777777-8888-4999-aaaa-bbbbbbbbbbbb";
+    let container = "cccc0003";
+    let cgroup = PodCgroup::create(&root, uid, container);
+    let listed = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "2ms"]).unwrap();
+    let other = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "2ms"]).unwrap();
+    cgroup.adopt(listed.pid());
+    cgroup.adopt(other.pid());
+
+    let work = std::env::temp_dir().join(format!("trazor-e2e-ports-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let config_file = work.join("agent-config.json");
+    let pods_file = work.join("pods.json");
+    replace_file(
+        &config_file,
+        &json!({
+            "version": 1,
+            "profiles": [{
+                "namespace": "shop",
+                "name": "payments",
+                "matchLabels": {"app": "payments"},
+                "ports": [listed.address.port()],
+                "direction": "server",
+                "windowSeconds": 1,
+            }]
+        })
+        .to_string(),
+    );
+    replace_file(
+        &pods_file,
+        &json!([pod("payments-6b9f8d7c5-p4q8r", uid, "payments", container)]).to_string(),
+    );
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let collector = BoundCollector::bind(&CollectorConfig {
+        grpc_listen: loopback,
+        http_listen: loopback,
+        history: 10_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let feed_url = format!("ws://{}/ws", collector.http_addr());
+    let mut config = AgentConfig::new(format!("http://{}", collector.grpc_addr()), "e2e-node");
+    tokio::spawn(collector.serve());
+    config.profiles = Some(ProfileSource {
+        config_file: config_file.clone(),
+        pods: PodSource::File(pods_file.clone()),
+        config_map: None,
+    });
+    let agent = trazor_node_agent::start(config)
+        .await
+        .expect("the agent starts");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // A client in the pod: its first request goes out before it joins the pod's cgroup,
+    // the 10 after its pause from inside.
+    let client = std::process::Command::new(SAMPLE_CLIENT)
+        .arg("--target")
+        .arg(listed.address.to_string())
+        .args(["--path", "/made/1", "--requests", "11"])
+        .args(["--pause-after-first", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cgroup.adopt(client.id());
+    let (a, b) = (listed.address, other.address);
+    tokio::task::spawn_blocking(move || {
+        send(a, 20);
+        send(b, 20);
+    })
+    .await
+    .unwrap();
+    let client_report = tokio::task::spawn_blocking(move || client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let report = String::from_utf8_lossy(&client_report.stdout);
+    assert!(report.contains("\"ok\":11"), "sample client: {report}");
+
+    let (mut feed, _) = tokio_tungstenite::connect_async(&feed_url).await.unwrap();
+    let mut windows = Vec::new();
+    let listed_pid = u64::from(listed.pid());
+    let served = |windows: &[Value]| {
+        windows
+            .iter()
+            .filter(|w| w["pid"] == listed_pid && w["direction"] == "server")
+            .map(|w| w["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    read_feed(&mut feed, &mut windows, Duration::from_secs(15), |w| {
+        served(w) >= 31
+    })
+    .await;
+    // Let one more window close, so a stray window would have shown up.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while let Some(Ok(Message::Text(text))) = feed.next().await {
+            let window: Value = serde_json::from_str(&text).unwrap();
+            if window["type"] == "window" {
+                windows.push(window);
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        served(&windows),
+        31,
+        "20 sent by the test, 11 by the client"
+    );
+    let strays: Vec<&Value> = windows
+        .iter()
+        .filter(|w| w["pid"] != listed_pid || w["direction"] != "server")
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "only the listed port's server side is traced: {strays:#?}"
+    );
+    let lost = agent
+        .telemetry
+        .kernel_drops()
+        .into_iter()
+        .find(|(reason, _)| *reason == "response_without_request")
+        .unwrap()
+        .1;
+    assert_eq!(
+        lost, 0,
+        "responses on an unlisted port are not lost requests"
+    );
+
+    drop(agent);
+    drop((listed, other));
+    drop(cgroup);
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -48,9 +48,10 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, Connection,
-    Direction, PATH_LEN, RequestEvent, SeriesKey, SeriesTotals, bucket_index, cgroup_slot,
-    connection_count, drop_reason, event_flag, method, route_hash,
+    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, CgroupRule,
+    Connection, Direction, IGNORED_CONNECTION, PATH_LEN, PortKey, RequestEvent, SeriesKey,
+    SeriesTotals, bucket_index, cgroup_slot, connection_count, drop_reason, event_flag, method,
+    route_hash,
 };
 
 /// Connections traced at once by default (the agent can load the map with another size):
@@ -66,9 +67,13 @@ const EVENTS_BYTES: u32 = 1 << 20;
 #[map]
 static SETTINGS: Array<AgentSettings> = Array::with_max_entries(1, 0);
 
-/// cgroup ids to trace when `AgentSettings::trace_all` is 0.
+/// cgroup ids to trace when `AgentSettings::trace_all` is 0, with what to trace of each.
 #[map]
-static TRACED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
+static TRACED_CGROUPS: HashMap<u64, CgroupRule> = HashMap::with_max_entries(16_384, 0);
+
+/// The ports of the cgroups whose rule filters by port.
+#[map]
+static TRACED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(16_384, 0);
 
 /// At `cgroup_slot(id)` of every id in `TRACED_CGROUPS`: that id, or `CGROUP_SLOT_SHARED`
 /// when several share the slot; elsewhere 0. One inlined array access decides for a
@@ -268,7 +273,7 @@ fn traced_process() -> Option<(Process, AgentSettings)> {
             if slot != CGROUP_SLOT_SHARED {
                 return None;
             }
-            // SAFETY: the value is a plain u8 and only tested for presence.
+            // SAFETY: only tested for presence.
             unsafe { TRACED_CGROUPS.get(cgroup_id) }?;
         }
     }
@@ -434,20 +439,74 @@ fn start_request(connection: *mut Connection, head: &RequestHead, start: u64) {
     connection.batch_start_nanos = start;
 }
 
-/// Starts tracking `socket` as a connection: a TCP connection (over IPv4 or IPv6) that is
-/// open. Client side, the peer is its address (IPv4, or 0 for IPv6) and port.
+/// What is traced of the current process's cgroup.
 #[inline(always)]
-fn track_connection(socket: u64, direction: Direction) -> Option<*mut Connection> {
+fn cgroup_rule(settings: &AgentSettings, process: Process) -> CgroupRule {
+    if settings.trace_all != 0 {
+        return CgroupRule {
+            directions: settings.directions as u8,
+            port_filtered: 0,
+            _pad: [0; 6],
+        };
+    }
+    // SAFETY: a plain value, copied out at once.
+    unsafe { TRACED_CGROUPS.get(process.cgroup_id) }
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The head of `socket` when it is a TCP connection (over IPv4 or IPv6) that is open.
+#[inline(always)]
+fn open_tcp_socket(socket: u64) -> Option<SockCommonHead> {
     // SAFETY: `socket` is the `struct sock *` the tracepoint passed; the helper checks the
     // kernel address and fails rather than fault.
     let head = unsafe { bpf_probe_read_kernel(socket as *const SockCommonHead) }.ok()?;
     // Only TCP sockets report their end (`inet_sock_set_state`, `tcp_destroy_sock`), which
     // ends tracking. A socket already closing is not adopted: its TCP_CLOSE may have passed.
-    if !matches!(head.family, AF_INET | AF_INET6)
-        || !matches!(head.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
-    {
-        return None;
+    (matches!(head.family, AF_INET | AF_INET6)
+        && matches!(head.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT))
+    .then_some(head)
+}
+
+/// Whether `rule` traces a connection of `direction` on `head`'s port: its local port
+/// server side, its peer's client side.
+#[inline(always)]
+fn port_selected(
+    rule: &CgroupRule,
+    process: Process,
+    head: &SockCommonHead,
+    direction: Direction,
+) -> bool {
+    if rule.port_filtered & direction as u8 == 0 {
+        return true;
     }
+    let port = match direction {
+        Direction::Server => head.local_port,
+        Direction::Client => u16::from_be(head.peer_port),
+    };
+    let key = PortKey {
+        cgroup_id: process.cgroup_id,
+        port,
+        direction: direction as u8,
+        _pad: [0; 5],
+    };
+    // SAFETY: only tested for presence.
+    unsafe { TRACED_PORTS.get(key) }.is_some()
+}
+
+/// Starts tracking `socket` as a connection of `direction` when it is an open TCP
+/// connection (client side, the peer is its address, IPv4 or 0 for IPv6, and port). On a
+/// port the cgroup's rule does not select, it is remembered as ignored instead, so that
+/// its later receives and sends stop at one lookup.
+#[inline(always)]
+fn track_connection(
+    socket: u64,
+    direction: Direction,
+    rule: &CgroupRule,
+    process: Process,
+) -> Option<*mut Connection> {
+    let head = open_tcp_socket(socket)?;
+    let selected = port_selected(rule, process, &head, direction);
     let (peer_addr, peer_port) = match direction {
         Direction::Server => (0, 0),
         Direction::Client => (
@@ -465,7 +524,11 @@ fn track_connection(socket: u64, direction: Direction) -> Option<*mut Connection
         peer_addr,
         route: 0,
         peer_port,
-        direction: direction as u8,
+        direction: if selected {
+            direction as u8
+        } else {
+            IGNORED_CONNECTION
+        },
         method: method::UNKNOWN,
         path_len: 0,
         _pad: [0; 3],
@@ -476,15 +539,14 @@ fn track_connection(socket: u64, direction: Direction) -> Option<*mut Connection
     if CONNECTIONS.insert(socket, idle, BPF_NOEXIST as u64).is_ok() {
         increment(&CONNECTION_COUNTS, connection_count::ADOPTED);
     } else if CONNECTIONS.get_ptr_mut(socket).is_none() {
-        count_drop(drop_reason::CONNECTION_TABLE_FULL);
+        if selected {
+            count_drop(drop_reason::CONNECTION_TABLE_FULL);
+        }
         return None;
     }
-    CONNECTIONS.get_ptr_mut(socket)
-}
-
-#[inline(always)]
-fn wants(settings: &AgentSettings, direction: Direction) -> bool {
-    settings.directions & (direction as u32) != 0
+    let connection = CONNECTIONS.get_ptr_mut(socket)?;
+    // SAFETY: a valid map value pointer for the duration of this program.
+    (unsafe { (*connection).direction } != IGNORED_CONNECTION).then_some(connection)
 }
 
 /// `length` bytes from `buffer` just went over `socket`, which is not tracked. If they begin
@@ -494,19 +556,24 @@ fn wants(settings: &AgentSettings, direction: Direction) -> bool {
 #[inline(always)]
 fn on_untracked(
     settings: &AgentSettings,
+    process: Process,
     socket: u64,
     buffer: (BufferShape, u64),
     length: i64,
     request_direction: Direction,
 ) -> Result<(), i32> {
+    if length < 4 {
+        return Ok(());
+    }
     // A response goes the other way: sent by a server, received by a client.
     let response_direction = match request_direction {
         Direction::Server => Direction::Client,
         Direction::Client => Direction::Server,
     };
-    let requests = wants(settings, request_direction);
-    let responses = wants(settings, response_direction);
-    if length < 4 || !(requests || responses) {
+    let rule = cgroup_rule(settings, process);
+    let requests = rule.directions & request_direction as u8 != 0;
+    let responses = rule.directions & response_direction as u8 != 0;
+    if !(requests || responses) {
         return Ok(());
     }
     let data = user_data(buffer)?;
@@ -514,7 +581,7 @@ fn on_untracked(
         let mut head = RequestHead::read_unparsed(data)?;
         if head.parse_request_line() {
             let start = now();
-            if let Some(connection) = track_connection(socket, request_direction) {
+            if let Some(connection) = track_connection(socket, request_direction, &rule, process) {
                 start_request(connection, &head, start);
             }
             return Ok(());
@@ -528,6 +595,8 @@ fn on_untracked(
         && responses
         && !is_interim(status)
         && status != 408
+        && open_tcp_socket(socket)
+            .is_some_and(|head| port_selected(&rule, process, &head, response_direction))
     {
         count_drop(drop_reason::RESPONSE_WITHOUT_REQUEST);
     }
@@ -556,7 +625,14 @@ fn on_receive(
     };
     let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is served from its first request line.
-        return on_untracked(settings, socket, buffer, returned, Direction::Server);
+        return on_untracked(
+            settings,
+            process,
+            socket,
+            buffer,
+            returned,
+            Direction::Server,
+        );
     };
     // SAFETY: a valid map value pointer for the duration of this program.
     let (direction, busy) = unsafe {
@@ -566,7 +642,8 @@ fn on_receive(
         )
     };
     // Server side receives matter when idle (a request may start), client side when a
-    // request is out (its response may arrive). Anything else is body bytes.
+    // request is out (its response may arrive). Anything else is body bytes, or bytes of
+    // an ignored connection (never busy, not server side: it stops here).
     let server = direction == Direction::Server as u8;
     if returned < 4 || server == busy {
         return Ok(());
@@ -604,7 +681,14 @@ fn on_send(
     };
     let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
         // A connection is made from its first request line.
-        return on_untracked(settings, socket, buffer, written, Direction::Client);
+        return on_untracked(
+            settings,
+            process,
+            socket,
+            buffer,
+            written,
+            Direction::Client,
+        );
     };
     // SAFETY: a valid map value pointer for the duration of this program.
     let (direction, start, batch_start) = unsafe {
@@ -623,6 +707,7 @@ fn on_send(
         }
         return Ok(());
     }
+    // Nothing to answer (an ignored connection never has anything).
     if start == 0 && batch_start == 0 {
         return Ok(());
     }

@@ -21,7 +21,7 @@ use trazor_proto::{agent_config::NodeAgentConfig, v1::AgentHello};
 use crate::{
     Error, Result,
     attribute::{SourceResolver, cgroup2_mount},
-    capture::{CaptureSettings, KernelCapture, MAX_CONNECTIONS, MIN_CONNECTIONS},
+    capture::{CaptureSettings, KernelCapture, MAX_CONNECTIONS, MIN_CONNECTIONS, TraceRule},
     pods::{PodDirectory, PodSource, follow},
     route::{RouteNamer, RouteTemplate},
     select::{Selection, pod_cgroups, profile_settings, select},
@@ -273,7 +273,11 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
             sample_rate: config.sample_rate,
             server: config.server,
             client: config.client,
-            cgroups,
+            cgroups: cgroups.map(|ids| {
+                ids.into_iter()
+                    .map(|id| (id, TraceRule::every_port(config.server, config.client)))
+                    .collect()
+            }),
         },
         builder: WindowBuilder::new(config.window, config.quantiles.clone()),
         routes: RouteNamer::new(
@@ -655,7 +659,7 @@ impl WindowLoop {
             .map(pod_cgroups)
             .unwrap_or_default();
         let Selection {
-            cgroup_ids,
+            cgroups: selected,
             profile_of_pod,
         } = select(
             document,
@@ -665,11 +669,11 @@ impl WindowLoop {
         );
         tracing::info!(
             pods = profile_of_pod.len(),
-            cgroups = cgroup_ids.len(),
+            cgroups = selected.len(),
             "selection updated"
         );
         self.profile_of_pod = profile_of_pod;
-        self.settings.cgroups = Some(cgroup_ids);
+        self.settings.cgroups = Some(selected);
         if let Err(error) = self.capture.configure(&self.settings) {
             tracing::error!(%error, "could not update the kernel's selection");
         }

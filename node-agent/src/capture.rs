@@ -6,7 +6,7 @@
 //! exactly, whatever the timing of the user-space drain.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs,
     time::Duration,
 };
@@ -17,8 +17,8 @@ use aya::{
     programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, Connection, RequestEvent, SeriesKey,
-    SeriesTotals, cgroup_slot, connection_count, drop_reason,
+    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CgroupRule, Connection, Direction, PortKey,
+    RequestEvent, SeriesKey, SeriesTotals, cgroup_slot, connection_count, drop_reason,
 };
 
 use crate::{Error, Result};
@@ -90,12 +90,75 @@ pub struct CaptureSettings {
     pub slow_threshold: Option<Duration>,
     /// Fraction of other requests sampled as exemplars, in [0, 1].
     pub sample_rate: f64,
-    /// Trace requests served (accepted connections).
+    /// Trace requests served (accepted connections), when tracing every process.
     pub server: bool,
-    /// Trace requests made (connected sockets).
+    /// Trace requests made (connected sockets), when tracing every process.
     pub client: bool,
-    /// None: trace every process. Some: only these cgroup ids.
-    pub cgroups: Option<Vec<u64>>,
+    /// None: trace every process. Some: only these cgroup ids, each as its rule says.
+    pub cgroups: Option<BTreeMap<u64, TraceRule>>,
+}
+
+/// What is traced of a selected cgroup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceRule {
+    /// Requests served.
+    pub server: bool,
+    /// Requests made.
+    pub client: bool,
+    /// Server side, only connections to these local ports (all when empty).
+    pub server_ports: BTreeSet<u16>,
+    /// Client side, only connections to peers on these ports (all when empty).
+    pub client_ports: BTreeSet<u16>,
+}
+
+impl TraceRule {
+    /// These directions, on every port.
+    pub fn every_port(server: bool, client: bool) -> Self {
+        Self {
+            server,
+            client,
+            ..Self::default()
+        }
+    }
+
+    fn in_kernel(&self) -> CgroupRule {
+        let bits = |server: bool, client: bool| {
+            (u8::from(server) * Direction::Server as u8)
+                | (u8::from(client) * Direction::Client as u8)
+        };
+        CgroupRule {
+            directions: bits(self.server, self.client),
+            port_filtered: bits(
+                self.server && !self.server_ports.is_empty(),
+                self.client && !self.client_ports.is_empty(),
+            ),
+            _pad: [0; 6],
+        }
+    }
+
+    fn port_keys(&self, cgroup_id: u64) -> impl Iterator<Item = PortKey> + '_ {
+        let key = move |direction: Direction| {
+            move |&port: &u16| PortKey {
+                cgroup_id,
+                port,
+                direction: direction as u8,
+                _pad: [0; 5],
+            }
+        };
+        let server = self
+            .server
+            .then_some(&self.server_ports)
+            .into_iter()
+            .flatten();
+        let client = self
+            .client
+            .then_some(&self.client_ports)
+            .into_iter()
+            .flatten();
+        server
+            .map(key(Direction::Server))
+            .chain(client.map(key(Direction::Client)))
+    }
 }
 
 /// The loaded, attached kernel programs and their maps.
@@ -342,24 +405,43 @@ impl KernelCapture {
         }
     }
 
-    /// Makes `cgroups` the exact set of traced cgroup ids.
-    fn set_traced_cgroups(&mut self, cgroups: &[u64]) -> Result<()> {
-        let mut traced: BpfHashMap<&mut MapData, u64, u8> =
+    /// Makes `cgroups` the exact set of traced cgroup ids, with their rules and ports.
+    fn set_traced_cgroups(&mut self, cgroups: &BTreeMap<u64, TraceRule>) -> Result<()> {
+        let ports: HashSet<PortKey> = cgroups
+            .iter()
+            .flat_map(|(&id, rule)| rule.port_keys(id))
+            .collect();
+        let mut traced_ports: BpfHashMap<&mut MapData, PortKey, u8> =
+            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_PORTS")?)
+                .map_err(Error::map("TRACED_PORTS"))?;
+        let stale_ports: Vec<PortKey> = traced_ports
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| !ports.contains(key))
+            .collect();
+        // Ports go in before a rule that filters by them, and out after.
+        for key in &ports {
+            traced_ports
+                .insert(key, 1, 0)
+                .map_err(Error::map("TRACED_PORTS"))?;
+        }
+        let mut traced: BpfHashMap<&mut MapData, u64, CgroupRule> =
             BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_CGROUPS")?)
                 .map_err(Error::map("TRACED_CGROUPS"))?;
         let stale: Vec<u64> = traced
             .keys()
             .filter_map(|key| key.ok())
-            .filter(|key| !cgroups.contains(key))
+            .filter(|key| !cgroups.contains_key(key))
             .collect();
         // The exact set gains new ids before a shared slot sends lookups to it, and loses old
         // ones after no slot does.
-        for id in cgroups {
+        for (id, rule) in cgroups {
             traced
-                .insert(id, 1, 0)
+                .insert(id, rule.in_kernel(), 0)
                 .map_err(Error::map("TRACED_CGROUPS"))?;
         }
-        let slots = cgroup_slot_table(cgroups);
+        let ids: Vec<u64> = cgroups.keys().copied().collect();
+        let slots = cgroup_slot_table(&ids);
         let mut table: Array<&mut MapData, u64> =
             Array::try_from(map(&mut self.ebpf, "TRACED_CGROUP_SLOTS")?)
                 .map_err(Error::map("TRACED_CGROUP_SLOTS"))?;
@@ -378,11 +460,19 @@ impl KernelCapture {
                 .map_err(Error::map("TRACED_CGROUP_SLOTS"))?;
         }
         self.cgroup_slots = slots;
-        let mut traced: BpfHashMap<&mut MapData, u64, u8> =
+        let mut traced: BpfHashMap<&mut MapData, u64, CgroupRule> =
             BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_CGROUPS")?)
                 .map_err(Error::map("TRACED_CGROUPS"))?;
         for id in stale {
             traced.remove(&id).map_err(Error::map("TRACED_CGROUPS"))?;
+        }
+        let mut traced_ports: BpfHashMap<&mut MapData, PortKey, u8> =
+            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_PORTS")?)
+                .map_err(Error::map("TRACED_PORTS"))?;
+        for key in stale_ports {
+            traced_ports
+                .remove(&key)
+                .map_err(Error::map("TRACED_PORTS"))?;
         }
         Ok(())
     }
@@ -597,6 +687,34 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_filters_by_port_only_the_directions_that_list_ports() {
+        let rule = TraceRule {
+            server: true,
+            client: true,
+            server_ports: BTreeSet::from([80, 8080]),
+            client_ports: BTreeSet::new(),
+        };
+        let kernel = rule.in_kernel();
+        assert_eq!(kernel.directions, 0b11);
+        assert_eq!(kernel.port_filtered, Direction::Server as u8);
+        let keys: Vec<(u16, u8)> = rule
+            .port_keys(7)
+            .map(|key| {
+                assert_eq!(key.cgroup_id, 7);
+                (key.port, key.direction)
+            })
+            .collect();
+        assert_eq!(keys, vec![(80, 1), (8080, 1)]);
+        // Ports listed for a direction that is not traced filter nothing and go nowhere.
+        let client_only = TraceRule {
+            server: false,
+            ..rule
+        };
+        assert_eq!(client_only.in_kernel().port_filtered, 0);
+        assert_eq!(client_only.port_keys(7).count(), 0);
+    }
 
     #[test]
     fn per_cpu_totals_ignore_idle_cpus_for_min() {

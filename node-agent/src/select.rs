@@ -3,11 +3,12 @@
 //!
 //! A profile selects the pods of its namespace whose labels match its selector (and, when it
 //! names containers, only those containers). The kernel then traces exactly the cgroups of
-//! the selected containers: everything else costs one array lookup per socket receive or
-//! send.
+//! the selected containers, in the profile's direction and on its ports: everything else
+//! costs one array lookup per socket receive or send, and a connection on another port one
+//! hash lookup more.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     os::unix::fs::MetadataExt as _,
     path::Path,
     time::Duration,
@@ -15,13 +16,16 @@ use std::{
 
 use trazor_proto::agent_config::{Direction, LabelRequirement, NodeAgentConfig, ProfileConfig};
 
-use crate::pods::{PodInfo, pod_in_cgroup_path};
+use crate::{
+    capture::TraceRule,
+    pods::{PodInfo, pod_in_cgroup_path},
+};
 
 /// What the profiles select on this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selection {
-    /// cgroup ids the kernel traces.
-    pub cgroup_ids: Vec<u64>,
+    /// cgroup ids the kernel traces, and what of each.
+    pub cgroups: BTreeMap<u64, TraceRule>,
     /// Profile (`namespace/name`) of each selected pod, by pod UID.
     pub profile_of_pod: HashMap<String, String>,
 }
@@ -110,6 +114,7 @@ pub fn select(
             pod.uid.clone(),
             format!("{}/{}", profile.namespace, profile.name),
         );
+        let rule = trace_rule(profile);
         for (container_id, cgroup_id) in cgroups.get(&pod.uid).into_iter().flatten() {
             let wanted = profile.containers.is_empty()
                 || container_id.as_ref().is_some_and(|id| {
@@ -118,13 +123,29 @@ pub fn select(
                     })
                 });
             if wanted {
-                selection.cgroup_ids.push(*cgroup_id);
+                selection.cgroups.insert(*cgroup_id, rule.clone());
             }
         }
     }
-    selection.cgroup_ids.sort_unstable();
-    selection.cgroup_ids.dedup();
     selection
+}
+
+/// What `profile` traces of the cgroups it selects: its direction, on its ports (local
+/// ports server side, the peer's client side; every port when it lists none).
+pub fn trace_rule(profile: &ProfileConfig) -> TraceRule {
+    let server = matches!(profile.direction, Direction::Server | Direction::Both);
+    let client = matches!(profile.direction, Direction::Client | Direction::Both);
+    let ports: BTreeSet<u16> = profile.ports.iter().copied().collect();
+    TraceRule {
+        server,
+        client,
+        server_ports: if server {
+            ports.clone()
+        } else {
+            BTreeSet::new()
+        },
+        client_ports: if client { ports } else { BTreeSet::new() },
+    }
 }
 
 /// Agent-wide settings from all profiles. The kernel keeps one window length: the shortest
@@ -250,6 +271,10 @@ mod tests {
             .collect()
     }
 
+    fn ids(selection: &Selection) -> Vec<u64> {
+        selection.cgroups.keys().copied().collect()
+    }
+
     #[test]
     fn selects_matching_pods_of_the_profile_namespace_only() {
         let pods = [
@@ -262,7 +287,7 @@ mod tests {
             profiles: vec![profile("checkout", &[("app", "checkout")])],
         };
         let selection = select(&config, &pods, &BTreeMap::new(), &cgroups(&["a", "b", "c"]));
-        assert_eq!(selection.cgroup_ids, vec![10, 11, 12]);
+        assert_eq!(ids(&selection), vec![10, 11, 12]);
         assert_eq!(
             selection.profile_of_pod.get("a").map(String::as_str),
             Some("shop/checkout")
@@ -290,7 +315,7 @@ mod tests {
             profiles: vec![narrowed],
         };
         let selection = select(&config, &pods, &BTreeMap::new(), &cgroups(&["a"]));
-        assert_eq!(selection.cgroup_ids, vec![11]);
+        assert_eq!(ids(&selection), vec![11]);
         let mut excluded = profile("none", &[]);
         excluded.match_expressions = vec![LabelRequirement {
             key: "tier".into(),
@@ -303,7 +328,7 @@ mod tests {
         };
         assert!(
             select(&config, &pods, &BTreeMap::new(), &cgroups(&["a"]))
-                .cgroup_ids
+                .cgroups
                 .is_empty()
         );
     }
@@ -319,15 +344,49 @@ mod tests {
         };
         assert!(
             select(&config, &pods, &BTreeMap::new(), &cgroups(&["a"]))
-                .cgroup_ids
+                .cgroups
                 .is_empty()
         );
         let labels = BTreeMap::from([("kubernetes.io/os".to_owned(), "linux".to_owned())]);
         assert_eq!(
             select(&config, &pods, &labels, &cgroups(&["a"]))
-                .cgroup_ids
+                .cgroups
                 .len(),
             3
+        );
+    }
+
+    #[test]
+    fn each_cgroup_is_traced_in_its_profiles_direction_on_its_ports() {
+        let pods = [
+            pod("shop", "checkout-1", "a", &[("app", "checkout")]),
+            pod("shop", "cart-1", "b", &[("app", "cart")]),
+        ];
+        let mut checkout = profile("checkout", &[("app", "checkout")]);
+        checkout.ports = vec![8080, 80, 8080];
+        let mut cart = profile("cart", &[("app", "cart")]);
+        cart.direction = Direction::Client;
+        let config = NodeAgentConfig {
+            version: 1,
+            profiles: vec![checkout, cart],
+        };
+        let selection = select(&config, &pods, &BTreeMap::new(), &cgroups(&["a", "b"]));
+        let served_on_80_and_8080 = TraceRule {
+            server: true,
+            client: false,
+            server_ports: BTreeSet::from([80, 8080]),
+            client_ports: BTreeSet::new(),
+        };
+        assert_eq!(selection.cgroups[&11], served_on_80_and_8080);
+        assert_eq!(selection.cgroups[&21], TraceRule::every_port(false, true));
+
+        let mut both = profile("both", &[("app", "cart")]);
+        both.direction = Direction::Both;
+        both.ports = vec![443];
+        let rule = trace_rule(&both);
+        assert_eq!(
+            (rule.server_ports, rule.client_ports),
+            (BTreeSet::from([443]), BTreeSet::from([443]))
         );
     }
 

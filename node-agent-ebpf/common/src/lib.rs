@@ -215,9 +215,39 @@ pub struct AgentSettings {
     pub trace_all: u32,
     /// The agent's own tgid, never traced (its own HTTP endpoints would feed back).
     pub agent_tgid: u32,
-    /// Which directions to trace: bit 0 server, bit 1 client.
+    /// Which directions to trace when `trace_all` is 1: bit 0 server, bit 1 client. (A
+    /// traced cgroup's own [`CgroupRule`] says it otherwise.)
     pub directions: u32,
 }
+
+/// What is traced of one cgroup: the value of `TRACED_CGROUPS`, read when a connection of
+/// the cgroup is adopted (never per request).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupRule {
+    /// Directions traced ([`Direction`] bits).
+    pub directions: u8,
+    /// Directions whose connections are traced only on the ports listed in `TRACED_PORTS`
+    /// for this cgroup (local ports server side, the peer's client side).
+    pub port_filtered: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Key of `TRACED_PORTS`: a port on which a port-filtered cgroup's connections of one
+/// direction are traced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub cgroup_id: u64,
+    pub port: u16,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `Connection::direction` of a connection seen and deliberately not traced (its port is not
+/// selected): its receives and sends stop at the lookup that finds it.
+pub const IGNORED_CONNECTION: u8 = 0;
 
 /// Bytes of a request path kept for routes and exemplars.
 pub const PATH_LEN: usize = 64;
@@ -377,7 +407,7 @@ pub struct Connection {
     pub route: u32,
     /// Client side: the peer's port, 0 otherwise.
     pub peer_port: u16,
-    /// [`Direction`] as u8.
+    /// [`Direction`] as u8, or [`IGNORED_CONNECTION`].
     pub direction: u8,
     /// One of [`method`].
     pub method: u8,
@@ -414,6 +444,8 @@ mod user {
     unsafe impl aya::Pod for super::AgentSettings {}
     unsafe impl aya::Pod for super::RequestEvent {}
     unsafe impl aya::Pod for super::Connection {}
+    unsafe impl aya::Pod for super::CgroupRule {}
+    unsafe impl aya::Pod for super::PortKey {}
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use trazor_node_agent::capture::{
     COST_CLOCK_READ, COST_LOOKUP, COST_USER_READ, CaptureSettings, DEFAULT_MAX_CONNECTIONS, FLOOR,
-    KernelCapture,
+    KernelCapture, TraceRule,
 };
 
 /// A cgroup id no cgroup has (ids are inode numbers): selecting it keeps the programs
@@ -243,7 +243,11 @@ fn main() -> anyhow::Result<()> {
         sample_rate: 0.0,
         server: true,
         client: true,
-        cgroups,
+        cgroups: cgroups.map(|ids| {
+            ids.into_iter()
+                .map(|id| (id, TraceRule::every_port(true, true)))
+                .collect()
+        }),
     };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); args.modes.len()];
     let mut cpu_per_request: Vec<Vec<f64>> = vec![Vec::new(); args.modes.len()];
