@@ -350,6 +350,8 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
 /// A profile with `ports` and a direction: of two servers in one pod, only the one on a
 /// listed port is traced (the other's responses don't count as lost requests either), and
 /// a client in the same pod is not traced at all (the profile measures the server side).
+/// When the profile lists the other port instead, keep-alive connections already open
+/// follow the change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_profile_traces_only_its_ports_and_direction() {
     if !require_ebpf_privileges("a_profile_traces_only_its_ports_and_direction") {
@@ -369,21 +371,21 @@ async fn a_profile_traces_only_its_ports_and_direction() {
     std::fs::create_dir_all(&work).unwrap();
     let config_file = work.join("agent-config.json");
     let pods_file = work.join("pods.json");
-    replace_file(
-        &config_file,
-        &json!({
+    let document = |port: u16| {
+        json!({
             "version": 1,
             "profiles": [{
                 "namespace": "shop",
                 "name": "payments",
                 "matchLabels": {"app": "payments"},
-                "ports": [listed.address.port()],
+                "ports": [port],
                 "direction": "server",
                 "windowSeconds": 1,
             }]
         })
-        .to_string(),
-    );
+        .to_string()
+    };
+    replace_file(&config_file, &document(listed.address.port()));
     replace_file(
         &pods_file,
         &json!([pod("payments-6b9f8d7c5-p4q8r", uid, "payments", container)]).to_string(),
@@ -422,9 +424,16 @@ async fn a_profile_traces_only_its_ports_and_direction() {
         .unwrap();
     cgroup.adopt(client.id());
     let (a, b) = (listed.address, other.address);
-    tokio::task::spawn_blocking(move || {
+    // And a keep-alive connection to each server, 5 requests each.
+    let (kept_a, kept_b) = tokio::task::spawn_blocking(move || {
         send(a, 20);
         send(b, 20);
+        let (mut kept_a, mut kept_b) = (HttpClient::new(a), HttpClient::new(b));
+        for n in 0..5 {
+            assert_eq!(kept_a.get(&format!("/kept/{n}"), true).unwrap(), 200);
+            assert_eq!(kept_b.get(&format!("/kept/{n}"), true).unwrap(), 200);
+        }
+        (kept_a, kept_b)
     })
     .await
     .unwrap();
@@ -435,18 +444,32 @@ async fn a_profile_traces_only_its_ports_and_direction() {
     let report = String::from_utf8_lossy(&client_report.stdout);
     assert!(report.contains("\"ok\":11"), "sample client: {report}");
 
+    // The other port instead, under the running agent; 5 more requests on each kept
+    // connection.
+    replace_file(&config_file, &document(other.address.port()));
+    wait_for_generation(&agent, 2).await;
+    tokio::task::spawn_blocking(move || {
+        let (mut kept_a, mut kept_b) = (kept_a, kept_b);
+        for n in 5..10 {
+            assert_eq!(kept_a.get(&format!("/kept/{n}"), true).unwrap(), 200);
+            assert_eq!(kept_b.get(&format!("/kept/{n}"), true).unwrap(), 200);
+        }
+    })
+    .await
+    .unwrap();
+
     let (mut feed, _) = tokio_tungstenite::connect_async(&feed_url).await.unwrap();
     let mut windows = Vec::new();
-    let listed_pid = u64::from(listed.pid());
-    let served = |windows: &[Value]| {
+    let (listed_pid, other_pid) = (u64::from(listed.pid()), u64::from(other.pid()));
+    let served = |windows: &[Value], pid: u64| {
         windows
             .iter()
-            .filter(|w| w["pid"] == listed_pid && w["direction"] == "server")
+            .filter(|w| w["pid"] == pid && w["direction"] == "server")
             .map(|w| w["count"].as_u64().unwrap())
             .sum::<u64>()
     };
     read_feed(&mut feed, &mut windows, Duration::from_secs(15), |w| {
-        served(w) >= 31
+        served(w, listed_pid) >= 36 && served(w, other_pid) >= 5
     })
     .await;
     // Let one more window close, so a stray window would have shown up.
@@ -461,17 +484,22 @@ async fn a_profile_traces_only_its_ports_and_direction() {
     })
     .await;
     assert_eq!(
-        served(&windows),
-        31,
-        "20 sent by the test, 11 by the client"
+        served(&windows, listed_pid),
+        36,
+        "20 sent by the test, 11 by the client, 5 kept-alive before the change"
+    );
+    assert_eq!(
+        served(&windows, other_pid),
+        5,
+        "the kept-alive requests after the change"
     );
     let strays: Vec<&Value> = windows
         .iter()
-        .filter(|w| w["pid"] != listed_pid || w["direction"] != "server")
+        .filter(|w| w["direction"] != "server")
         .collect();
     assert!(
         strays.is_empty(),
-        "only the listed port's server side is traced: {strays:#?}"
+        "only the server side is traced: {strays:#?}"
     );
     let lost = agent
         .telemetry

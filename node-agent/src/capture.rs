@@ -169,6 +169,8 @@ pub struct KernelCapture {
     links: Links,
     /// The non-empty slots of `TRACED_CGROUP_SLOTS`, as last written.
     cgroup_slots: HashMap<u32, u64>,
+    /// The rules of the traced cgroups, as last written.
+    rules: BTreeMap<u64, TraceRule>,
     max_connections: u32,
     /// Connection entries the agent removed itself (after a detach).
     cleared_connections: u64,
@@ -277,6 +279,7 @@ impl KernelCapture {
             settings: AgentSettings::default(),
             links: capture_links,
             cgroup_slots: HashMap::new(),
+            rules: BTreeMap::new(),
             max_connections,
             cleared_connections: 0,
             evicted_connections: 0,
@@ -308,6 +311,28 @@ impl KernelCapture {
         let sockets: Vec<u64> = connections.keys().filter_map(|key| key.ok()).collect();
         for socket in sockets {
             // Gone already (evicted since the listing): fine.
+            if connections.remove(&socket).is_ok() {
+                self.cleared_connections += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the connections without a request in flight, the ignored ones included: each
+    /// is judged again by the current rules at its next request line. (A request that starts
+    /// between the look and the removal, or one pipelined behind the last answered one, is
+    /// lost and counted as `response_without_request`.)
+    fn forget_idle_connections(&mut self) -> Result<()> {
+        let mut connections: BpfHashMap<&mut MapData, u64, Connection> =
+            BpfHashMap::try_from(map(&mut self.ebpf, "CONNECTIONS")?)
+                .map_err(Error::map("CONNECTIONS"))?;
+        let idle: Vec<u64> = connections
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, connection)| connection.request_start_nanos == 0)
+            .map(|(socket, _)| socket)
+            .collect();
+        for socket in idle {
             if connections.remove(&socket).is_ok() {
                 self.cleared_connections += 1;
             }
@@ -473,6 +498,16 @@ impl KernelCapture {
             traced_ports
                 .remove(&key)
                 .map_err(Error::map("TRACED_PORTS"))?;
+        }
+        // A connection is judged by its cgroup's rule once, when adopted: when a rule
+        // changes, idle connections are judged again (a port just listed is traced on the
+        // keep-alive connections already open to it, and one just unlisted stops).
+        let rule_changed = cgroups
+            .iter()
+            .any(|(id, rule)| self.rules.get(id).is_some_and(|old| old != rule));
+        self.rules = cgroups.clone();
+        if rule_changed {
+            self.forget_idle_connections()?;
         }
         Ok(())
     }
