@@ -1,5 +1,5 @@
 //! Merge: windows of the same workload (or pod, or process name when there is no pod),
-//! route, direction and wall-clock window, from every agent, added into one aggregate.
+//! route, method, direction and wall-clock window, from every agent, added into one aggregate.
 //!
 //! The merge is exact: counts, errors, sums and status classes add, min and max take the
 //! extremes, and the histograms add bucket by bucket ([`ExponentialHistogram::merge`]), so
@@ -134,6 +134,8 @@ pub struct Aggregate {
     pub profile: String,
     /// Route template; windows of different routes are separate aggregates.
     pub route: String,
+    /// HTTP method; likewise.
+    pub method: String,
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
     /// Windows merged in.
@@ -158,6 +160,7 @@ impl Aggregate {
             direction: window.direction,
             profile: window.profile.clone(),
             route: window.route.clone(),
+            method: window.method.clone(),
             start_unix_nanos: window.start_unix_nanos,
             end_unix_nanos: window.end_unix_nanos,
             windows: 0,
@@ -179,6 +182,7 @@ impl Aggregate {
             && self.direction == window.direction
             && self.profile == window.profile
             && self.route == window.route
+            && self.method == window.method
             && self.subject.matches(window)
     }
 
@@ -238,6 +242,7 @@ impl Aggregate {
             direction: crate::view::direction_name(self.direction),
             profile: self.profile.clone(),
             route: self.route.clone(),
+            method: self.method.clone(),
             start_unix_ms: self.start_unix_nanos / 1_000_000,
             end_unix_ms: self.end_unix_nanos / 1_000_000,
             windows: self.windows,
@@ -266,6 +271,7 @@ pub struct AggregateView {
     pub direction: &'static str,
     pub profile: String,
     pub route: String,
+    pub method: String,
     pub start_unix_ms: u64,
     pub end_unix_ms: u64,
     pub windows: u64,
@@ -316,6 +322,7 @@ impl WindowMerger {
             window.direction,
             &window.profile,
             &window.route,
+            &window.method,
         )
             .hash(&mut hasher);
         hasher.finish()

@@ -39,6 +39,8 @@ pub struct WindowView {
     pub late: bool,
     /// Route template, "other" past the series cap, "" when the path was not captured.
     pub route: String,
+    /// HTTP method ("OTHER" when not recognised).
+    pub method: String,
     /// Remote end of client-side windows.
     pub peer: Option<PeerView>,
     /// TraceProfile (namespace/name) that selected the source; "" in standalone mode.
@@ -166,6 +168,7 @@ impl WindowView {
                 counts: histogram.bucket_counts,
             },
             route: window.route.clone(),
+            method: window.method.clone(),
             peer: window.peer.as_ref().map(|peer| PeerView {
                 address: peer.address.clone(),
                 port: peer.port,

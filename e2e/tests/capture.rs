@@ -586,7 +586,7 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
     assert!(
         windows
             .iter()
-            .all(|window| window.route == "/continue/{id}"),
+            .all(|window| window.route == "/continue/{id}" && window.method == "POST"),
         "{windows:?}"
     );
     check_against_truth(&capture, "continue", &continued, 10);

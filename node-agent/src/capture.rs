@@ -121,6 +121,37 @@ impl TraceRule {
         }
     }
 
+    /// What tracing by either rule traces: each direction either traces, on the ports of
+    /// both (every port if either has no list).
+    pub fn union(&self, other: &TraceRule) -> TraceRule {
+        let merge =
+            |on: bool, ports: &BTreeSet<u16>, other_on: bool, other_ports: &BTreeSet<u16>| match (
+                on, other_on,
+            ) {
+                (false, false) => BTreeSet::new(),
+                (true, false) => ports.clone(),
+                (false, true) => other_ports.clone(),
+                (true, true) if ports.is_empty() || other_ports.is_empty() => BTreeSet::new(),
+                (true, true) => ports.union(other_ports).copied().collect(),
+            };
+        TraceRule {
+            server: self.server || other.server,
+            client: self.client || other.client,
+            server_ports: merge(
+                self.server,
+                &self.server_ports,
+                other.server,
+                &other.server_ports,
+            ),
+            client_ports: merge(
+                self.client,
+                &self.client_ports,
+                other.client,
+                &other.client_ports,
+            ),
+        }
+    }
+
     fn in_kernel(&self) -> CgroupRule {
         let bits = |server: bool, client: bool| {
             (u8::from(server) * Direction::Server as u8)

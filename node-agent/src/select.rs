@@ -102,28 +102,36 @@ pub fn select(
     let mut pods: Vec<&PodInfo> = pods.iter().collect();
     pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for pod in pods {
-        // Profiles are sorted by the operator; the first that selects a pod owns it.
-        let Some(profile) = config
+        // Profiles are sorted by the operator; the first that selects a pod owns it (its
+        // windows carry that profile's name), and what all of them ask for is traced.
+        let mut selecting = config
             .profiles
             .iter()
-            .find(|profile| profile_selects(profile, pod, node_labels))
-        else {
+            .filter(|profile| profile_selects(profile, pod, node_labels))
+            .peekable();
+        let Some(owner) = selecting.peek() else {
             continue;
         };
         selection.profile_of_pod.insert(
             pod.uid.clone(),
-            format!("{}/{}", profile.namespace, profile.name),
+            format!("{}/{}", owner.namespace, owner.name),
         );
-        let rule = trace_rule(profile);
-        for (container_id, cgroup_id) in cgroups.get(&pod.uid).into_iter().flatten() {
-            let wanted = profile.containers.is_empty()
-                || container_id.as_ref().is_some_and(|id| {
-                    pod.containers.iter().any(|container| {
-                        &container.id == id && profile.containers.contains(&container.name)
-                    })
-                });
-            if wanted {
-                selection.cgroups.insert(*cgroup_id, rule.clone());
+        for profile in selecting {
+            let rule = trace_rule(profile);
+            for (container_id, cgroup_id) in cgroups.get(&pod.uid).into_iter().flatten() {
+                let wanted = profile.containers.is_empty()
+                    || container_id.as_ref().is_some_and(|id| {
+                        pod.containers.iter().any(|container| {
+                            &container.id == id && profile.containers.contains(&container.name)
+                        })
+                    });
+                if wanted {
+                    let merged = match selection.cgroups.remove(cgroup_id) {
+                        Some(other) => other.union(&rule),
+                        None => rule.clone(),
+                    };
+                    selection.cgroups.insert(*cgroup_id, merged);
+                }
             }
         }
     }
@@ -387,6 +395,42 @@ mod tests {
         assert_eq!(
             (rule.server_ports, rule.client_ports),
             (BTreeSet::from([443]), BTreeSet::from([443]))
+        );
+    }
+
+    #[test]
+    fn profiles_selecting_one_pod_trace_what_any_of_them_asks_for() {
+        let pods = [pod("shop", "checkout-1", "a", &[("app", "checkout")])];
+        let mut on_80 = profile("web", &[("app", "checkout")]);
+        on_80.ports = vec![80];
+        let mut on_9090 = profile("metrics", &[("app", "checkout")]);
+        on_9090.ports = vec![9090];
+        let mut outbound = profile("outbound", &[("app", "checkout")]);
+        outbound.direction = Direction::Client;
+        let config = NodeAgentConfig {
+            version: 1,
+            profiles: vec![on_80, on_9090, outbound],
+        };
+        let selection = select(&config, &pods, &BTreeMap::new(), &cgroups(&["a"]));
+        assert_eq!(
+            selection.cgroups[&11],
+            TraceRule {
+                server: true,
+                client: true,
+                server_ports: BTreeSet::from([80, 9090]),
+                client_ports: BTreeSet::new(),
+            }
+        );
+        assert_eq!(
+            selection.profile_of_pod.get("a").map(String::as_str),
+            Some("shop/web"),
+            "the first profile owns the pod"
+        );
+        // A profile without ports traces every port of its direction.
+        let every = TraceRule::every_port(true, false);
+        assert_eq!(
+            selection.cgroups[&11].union(&every).server_ports,
+            BTreeSet::new()
         );
     }
 

@@ -45,8 +45,8 @@ pub struct BuildReport {
 
 /// (window, cgroup id, tgid): the unit the series cap applies to.
 type SourceInWindow = (u32, u64, u32);
-/// (route, peer address, peer port, direction): one series of a source.
-type SeriesIdentity = (String, u32, u16, u8);
+/// (route, method, peer address, peer port, direction): one series of a source.
+type SeriesIdentity = (String, u8, u32, u16, u8);
 
 #[derive(Hash, PartialEq, Eq, PartialOrd, Ord, Clone, Debug)]
 struct WindowKey {
@@ -55,6 +55,7 @@ struct WindowKey {
     tgid: u32,
     direction: u8,
     route: String,
+    method: u8,
     peer_addr: u32,
     peer_port: u16,
 }
@@ -80,7 +81,7 @@ impl WindowBuilder {
         self.window
     }
 
-    /// One [`LatencyWindow`] per (window, cgroup, process, direction, route, peer), sequence
+    /// One [`LatencyWindow`] per (window, cgroup, process, direction, route, method, peer), sequence
     /// unset (0), ordered by window then source. `events` are the kernel's new-series and
     /// exemplar events; `realtime_offset_nanos` turns their monotonic times into wall time.
     pub fn build(
@@ -113,6 +114,7 @@ impl WindowBuilder {
                 .or_default();
             let identity = (
                 route.clone(),
+                series.method,
                 series.peer_addr,
                 series.peer_port,
                 series.direction,
@@ -131,6 +133,7 @@ impl WindowBuilder {
                 tgid: series.tgid,
                 direction: series.direction,
                 route,
+                method: series.method,
                 peer_addr: series.peer_addr,
                 peer_port: series.peer_port,
             }
@@ -247,6 +250,7 @@ impl WindowBuilder {
                         port: u32::from(key.peer_port),
                     }),
                     exemplars: totals.exemplars,
+                    method: method::name(key.method).to_owned(),
                 })
             })
             .collect();
@@ -325,6 +329,22 @@ mod tests {
         assert!(stats.quantiles[1].value_nanos <= 50_000_000);
         assert_eq!(windows[1].source.as_ref().unwrap().pid, 200);
         assert_eq!(windows[2].start_unix_nanos, 80_000_000_000);
+    }
+
+    #[test]
+    fn methods_of_one_route_are_separate_windows() {
+        let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
+        let mut resolver = SourceResolver::new("n".into(), None);
+        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let get = series(7, 100, 2, &[1, 2]);
+        let mut delete = series(7, 100, 2, &[40]);
+        delete.key.method = method::DELETE;
+        let (windows, _) = builder.build(vec![get, delete], &[], 0, &mut resolver, &mut routes);
+        let by_method: Vec<(&str, u64)> = windows
+            .iter()
+            .map(|w| (w.method.as_str(), w.stats.as_ref().unwrap().count))
+            .collect();
+        assert_eq!(by_method, vec![("GET", 2), ("DELETE", 1)]);
     }
 
     fn event(series: &ClosedSeries, path: &str, flags: u8, duration_ms: u64) -> RequestEvent {

@@ -36,10 +36,10 @@ async fn main() -> ExitCode {
         }
     };
     println!(
-        "{:<8} {:<24} {:<28} {:>6} {:>4} {:>9} {:>9} {:>9} {:>9}",
+        "{:<8} {:<24} {:<36} {:>6} {:>4} {:>9} {:>9} {:>9} {:>9}",
         "window",
         "process[pid]",
-        "route (→ peer)",
+        "method route (→ peer)",
         "count",
         "5xx",
         "p50 ms",
@@ -86,6 +86,12 @@ async fn main() -> ExitCode {
         if route.is_empty() {
             route.push('-');
         }
+        if let Some(method) = window["method"]
+            .as_str()
+            .filter(|method| !method.is_empty())
+        {
+            route = format!("{method} {route}");
+        }
         if window["direction"] == "client" {
             route = format!(
                 "{route} → {}:{}",
@@ -101,7 +107,7 @@ async fn main() -> ExitCode {
             None => format!("{process}[{}]", window["pid"]),
         };
         println!(
-            "{:<8} {:<24} {:<28} {:>6} {:>4} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            "{:<8} {:<24} {:<36} {:>6} {:>4} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             time,
             who,
             route,
