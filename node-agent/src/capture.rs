@@ -78,6 +78,21 @@ pub struct ConnectionTable {
     pub evicted: u64,
 }
 
+/// The ports one direction is traced on under either of two rules, given whether each
+/// traces that direction and on which ports (empty: every port).
+fn union_ports(
+    (traced, ports): (bool, &BTreeSet<u16>),
+    (other_traced, other_ports): (bool, &BTreeSet<u16>),
+) -> BTreeSet<u16> {
+    match (traced, other_traced) {
+        (false, false) => BTreeSet::new(),
+        (true, false) => ports.clone(),
+        (false, true) => other_ports.clone(),
+        (true, true) if ports.is_empty() || other_ports.is_empty() => BTreeSet::new(),
+        (true, true) => ports.union(other_ports).copied().collect(),
+    }
+}
+
 /// Events read per drain at most, so a flood cannot stall the window loop.
 const MAX_EVENTS_PER_DRAIN: usize = 65_536;
 
@@ -124,30 +139,16 @@ impl TraceRule {
     /// What tracing by either rule traces: each direction either traces, on the ports of
     /// both (every port if either has no list).
     pub fn union(&self, other: &TraceRule) -> TraceRule {
-        let merge =
-            |on: bool, ports: &BTreeSet<u16>, other_on: bool, other_ports: &BTreeSet<u16>| match (
-                on, other_on,
-            ) {
-                (false, false) => BTreeSet::new(),
-                (true, false) => ports.clone(),
-                (false, true) => other_ports.clone(),
-                (true, true) if ports.is_empty() || other_ports.is_empty() => BTreeSet::new(),
-                (true, true) => ports.union(other_ports).copied().collect(),
-            };
         TraceRule {
             server: self.server || other.server,
             client: self.client || other.client,
-            server_ports: merge(
-                self.server,
-                &self.server_ports,
-                other.server,
-                &other.server_ports,
+            server_ports: union_ports(
+                (self.server, &self.server_ports),
+                (other.server, &other.server_ports),
             ),
-            client_ports: merge(
-                self.client,
-                &self.client_ports,
-                other.client,
-                &other.client_ports,
+            client_ports: union_ports(
+                (self.client, &self.client_ports),
+                (other.client, &other.client_ports),
             ),
         }
     }
