@@ -165,6 +165,45 @@ async fn read_feed(
     }
 }
 
+/// Waits `window` (a window length and some), then takes what the feed has by then.
+async fn read_one_more_window(
+    feed: &mut (
+             impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin
+         ),
+    windows: &mut Vec<Value>,
+    window: Duration,
+) {
+    tokio::time::sleep(window).await;
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while let Some(Ok(Message::Text(text))) = feed.next().await {
+            let window: Value = serde_json::from_str(&text).unwrap();
+            if window["type"] == "window" {
+                windows.push(window);
+            }
+        }
+    })
+    .await;
+}
+
+/// A collector on loopback, serving: (its gRPC address for the agent, its feed's URL).
+async fn start_collector() -> (SocketAddr, String) {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let collector = BoundCollector::bind(&CollectorConfig {
+        grpc_listen: loopback,
+        http_listen: loopback,
+        history: 10_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addresses = (
+        collector.grpc_addr(),
+        format!("ws://{}/ws", collector.http_addr()),
+    );
+    tokio::spawn(collector.serve());
+    addresses
+}
+
 fn total_for(windows: &[Value], pod_name: &str) -> u64 {
     windows
         .iter()
@@ -203,18 +242,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
         .to_string(),
     );
 
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let collector = BoundCollector::bind(&CollectorConfig {
-        grpc_listen: loopback,
-        http_listen: loopback,
-        history: 10_000,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let grpc = collector.grpc_addr();
-    let feed_url = format!("ws://{}/ws", collector.http_addr());
-    tokio::spawn(collector.serve());
+    let (grpc, feed_url) = start_collector().await;
 
     let mut config = AgentConfig::new(format!("http://{grpc}"), "e2e-node");
     config.profiles = Some(ProfileSource {
@@ -283,16 +311,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
     })
     .await;
     // Let one more window close, so a stray checkout window would have shown up.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let _ = tokio::time::timeout(Duration::from_millis(300), async {
-        while let Some(Ok(Message::Text(text))) = feed.next().await {
-            let window: Value = serde_json::from_str(&text).unwrap();
-            if window["type"] == "window" {
-                windows.push(window);
-            }
-        }
-    })
-    .await;
+    read_one_more_window(&mut feed, &mut windows, Duration::from_millis(2500)).await;
 
     assert_eq!(total_for(&windows, "inventory-7c4b9d6f8-k9k2m"), REQUESTS);
     assert_eq!(
@@ -390,18 +409,8 @@ async fn a_profile_traces_only_its_ports_and_direction() {
         &pods_file,
         &json!([pod("payments-6b9f8d7c5-p4q8r", uid, "payments", container)]).to_string(),
     );
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let collector = BoundCollector::bind(&CollectorConfig {
-        grpc_listen: loopback,
-        http_listen: loopback,
-        history: 10_000,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let feed_url = format!("ws://{}/ws", collector.http_addr());
-    let mut config = AgentConfig::new(format!("http://{}", collector.grpc_addr()), "e2e-node");
-    tokio::spawn(collector.serve());
+    let (grpc, feed_url) = start_collector().await;
+    let mut config = AgentConfig::new(format!("http://{grpc}"), "e2e-node");
     config.profiles = Some(ProfileSource {
         config_file: config_file.clone(),
         pods: PodSource::File(pods_file.clone()),
@@ -473,16 +482,7 @@ async fn a_profile_traces_only_its_ports_and_direction() {
     })
     .await;
     // Let one more window close, so a stray window would have shown up.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let _ = tokio::time::timeout(Duration::from_millis(300), async {
-        while let Some(Ok(Message::Text(text))) = feed.next().await {
-            let window: Value = serde_json::from_str(&text).unwrap();
-            if window["type"] == "window" {
-                windows.push(window);
-            }
-        }
-    })
-    .await;
+    read_one_more_window(&mut feed, &mut windows, Duration::from_millis(2200)).await;
     assert_eq!(
         served(&windows, listed_pid),
         36,

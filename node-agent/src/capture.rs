@@ -336,10 +336,8 @@ impl KernelCapture {
     }
 
     fn forget_connections(&mut self) -> Result<()> {
-        // An LRU hash map: aya's HashMap handles both kinds.
         let mut connections: BpfHashMap<&mut MapData, u64, Connection> =
-            BpfHashMap::try_from(map(&mut self.ebpf, "CONNECTIONS")?)
-                .map_err(Error::map("CONNECTIONS"))?;
+            hash_map(&mut self.ebpf, "CONNECTIONS")?;
         let sockets: Vec<u64> = connections.keys().filter_map(|key| key.ok()).collect();
         for socket in sockets {
             // Gone already (evicted since the listing): fine.
@@ -356,8 +354,7 @@ impl KernelCapture {
     /// lost and counted as `response_without_request`.)
     fn forget_idle_connections(&mut self) -> Result<()> {
         let mut connections: BpfHashMap<&mut MapData, u64, Connection> =
-            BpfHashMap::try_from(map(&mut self.ebpf, "CONNECTIONS")?)
-                .map_err(Error::map("CONNECTIONS"))?;
+            hash_map(&mut self.ebpf, "CONNECTIONS")?;
         let idle: Vec<u64> = connections
             .iter()
             .filter_map(|entry| entry.ok())
@@ -469,8 +466,7 @@ impl KernelCapture {
             .flat_map(|(&id, rule)| rule.port_keys(id))
             .collect();
         let mut traced_ports: BpfHashMap<&mut MapData, PortKey, u8> =
-            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_PORTS")?)
-                .map_err(Error::map("TRACED_PORTS"))?;
+            hash_map(&mut self.ebpf, "TRACED_PORTS")?;
         let stale_ports: Vec<PortKey> = traced_ports
             .keys()
             .filter_map(|key| key.ok())
@@ -483,8 +479,7 @@ impl KernelCapture {
                 .map_err(Error::map("TRACED_PORTS"))?;
         }
         let mut traced: BpfHashMap<&mut MapData, u64, CgroupRule> =
-            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_CGROUPS")?)
-                .map_err(Error::map("TRACED_CGROUPS"))?;
+            hash_map(&mut self.ebpf, "TRACED_CGROUPS")?;
         let stale: Vec<u64> = traced
             .keys()
             .filter_map(|key| key.ok())
@@ -518,14 +513,12 @@ impl KernelCapture {
         }
         self.cgroup_slots = slots;
         let mut traced: BpfHashMap<&mut MapData, u64, CgroupRule> =
-            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_CGROUPS")?)
-                .map_err(Error::map("TRACED_CGROUPS"))?;
+            hash_map(&mut self.ebpf, "TRACED_CGROUPS")?;
         for id in stale {
             traced.remove(&id).map_err(Error::map("TRACED_CGROUPS"))?;
         }
         let mut traced_ports: BpfHashMap<&mut MapData, PortKey, u8> =
-            BpfHashMap::try_from(map(&mut self.ebpf, "TRACED_PORTS")?)
-                .map_err(Error::map("TRACED_PORTS"))?;
+            hash_map(&mut self.ebpf, "TRACED_PORTS")?;
         for key in stale_ports {
             traced_ports
                 .remove(&key)
@@ -659,6 +652,14 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::
         kind: "map",
         name: name.to_owned(),
     })
+}
+
+/// The hash map `name` (LRU or not), typed.
+fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<BpfHashMap<&'a mut MapData, K, V>> {
+    BpfHashMap::try_from(map(ebpf, name)?).map_err(Error::map(name))
 }
 
 fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map> {
