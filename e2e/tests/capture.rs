@@ -883,6 +883,54 @@ async fn outbound_requests_are_timed_at_the_client() {
     assert!(min_nanos(&made) + 100_000 >= true_min);
 }
 
+/// Outbound requests over IPv6 name their peer by its IPv6 address; those over an IPv6
+/// socket to an IPv4-mapped address (a dual-stack client) by the IPv4 address. Served over
+/// IPv6, they are counted like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_peers_over_ipv6_are_named() {
+    if !require_ebpf_privileges("outbound_peers_over_ipv6_are_named") {
+        return;
+    }
+    if let Err(error) = TcpListener::bind("[::1]:0") {
+        panic!(
+            "this test needs IPv6 on loopback (::1), which this machine refuses: {error} \
+             (sysctl -w net.ipv6.conf.lo.disable_ipv6=0)"
+        );
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), true).await;
+    let over_ipv6 = SampleServer::start(
+        Path::new(SAMPLE_SERVER),
+        &["--listen", "[::1]:0", "--delay", "2ms"],
+    )
+    .unwrap();
+    let over_ipv4 = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "2ms"]).unwrap();
+    let ipv6_client = run_client(over_ipv6.address, &["--path", "/v6/1", "--requests", "20"]).await;
+    let mapped = SocketAddr::new(
+        std::net::IpAddr::V6(std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+        over_ipv4.address.port(),
+    );
+    let mapped_client = run_client(mapped, &["--path", "/mapped/1", "--requests", "20"]).await;
+    capture.settle().await;
+    assert_eq!((ipv6_client.ok, mapped_client.ok), (20, 20));
+    for (client, address, port) in [
+        (&ipv6_client, "::1", over_ipv6.address.port()),
+        (&mapped_client, "127.0.0.1", over_ipv4.address.port()),
+    ] {
+        let made = capture.windows(client.pid, Direction::Client);
+        assert_eq!(capture.count(client.pid, Direction::Client), 20, "{made:?}");
+        for window in &made {
+            let peer = window.peer.as_ref().unwrap();
+            assert_eq!(
+                (peer.address.as_str(), peer.port),
+                (address, u32::from(port))
+            );
+        }
+    }
+    assert_eq!(capture.count(over_ipv6.pid(), Direction::Server), 20);
+    assert_eq!(capture.count(over_ipv4.pid(), Direction::Server), 20);
+}
+
 /// ≥ 10 000 short connections, so fds are reused thousands of times on both sides: every
 /// request counted once on each side, and no duration longer than any request really took
 /// (a stale start carried over to a reused fd would show up as one).

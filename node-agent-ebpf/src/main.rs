@@ -51,7 +51,7 @@ use trazor_node_agent_ebpf_common::{
     AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, CgroupRule,
     Connection, Direction, IGNORED_CONNECTION, PATH_LEN, PortKey, RequestEvent, SeriesKey,
     SeriesTotals, bucket_index, cgroup_slot, connection_count, drop_reason, event_flag, method,
-    route_hash,
+    peer_hash, route_hash,
 };
 
 /// Connections traced at once by default (the agent can load the map with another size):
@@ -222,6 +222,10 @@ const STATUS_LEN: usize = 16;
 /// and the path after it. Each read of user memory costs about as much as a hash lookup,
 /// so the request line is read once, not once for the method and again for the path.
 const HEAD_LEN: usize = 8 + PATH_LEN;
+/// Offset of `skc_v6_daddr` in `struct sock_common`: after the head, `skc_bind_node`,
+/// `skc_prot` and `skc_net` (a pointer: network namespaces, which Kubernetes needs), stable
+/// since Linux 3.13 (checked against this kernel's BTF when it was written).
+const SKC_V6_DADDR_OFFSET: u64 = 56;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 /// `recv(2)` flag: the bytes stay queued and will be received again.
@@ -468,6 +472,12 @@ fn open_tcp_socket(socket: u64) -> Option<SockCommonHead> {
     .then_some(head)
 }
 
+/// `::ffff:a.b.c.d`: an IPv4 peer of an IPv6 socket.
+#[inline(always)]
+fn is_ipv4_mapped(address: &[u8; 16]) -> bool {
+    address[..10] == [0; 10] && address[10] == 0xff && address[11] == 0xff
+}
+
 /// Whether `rule` traces a connection of `direction` on `head`'s port: its local port
 /// server side, its peer's client side.
 #[inline(always)]
@@ -495,7 +505,7 @@ fn port_selected(
 }
 
 /// Starts tracking `socket` as a connection of `direction` when it is an open TCP
-/// connection (client side, the peer is its address, IPv4 or 0 for IPv6, and port). On a
+/// connection (client side, the peer is its address, IPv4 or IPv6, and port). On a
 /// port the cgroup's rule does not select, it is remembered as ignored instead, so that
 /// its later receives and sends stop at one lookup.
 #[inline(always)]
@@ -507,23 +517,12 @@ fn track_connection(
 ) -> Option<*mut Connection> {
     let head = open_tcp_socket(socket)?;
     let selected = port_selected(rule, process, &head, direction);
-    let (peer_addr, peer_port) = match direction {
-        Direction::Server => (0, 0),
-        Direction::Client => (
-            if head.family == AF_INET {
-                head.peer_addr
-            } else {
-                0
-            },
-            u16::from_be(head.peer_port),
-        ),
-    };
-    let idle = Connection {
+    let mut idle = Connection {
         request_start_nanos: 0,
         batch_start_nanos: 0,
-        peer_addr,
+        peer_addr: 0,
         route: 0,
-        peer_port,
+        peer_port: 0,
         direction: if selected {
             direction as u8
         } else {
@@ -531,9 +530,28 @@ fn track_connection(
         },
         method: method::UNKNOWN,
         path_len: 0,
-        _pad: [0; 3],
+        peer_ipv6: 0,
+        _pad: [0; 2],
         path: [0; PATH_LEN],
+        peer_addr6: [0; 16],
     };
+    if direction == Direction::Client {
+        idle.peer_port = u16::from_be(head.peer_port);
+        // An IPv6 socket's peer may be an IPv4 address (IPv4-mapped), which `skc_daddr`
+        // holds as for an IPv4 socket; otherwise the series names the peer by its hash.
+        idle.peer_addr = head.peer_addr;
+        if head.family == AF_INET6 {
+            // SAFETY: as for the head; `skc_v6_daddr` follows it at a fixed offset.
+            let address =
+                unsafe { bpf_probe_read_kernel((socket + SKC_V6_DADDR_OFFSET) as *const [u8; 16]) }
+                    .unwrap_or([0; 16]);
+            if !is_ipv4_mapped(&address) {
+                idle.peer_addr = peer_hash(&address);
+                idle.peer_ipv6 = 1;
+                idle.peer_addr6 = address;
+            }
+        }
+    }
     // Only a new entry counts as adopted, so that evictions can be counted exactly; a
     // receive and a send racing on two CPUs may both get here, and one finds the other's.
     if CONNECTIONS.insert(socket, idle, BPF_NOEXIST as u64).is_ok() {
@@ -764,7 +782,8 @@ fn finish_request(
         } else {
             0
         },
-        _pad: [0; 3],
+        peer_ipv6: connection.peer_ipv6,
+        _pad: [0; 2],
     };
     let mut flags = 0u8;
     // Creating a key races with other CPUs counting the same series: an insert that loses
@@ -857,6 +876,7 @@ fn emit(
         path_len: connection.path_len,
         path: connection.path,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        peer_addr6: connection.peer_addr6,
     });
     entry.submit(0);
 }

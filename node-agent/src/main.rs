@@ -51,7 +51,7 @@ struct Flags {
     /// Distinct routes (and peers) per process and window; the rest go to route "other".
     #[arg(long, default_value_t = 200)]
     max_series: usize,
-    /// Connections traced at once (about 160 bytes of kernel memory each); beyond, the
+    /// Connections traced at once (about 170 bytes of kernel memory each); beyond, the
     /// least recently used is evicted and counted.
     #[arg(long, default_value_t = trazor_node_agent::capture::DEFAULT_MAX_CONNECTIONS)]
     max_connections: u32,

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -45,8 +45,9 @@ pub struct BuildReport {
 
 /// (window, cgroup id, tgid): the unit the series cap applies to.
 type SourceInWindow = (u32, u64, u32);
-/// (route, method, peer address, peer port, direction): one series of a source.
-type SeriesIdentity = (String, u8, u32, u16, u8);
+/// (route, method, peer address, peer is IPv6, peer port, direction): one series of a
+/// source.
+type SeriesIdentity = (String, u8, u32, u8, u16, u8);
 
 #[derive(Hash, PartialEq, Eq, PartialOrd, Ord, Clone, Debug)]
 struct WindowKey {
@@ -57,6 +58,7 @@ struct WindowKey {
     route: String,
     method: u8,
     peer_addr: u32,
+    peer_ipv6: u8,
     peer_port: u16,
 }
 
@@ -92,11 +94,16 @@ impl WindowBuilder {
         resolver: &mut SourceResolver,
         routes: &mut RouteNamer,
     ) -> (Vec<LatencyWindow>, BuildReport) {
+        // IPv6 peers by the hash their series carry; each series' first event has the address.
+        let mut ipv6_peers: HashMap<u32, Ipv6Addr> = HashMap::new();
         for event in events {
             if event.flags & event_flag::NEW_SERIES != 0 {
                 let len = usize::from(event.path_len).min(PATH_LEN);
                 routes.learn(event.series.route, &event.path[..len]);
                 resolver.remember_process_name(event.series.tgid, &event.comm);
+                if event.series.peer_ipv6 != 0 {
+                    ipv6_peers.insert(event.series.peer_addr, Ipv6Addr::from(event.peer_addr6));
+                }
             }
         }
         let mut report = BuildReport::default();
@@ -116,6 +123,7 @@ impl WindowBuilder {
                 route.clone(),
                 series.method,
                 series.peer_addr,
+                series.peer_ipv6,
                 series.peer_port,
                 series.direction,
             );
@@ -135,6 +143,7 @@ impl WindowBuilder {
                 route,
                 method: series.method,
                 peer_addr: series.peer_addr,
+                peer_ipv6: series.peer_ipv6,
                 peer_port: series.peer_port,
             }
         };
@@ -246,7 +255,15 @@ impl WindowBuilder {
                     profile: String::new(),
                     route: key.route,
                     peer: client.then(|| Peer {
-                        address: Ipv4Addr::from(key.peer_addr.to_le_bytes()).to_string(),
+                        address: if key.peer_ipv6 == 0 {
+                            Ipv4Addr::from(key.peer_addr.to_le_bytes()).to_string()
+                        } else {
+                            // Unknown only if the series' first event was lost (counted as
+                            // event_ring_full).
+                            ipv6_peers
+                                .get(&key.peer_addr)
+                                .map_or_else(|| "unknown IPv6".to_owned(), Ipv6Addr::to_string)
+                        },
                         port: u32::from(key.peer_port),
                     }),
                     exemplars: totals.exemplars,
@@ -283,7 +300,8 @@ mod tests {
                 direction: 1,
                 method: 1,
                 status_class,
-                _pad: [0; 3],
+                peer_ipv6: 0,
+                _pad: [0; 2],
             },
             totals: SeriesTotals {
                 count: nanos.len() as u64,
@@ -360,7 +378,53 @@ mod tests {
             path_len: path.len() as u8,
             path: bytes,
             comm: *b"server\0\0\0\0\0\0\0\0\0\0",
+            peer_addr6: [0; 16],
         }
+    }
+
+    #[test]
+    fn client_windows_name_ipv4_and_ipv6_peers() {
+        let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
+        let mut resolver = SourceResolver::new("n".into(), None);
+        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let client = |mut series: ClosedSeries, address: u32, ipv6: u8| {
+            series.key.direction = 2;
+            series.key.peer_addr = address;
+            series.key.peer_ipv6 = ipv6;
+            series.key.peer_port = 8080;
+            series
+        };
+        let v6: Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let hash = trazor_node_agent_ebpf_common::peer_hash(&v6.octets());
+        let v4 = client(
+            series(7, 100, 2, &[1]),
+            u32::from_le_bytes([10, 0, 0, 9]),
+            0,
+        );
+        let named = client(series(7, 100, 2, &[2]), hash, 1);
+        // Its first event lost: the window still counts, its peer is unnamed.
+        let unnamed = client(series(7, 100, 2, &[3]), hash ^ 1, 1);
+        let mut first = event(&named, "/", event_flag::NEW_SERIES, 2);
+        first.peer_addr6 = v6.octets();
+        let (windows, _) = builder.build(
+            vec![v4, named, unnamed],
+            &[first],
+            0,
+            &mut resolver,
+            &mut routes,
+        );
+        let mut peers: Vec<String> = windows
+            .iter()
+            .map(|w| {
+                let peer = w.peer.as_ref().unwrap();
+                format!("{} {}", peer.address, peer.port)
+            })
+            .collect();
+        peers.sort();
+        assert_eq!(
+            peers,
+            vec!["10.0.0.9 8080", "2001:db8::7 8080", "unknown IPv6 8080"]
+        );
     }
 
     fn with_route(mut series: ClosedSeries, route: u32) -> ClosedSeries {

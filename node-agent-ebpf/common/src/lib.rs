@@ -165,7 +165,8 @@ pub struct SeriesKey {
     pub tgid: u32,
     /// [`route_hash`] of the request path (ids normalised), 0 when not captured.
     pub route: u32,
-    /// Remote IPv4 address (network byte order) of a client-side request; 0 otherwise.
+    /// Remote IPv4 address (network byte order) of a client-side request, or with
+    /// `peer_ipv6` the [`peer_hash`] of its IPv6 address; 0 otherwise.
     pub peer_addr: u32,
     /// Remote port of a client-side request (host byte order); 0 otherwise.
     pub peer_port: u16,
@@ -175,7 +176,10 @@ pub struct SeriesKey {
     pub method: u8,
     /// First digit of the status code (1..=5), 0 when unknown.
     pub status_class: u8,
-    pub _pad: [u8; 3],
+    /// 1 when the peer is an IPv6 address (not IPv4-mapped): `peer_addr` is its hash, and
+    /// the series' first event carries the address.
+    pub peer_ipv6: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Totals of one series in one window, per CPU (summed by user space).
@@ -279,6 +283,20 @@ pub struct RequestEvent {
     /// Name of the thread (`comm`), so a process that exits before its window closes is
     /// still named.
     pub comm: [u8; 16],
+    /// The peer's IPv6 address when `series.peer_ipv6` is 1.
+    pub peer_addr6: [u8; 16],
+}
+
+/// FNV-1a of an IPv6 address, never 0: how a series names an IPv6 peer in its 4 bytes.
+#[inline(always)]
+pub fn peer_hash(address: &[u8; 16]) -> u32 {
+    let mut hash = FNV_OFFSET;
+    let mut index = 0;
+    while index < 16 {
+        hash = (hash ^ u32::from(address[index])).wrapping_mul(FNV_PRIME);
+        index += 1;
+    }
+    if hash == 0 { 1 } else { hash }
 }
 
 /// FNV-1a over a request path with its all-digit segments replaced by `{id}`, so
@@ -401,7 +419,8 @@ pub struct Connection {
     /// pipelined behind it arrived in that receive (or just after), so a status line sent
     /// on an idle connection answers one of them and is timed from here. 0: none pending.
     pub batch_start_nanos: u64,
-    /// Client side: the peer's IPv4 address (network order), 0 otherwise.
+    /// Client side: the peer's IPv4 address (network order) or [`peer_hash`] of its IPv6
+    /// address, 0 otherwise.
     pub peer_addr: u32,
     /// [`route_hash`] of the current request's path.
     pub route: u32,
@@ -413,8 +432,12 @@ pub struct Connection {
     pub method: u8,
     /// Valid bytes in `path`.
     pub path_len: u8,
-    pub _pad: [u8; 3],
+    /// Client side: 1 when the peer is an IPv6 address (see [`SeriesKey::peer_ipv6`]).
+    pub peer_ipv6: u8,
+    pub _pad: [u8; 2],
     pub path: [u8; PATH_LEN],
+    /// Client side: the peer's IPv6 address when `peer_ipv6` is 1.
+    pub peer_addr6: [u8; 16],
 }
 
 /// How many times each of the benchmark's `cost_*` programs repeats its operation.
@@ -514,8 +537,14 @@ mod tests {
         assert_eq!(size_of::<AgentSettings>(), 40);
         assert_eq!(
             size_of::<RequestEvent>(),
-            32 + 8 + 8 + 4 + 2 + 1 + 1 + PATH_LEN + 16
+            32 + 8 + 8 + 4 + 2 + 1 + 1 + PATH_LEN + 16 + 16
         );
+        assert_eq!(
+            size_of::<Connection>(),
+            8 + 8 + 4 + 4 + 2 + 1 + 1 + 1 + 1 + 2 + PATH_LEN + 16
+        );
+        assert_eq!(size_of::<CgroupRule>(), 8);
+        assert_eq!(size_of::<PortKey>(), 16);
     }
 
     fn hash(path: &str) -> u32 {
@@ -523,6 +552,16 @@ mod tests {
         let len = path.len().min(PATH_LEN);
         buffer[..len].copy_from_slice(&path.as_bytes()[..len]);
         route_hash(&buffer).0
+    }
+
+    #[test]
+    fn ipv6_peers_hash_apart_and_never_to_zero() {
+        let mut loopback = [0u8; 16];
+        loopback[15] = 1;
+        let mut other = loopback;
+        other[15] = 2;
+        assert_ne!(peer_hash(&loopback), peer_hash(&other));
+        assert_ne!(peer_hash(&[0; 16]), 0);
     }
 
     #[test]
