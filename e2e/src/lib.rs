@@ -1,7 +1,7 @@
 //! End-to-end harness for Trazor: start the sample workload, send it real HTTP requests.
 //!
 //! The tests in `tests/` run the whole pipeline on this machine (eBPF agent, gRPC, collector,
-//! WebSocket). `kind/` holds the same scenario for a real cluster.
+//! WebSocket). The same scenario on a kind cluster (it needs Docker) will live in `kind/`.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
