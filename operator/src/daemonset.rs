@@ -74,6 +74,8 @@ pub struct AgentSettings {
     pub service_account: String,
     /// Run the agent privileged, for kernels without `CAP_BPF`/`CAP_PERFMON` (< 5.8).
     pub privileged: bool,
+    /// The agent's `--max-connections`; its default when unset.
+    pub max_connections: Option<u32>,
     /// Extra node labels the agents' nodes must have (besides `kubernetes.io/os: linux`).
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations of the agents; [`tolerate_everything`] by default so every node is measured.
@@ -99,11 +101,30 @@ impl AgentSettings {
             auth_secret_key: "token".to_owned(),
             service_account: DAEMONSET_NAME.to_owned(),
             privileged: false,
+            max_connections: None,
             node_selector: BTreeMap::new(),
             tolerations: tolerate_everything(),
             owner: None,
         }
     }
+}
+
+fn agent_args(settings: &AgentSettings) -> Vec<String> {
+    let mut args = vec![
+        "--mode".to_owned(),
+        "kubernetes".to_owned(),
+        "--collector".to_owned(),
+        settings.collector.clone(),
+        "--config".to_owned(),
+        format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        // Closed windows survive an agent restart (same boot id, same sequences).
+        "--spool-dir".to_owned(),
+        format!("{SPOOL_DIR}/spool"),
+    ];
+    if let Some(connections) = settings.max_connections {
+        args.extend(["--max-connections".to_owned(), connections.to_string()]);
+    }
+    args
 }
 
 /// A toleration of every taint: latency is measured on every node, control plane included.
@@ -235,17 +256,7 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
         name: "node-agent".to_owned(),
         image: Some(settings.image.clone()),
         image_pull_policy: settings.image_pull_policy.clone(),
-        args: Some(vec![
-            "--mode".to_owned(),
-            "kubernetes".to_owned(),
-            "--collector".to_owned(),
-            settings.collector.clone(),
-            "--config".to_owned(),
-            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
-            // Closed windows survive an agent restart (same boot id, same sequences).
-            "--spool-dir".to_owned(),
-            format!("{SPOOL_DIR}/spool"),
-        ]),
+        args: Some(agent_args(settings)),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".to_owned()),
             container_port: AGENT_METRICS_PORT,
@@ -426,6 +437,15 @@ mod tests {
             .find(|v| v.name == "config")
             .unwrap();
         assert_eq!(config.config_map.as_ref().unwrap().name, CONFIG_MAP_NAME);
+    }
+
+    #[test]
+    fn the_connection_table_size_reaches_the_agent_when_set() {
+        let mut s = settings();
+        s.max_connections = Some(131_072);
+        let ds = node_agent_daemonset(&s);
+        let args = pod_spec(&ds).containers[0].args.clone().unwrap();
+        assert_eq!(args[args.len() - 2..], ["--max-connections", "131072"]);
     }
 
     #[test]

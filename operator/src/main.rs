@@ -59,6 +59,11 @@ struct Args {
     #[arg(long)]
     agent_privileged: bool,
 
+    /// Connections each agent traces at once (the agent's --max-connections; its default
+    /// when unset).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    agent_max_connections: Option<u32>,
+
     /// Node label the agents' nodes must have, as key=value; repeatable.
     #[arg(long = "agent-node-selector", value_parser = parse_label)]
     agent_node_selector: Vec<(String, String)>,
@@ -100,6 +105,7 @@ impl Args {
         settings.auth_secret_key = self.auth_secret_key.clone();
         settings.service_account = self.agent_service_account.clone();
         settings.privileged = self.agent_privileged;
+        settings.max_connections = self.agent_max_connections;
         settings.node_selector = self
             .agent_node_selector
             .iter()
