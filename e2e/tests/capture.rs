@@ -461,7 +461,6 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
         return;
     }
     let _serial = CAPTURE.lock().await;
-    let capture = start_capture(Duration::from_secs(1), false).await;
     let scratch = Scratch::new("shapes");
     let keep_alive = TimedServer::start(&scratch, "keep-alive", &["--delay", "5ms"]);
     let pipelined = TimedServer::start(&scratch, "pipelined", &["--delay", "5ms"]);
@@ -485,7 +484,25 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
         ],
     );
 
-    // The test process is never traced itself (it hosts the agent), so it can be the client.
+    // Only the servers are traced, so the drop counters see nothing else of the machine. The
+    // test process is never traced itself (it hosts the agent), so it can be the client.
+    let cgroup = OwnCgroup::create("shapes");
+    for server in [
+        &keep_alive,
+        &pipelined,
+        &split_request,
+        &split_response,
+        &continued,
+        &chunked,
+    ] {
+        cgroup.adopt(server.pid());
+    }
+    let selected = cgroup.path.clone();
+    let capture = start_capture_with(Duration::from_secs(1), move |config| {
+        config.client = false;
+        config.select_cgroups = vec![selected];
+    })
+    .await;
     let addresses = (
         keep_alive.server.address,
         pipelined.server.address,
@@ -591,8 +608,7 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
     );
     check_against_truth(&capture, "continue", &continued, 10);
 
-    // No shape leaves a response that looks unrequested (nothing else here makes HTTP
-    // requests: the test process hosts the agent, which never traces itself).
+    // No shape leaves a response that looks unrequested.
     assert_eq!(kernel_drops(&capture, "response_without_request"), 0);
 }
 

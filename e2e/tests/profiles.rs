@@ -204,6 +204,23 @@ async fn start_collector() -> (SocketAddr, String) {
     addresses
 }
 
+/// An agent in profile mode, reading the operator's document and the pods from files.
+async fn start_agent(
+    collector: SocketAddr,
+    config_file: &Path,
+    pods_file: &Path,
+) -> trazor_node_agent::RunningAgent {
+    let mut config = AgentConfig::new(format!("http://{collector}"), "e2e-node");
+    config.profiles = Some(ProfileSource {
+        config_file: config_file.to_path_buf(),
+        pods: PodSource::File(pods_file.to_path_buf()),
+        config_map: None,
+    });
+    trazor_node_agent::start(config)
+        .await
+        .expect("the agent starts")
+}
+
 fn total_for(windows: &[Value], pod_name: &str) -> u64 {
     windows
         .iter()
@@ -243,16 +260,7 @@ async fn profiles_select_pods_by_label_and_reload_without_losing_a_window() {
     );
 
     let (grpc, feed_url) = start_collector().await;
-
-    let mut config = AgentConfig::new(format!("http://{grpc}"), "e2e-node");
-    config.profiles = Some(ProfileSource {
-        config_file: config_file.clone(),
-        pods: PodSource::File(pods_file.clone()),
-        config_map: None,
-    });
-    let agent = trazor_node_agent::start(config)
-        .await
-        .expect("the agent starts");
+    let agent = start_agent(grpc, &config_file, &pods_file).await;
     assert_eq!(agent.config_generation.load(Ordering::Relaxed), 1);
 
     let server_a = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "5ms"]).unwrap();
@@ -410,15 +418,7 @@ async fn a_profile_traces_only_its_ports_and_direction() {
         &json!([pod("payments-6b9f8d7c5-p4q8r", uid, "payments", container)]).to_string(),
     );
     let (grpc, feed_url) = start_collector().await;
-    let mut config = AgentConfig::new(format!("http://{grpc}"), "e2e-node");
-    config.profiles = Some(ProfileSource {
-        config_file: config_file.clone(),
-        pods: PodSource::File(pods_file.clone()),
-        config_map: None,
-    });
-    let agent = trazor_node_agent::start(config)
-        .await
-        .expect("the agent starts");
+    let agent = start_agent(grpc, &config_file, &pods_file).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     // A client in the pod: its first request goes out before it joins the pod's cgroup,
