@@ -72,7 +72,7 @@ pub struct AgentConfig {
     pub sample_rate: f64,
     /// Route templates such as `/users/{id}`, first match wins.
     pub route_templates: Vec<String>,
-    /// Distinct (route, peer) series per process and window; the rest go to `other`.
+    /// Distinct (route, method, peer) series per process and window; the rest go to `other`.
     pub max_series_per_source: usize,
     /// Connections the kernel tracks at once; beyond, the least recently used is evicted.
     pub max_connections: u32,

@@ -78,21 +78,6 @@ pub struct ConnectionTable {
     pub evicted: u64,
 }
 
-/// The ports one direction is traced on under either of two rules, given whether each
-/// traces that direction and on which ports (empty: every port).
-fn union_ports(
-    (traced, ports): (bool, &BTreeSet<u16>),
-    (other_traced, other_ports): (bool, &BTreeSet<u16>),
-) -> BTreeSet<u16> {
-    match (traced, other_traced) {
-        (false, false) => BTreeSet::new(),
-        (true, false) => ports.clone(),
-        (false, true) => other_ports.clone(),
-        (true, true) if ports.is_empty() || other_ports.is_empty() => BTreeSet::new(),
-        (true, true) => ports.union(other_ports).copied().collect(),
-    }
-}
-
 /// Events read per drain at most, so a flood cannot stall the window loop.
 const MAX_EVENTS_PER_DRAIN: usize = 65_536;
 
@@ -193,6 +178,21 @@ impl TraceRule {
     }
 }
 
+/// The ports one direction is traced on under either of two rules, given whether each
+/// traces that direction and on which ports (empty: every port).
+fn union_ports(
+    (traced, ports): (bool, &BTreeSet<u16>),
+    (other_traced, other_ports): (bool, &BTreeSet<u16>),
+) -> BTreeSet<u16> {
+    match (traced, other_traced) {
+        (false, false) => BTreeSet::new(),
+        (true, false) => ports.clone(),
+        (false, true) => other_ports.clone(),
+        (true, true) if ports.is_empty() || other_ports.is_empty() => BTreeSet::new(),
+        (true, true) => ports.union(other_ports).copied().collect(),
+    }
+}
+
 /// The loaded, attached kernel programs and their maps.
 pub struct KernelCapture {
     ebpf: Ebpf,
@@ -204,7 +204,7 @@ pub struct KernelCapture {
     /// The rules of the traced cgroups, as last written.
     rules: BTreeMap<u64, TraceRule>,
     max_connections: u32,
-    /// Connection entries the agent removed itself (after a detach).
+    /// Connection entries the agent removed itself (after a detach, or a rule change).
     cleared_connections: u64,
     /// The highest eviction count seen (each look gives a lower bound).
     evicted_connections: u64,

@@ -48,7 +48,7 @@ struct Flags {
     /// Route template such as /users/{id} or /static/* (repeatable; first match wins).
     #[arg(long = "route-template", value_name = "TEMPLATE")]
     route_templates: Vec<String>,
-    /// Distinct routes (and peers) per process and window; the rest go to route "other".
+    /// Distinct routes (by method, and peer) per process and window; the rest go to "other".
     #[arg(long, default_value_t = 200)]
     max_series: usize,
     /// Connections traced at once (about 170 bytes of kernel memory each); beyond, the
