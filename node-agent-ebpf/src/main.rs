@@ -556,13 +556,14 @@ fn track_connection(
     // receive and a send racing on two CPUs may both get here, and one finds the other's.
     if CONNECTIONS.insert(socket, idle, BPF_NOEXIST as u64).is_ok() {
         increment(&CONNECTION_COUNTS, connection_count::ADOPTED);
-    } else if CONNECTIONS.get_ptr_mut(socket).is_none() {
+    }
+    let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {
+        // Neither inserted nor there already: the table could not take it.
         if selected {
             count_drop(drop_reason::CONNECTION_TABLE_FULL);
         }
         return None;
-    }
-    let connection = CONNECTIONS.get_ptr_mut(socket)?;
+    };
     // SAFETY: a valid map value pointer for the duration of this program.
     (unsafe { (*connection).direction } != IGNORED_CONNECTION).then_some(connection)
 }

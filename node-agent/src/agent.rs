@@ -21,7 +21,7 @@ use trazor_proto::{agent_config::NodeAgentConfig, v1::AgentHello};
 use crate::{
     Error, Result,
     attribute::{SourceResolver, cgroup2_mount},
-    capture::{CaptureSettings, KernelCapture, MAX_CONNECTIONS, MIN_CONNECTIONS, TraceRule},
+    capture::{CaptureSettings, KernelCapture, TraceRule, check_max_connections},
     pods::{PodDirectory, PodSource, follow},
     route::{RouteNamer, RouteTemplate},
     select::{Selection, pod_cgroups, profile_settings, select},
@@ -162,12 +162,7 @@ impl AgentConfig {
         if self.max_series_per_source == 0 {
             return Err(Error::Config("the series cap must be at least 1".into()));
         }
-        if !(MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&self.max_connections) {
-            return Err(Error::Config(format!(
-                "max connections {} is out of range: use {MIN_CONNECTIONS} to {MAX_CONNECTIONS}",
-                self.max_connections
-            )));
-        }
+        check_max_connections(self.max_connections)?;
         if self.connection_sweep < Duration::from_millis(100) {
             return Err(Error::Config(
                 "the connection table sweep interval must be at least 100ms".into(),
@@ -273,11 +268,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
             sample_rate: config.sample_rate,
             server: config.server,
             client: config.client,
-            cgroups: cgroups.map(|ids| {
-                ids.into_iter()
-                    .map(|id| (id, TraceRule::every_port(config.server, config.client)))
-                    .collect()
-            }),
+            cgroups: cgroups.map(|ids| TraceRule::every_port_of(ids, config.server, config.client)),
         },
         builder: WindowBuilder::new(config.window, config.quantiles.clone()),
         routes: RouteNamer::new(

@@ -121,6 +121,18 @@ impl TraceRule {
         }
     }
 
+    /// Each of `cgroups` traced in these directions, on every port.
+    pub fn every_port_of(
+        cgroups: impl IntoIterator<Item = u64>,
+        server: bool,
+        client: bool,
+    ) -> BTreeMap<u64, Self> {
+        cgroups
+            .into_iter()
+            .map(|id| (id, Self::every_port(server, client)))
+            .collect()
+    }
+
     /// What tracing by either rule traces: each direction either traces, on the ports of
     /// both (every port if either has no list).
     pub fn union(&self, other: &TraceRule) -> TraceRule {
@@ -282,12 +294,7 @@ impl KernelCapture {
     /// at once ([`DEFAULT_MAX_CONNECTIONS`] suits most hosts); counting starts with
     /// [`KernelCapture::configure`].
     pub fn load(max_connections: u32) -> Result<Self> {
-        if !(MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&max_connections) {
-            return Err(Error::Config(format!(
-                "max connections {max_connections} out of range \
-                 ({MIN_CONNECTIONS} to {MAX_CONNECTIONS})"
-            )));
-        }
+        check_max_connections(max_connections)?;
         check_privileges()?;
         raise_memlock_limit();
         // No kernel BTF in user space: the program needs no CO-RE relocation (the verifier
@@ -331,37 +338,24 @@ impl KernelCapture {
             return Ok(());
         }
         self.links.detach(&mut self.ebpf)?;
-        self.forget_connections()?;
+        self.forget_connections(|_| true)?;
         self.links.attach(&mut self.ebpf, None)
     }
 
-    fn forget_connections(&mut self) -> Result<()> {
+    /// Removes the connection entries `forget` picks; each is adopted again (and judged by
+    /// the rules of the moment) at its next request line. An entry forgotten while a request
+    /// starts on it loses that request, counted as `response_without_request`.
+    fn forget_connections(&mut self, forget: impl Fn(&Connection) -> bool) -> Result<()> {
         let mut connections: BpfHashMap<&mut MapData, u64, Connection> =
             hash_map(&mut self.ebpf, "CONNECTIONS")?;
-        let sockets: Vec<u64> = connections.keys().filter_map(|key| key.ok()).collect();
-        for socket in sockets {
-            // Gone already (evicted since the listing): fine.
-            if connections.remove(&socket).is_ok() {
-                self.cleared_connections += 1;
-            }
-        }
-        Ok(())
-    }
-
-    /// Forgets the connections without a request in flight, the ignored ones included: each
-    /// is judged again by the current rules at its next request line. (A request that starts
-    /// between the look and the removal, or one pipelined behind the last answered one, is
-    /// lost and counted as `response_without_request`.)
-    fn forget_idle_connections(&mut self) -> Result<()> {
-        let mut connections: BpfHashMap<&mut MapData, u64, Connection> =
-            hash_map(&mut self.ebpf, "CONNECTIONS")?;
-        let idle: Vec<u64> = connections
+        let sockets: Vec<u64> = connections
             .iter()
             .filter_map(|entry| entry.ok())
-            .filter(|(_, connection)| connection.request_start_nanos == 0)
+            .filter(|(_, connection)| forget(connection))
             .map(|(socket, _)| socket)
             .collect();
-        for socket in idle {
+        for socket in sockets {
+            // Gone already (closed or evicted since the listing): fine.
             if connections.remove(&socket).is_ok() {
                 self.cleared_connections += 1;
             }
@@ -467,11 +461,7 @@ impl KernelCapture {
             .collect();
         let mut traced_ports: BpfHashMap<&mut MapData, PortKey, u8> =
             hash_map(&mut self.ebpf, "TRACED_PORTS")?;
-        let stale_ports: Vec<PortKey> = traced_ports
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| !ports.contains(key))
-            .collect();
+        let stale_ports = keys_not_kept(&traced_ports, |key| ports.contains(key));
         // Ports go in before a rule that filters by them, and out after.
         for key in &ports {
             traced_ports
@@ -480,11 +470,7 @@ impl KernelCapture {
         }
         let mut traced: BpfHashMap<&mut MapData, u64, CgroupRule> =
             hash_map(&mut self.ebpf, "TRACED_CGROUPS")?;
-        let stale: Vec<u64> = traced
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| !cgroups.contains_key(key))
-            .collect();
+        let stale = keys_not_kept(&traced, |key| cgroups.contains_key(key));
         // The exact set gains new ids before a shared slot sends lookups to it, and loses old
         // ones after no slot does.
         for (id, rule) in cgroups {
@@ -532,7 +518,8 @@ impl KernelCapture {
             .any(|(id, rule)| self.rules.get(id).is_some_and(|old| old != rule));
         self.rules = cgroups.clone();
         if rule_changed {
-            self.forget_idle_connections()?;
+            // Idle: no request in flight (ignored connections never have one).
+            self.forget_connections(|connection| connection.request_start_nanos == 0)?;
         }
         Ok(())
     }
@@ -654,6 +641,17 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::
     })
 }
 
+/// The keys of `map` that `keep` does not keep.
+fn keys_not_kept<K: aya::Pod, V: aya::Pod>(
+    map: &BpfHashMap<&mut MapData, K, V>,
+    keep: impl Fn(&K) -> bool,
+) -> Vec<K> {
+    map.keys()
+        .filter_map(|key| key.ok())
+        .filter(|key| !keep(key))
+        .collect()
+}
+
 /// The hash map `name` (LRU or not), typed.
 fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
     ebpf: &'a mut Ebpf,
@@ -706,6 +704,18 @@ fn clock_nanos(clock: libc::clockid_t) -> i128 {
     // SAFETY: clock_gettime writes into the timespec we own; both clocks always exist.
     unsafe { libc::clock_gettime(clock, &mut now) };
     now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
+}
+
+/// A connection table size the agent can load, or a clear error.
+pub fn check_max_connections(max_connections: u32) -> Result<()> {
+    if (MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&max_connections) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "max connections {max_connections} is out of range: use {MIN_CONNECTIONS} to \
+             {MAX_CONNECTIONS}"
+        )))
+    }
 }
 
 /// Fails early, with the missing capabilities named, instead of a bare EPERM from the kernel.

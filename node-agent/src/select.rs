@@ -126,11 +126,11 @@ pub fn select(
                         })
                     });
                 if wanted {
-                    let merged = match selection.cgroups.remove(cgroup_id) {
-                        Some(other) => other.union(&rule),
-                        None => rule.clone(),
-                    };
-                    selection.cgroups.insert(*cgroup_id, merged);
+                    selection
+                        .cgroups
+                        .entry(*cgroup_id)
+                        .and_modify(|other| *other = other.union(&rule))
+                        .or_insert_with(|| rule.clone());
                 }
             }
         }

@@ -243,11 +243,7 @@ fn main() -> anyhow::Result<()> {
         sample_rate: 0.0,
         server: true,
         client: true,
-        cgroups: cgroups.map(|ids| {
-            ids.into_iter()
-                .map(|id| (id, TraceRule::every_port(true, true)))
-                .collect()
-        }),
+        cgroups: cgroups.map(|ids| TraceRule::every_port_of(ids, true, true)),
     };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); args.modes.len()];
     let mut cpu_per_request: Vec<Vec<f64>> = vec![Vec::new(); args.modes.len()];
