@@ -213,10 +213,26 @@ impl Drop for ClientReport {
 /// Runs `trazor-sample-client` until it reports (a separate process: the agent never
 /// traces its own).
 async fn run_client(target: SocketAddr, args: &[&str]) -> ClientReport {
+    run_client_from(None, target, args).await
+}
+
+/// Runs the sample client against `target` (in network namespace `netns` when given) and
+/// reads its report.
+async fn run_client_from(netns: Option<&str>, target: SocketAddr, args: &[&str]) -> ClientReport {
     let target = target.to_string();
     let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let netns = netns.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
-        let mut process = Command::new(SAMPLE_CLIENT)
+        // `ip netns exec` enters the namespace and execs the client: the pid stays the same.
+        let mut command = match &netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, SAMPLE_CLIENT]);
+                command
+            }
+            None => Command::new(SAMPLE_CLIENT),
+        };
+        let mut process = command
             .arg("--target")
             .arg(&target)
             .args(["--linger", "60s"])
@@ -264,6 +280,117 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Two network namespaces joined by a veth pair, made for one test and removed on drop: a
+/// client end at [`Self::CLIENT_ADDRESS`] and a server end at [`Self::SERVER_ADDRESS`]. On
+/// loopback a client socket's own address and its peer's are both `::1`; here they differ,
+/// so a test can tell which of the two the kernel programs read.
+struct NetnsPair {
+    client: String,
+    server: String,
+}
+
+impl NetnsPair {
+    const CLIENT_ADDRESS: &str = "fd00:7a::1";
+    const SERVER_ADDRESS: &str = "fd00:7a::2";
+
+    fn create() -> Self {
+        let id = std::process::id();
+        let pair = Self {
+            client: format!("trazor-e2e-client-{id}"),
+            server: format!("trazor-e2e-server-{id}"),
+        };
+        // Interface names are at most 15 bytes.
+        let (client_end, server_end) = (format!("trz{id}c"), format!("trz{id}s"));
+        let client_address = format!("{}/64", Self::CLIENT_ADDRESS);
+        let server_address = format!("{}/64", Self::SERVER_ADDRESS);
+        for args in [
+            vec!["netns", "add", &pair.client],
+            vec!["netns", "add", &pair.server],
+            vec![
+                "link",
+                "add",
+                &client_end,
+                "netns",
+                &pair.client,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &server_end,
+                "netns",
+                &pair.server,
+            ],
+            // No duplicate address detection: the addresses are usable at once.
+            vec![
+                "-n",
+                &pair.client,
+                "address",
+                "add",
+                &client_address,
+                "dev",
+                &client_end,
+                "nodad",
+            ],
+            vec![
+                "-n",
+                &pair.server,
+                "address",
+                "add",
+                &server_address,
+                "dev",
+                &server_end,
+                "nodad",
+            ],
+            vec!["-n", &pair.client, "link", "set", &client_end, "up"],
+            vec!["-n", &pair.server, "link", "set", &server_end, "up"],
+        ] {
+            let status = Command::new("ip").args(&args).status().unwrap_or_else(|error| {
+                panic!("this test makes network namespaces with `ip` (iproute2, installed by scripts/setup.sh): {error}")
+            });
+            assert!(status.success(), "`ip {}` failed: {status}", args.join(" "));
+        }
+        pair.wait_for_carrier(&client_end);
+        pair
+    }
+
+    /// A veth pair has carrier once both ends are up, shortly after.
+    fn wait_for_carrier(&self, client_end: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let output = Command::new("ip")
+                .args([
+                    "-n",
+                    &self.client,
+                    "-brief",
+                    "link",
+                    "show",
+                    "dev",
+                    client_end,
+                ])
+                .output()
+                .unwrap();
+            let state = String::from_utf8_lossy(&output.stdout).into_owned();
+            if state.split_whitespace().nth(1) == Some("UP") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the veth pair never came up: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // Deleting a namespace destroys the veth end inside it, and with it the other end.
+        for netns in [&self.client, &self.server] {
+            let _ = Command::new("ip").args(["netns", "delete", netns]).status();
+        }
     }
 }
 
@@ -900,38 +1027,60 @@ async fn outbound_requests_are_timed_at_the_client() {
 }
 
 /// Outbound requests over IPv6 name their peer by its IPv6 address; those over an IPv6
-/// socket to an IPv4-mapped address (a dual-stack client) by the IPv4 address. Served over
-/// IPv6, they are counted like any other.
+/// socket to an IPv4-mapped address (a dual-stack client) by the IPv4 address. Each
+/// client's own address differs from its peer's, so reading the wrong one of the socket's
+/// two addresses fails. Served over IPv6, they are counted like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_peers_over_ipv6_are_named() {
     if !require_ebpf_privileges("outbound_peers_over_ipv6_are_named") {
         return;
     }
-    if let Err(error) = TcpListener::bind("[::1]:0") {
-        panic!(
-            "this test needs IPv6 on loopback (::1), which this machine refuses: {error} \
-             (sysctl -w net.ipv6.conf.lo.disable_ipv6=0)"
-        );
-    }
     let _serial = CAPTURE.lock().await;
     let capture = start_capture(Duration::from_secs(1), true).await;
+    // Over IPv6 between two namespaces, so the client's own address differs from its peer's.
+    let netns = NetnsPair::create();
+    let listen = format!("[{}]:0", NetnsPair::SERVER_ADDRESS);
     let over_ipv6 = SampleServer::start(
-        Path::new(SAMPLE_SERVER),
-        &["--listen", "[::1]:0", "--delay", "2ms"],
+        Path::new("ip"),
+        &[
+            "netns",
+            "exec",
+            &netns.server,
+            SAMPLE_SERVER,
+            "--listen",
+            &listen,
+            "--delay",
+            "2ms",
+        ],
     )
     .unwrap();
-    let over_ipv4 = SampleServer::start(Path::new(SAMPLE_SERVER), &["--delay", "2ms"]).unwrap();
-    let ipv6_client = run_client(over_ipv6.address, &["--path", "/v6/1", "--requests", "20"]).await;
+    // An IPv6 socket to an IPv4 peer (IPv4-mapped), at 127.0.0.2 so that the client's own
+    // address (127.0.0.1) differs from its peer's here too.
+    let over_ipv4 = SampleServer::start(
+        Path::new(SAMPLE_SERVER),
+        &["--listen", "127.0.0.2:0", "--delay", "2ms"],
+    )
+    .unwrap();
+    let ipv6_client = run_client_from(
+        Some(&netns.client),
+        over_ipv6.address,
+        &["--path", "/v6/1", "--requests", "20"],
+    )
+    .await;
     let mapped = SocketAddr::new(
-        std::net::IpAddr::V6(std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+        std::net::IpAddr::V6(std::net::Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped()),
         over_ipv4.address.port(),
     );
     let mapped_client = run_client(mapped, &["--path", "/mapped/1", "--requests", "20"]).await;
     capture.settle().await;
     assert_eq!((ipv6_client.ok, mapped_client.ok), (20, 20));
     for (client, address, port) in [
-        (&ipv6_client, "::1", over_ipv6.address.port()),
-        (&mapped_client, "127.0.0.1", over_ipv4.address.port()),
+        (
+            &ipv6_client,
+            NetnsPair::SERVER_ADDRESS,
+            over_ipv6.address.port(),
+        ),
+        (&mapped_client, "127.0.0.2", over_ipv4.address.port()),
     ] {
         let made = capture.windows(client.pid, Direction::Client);
         assert_eq!(capture.count(client.pid, Direction::Client), 20, "{made:?}");
