@@ -199,8 +199,9 @@ SYSCALL_NS_UNTRACED=$(ns_of untraced)
 SYSCALL_NS_FILTER=$(ns_of not-selected)
 SYSCALL_NS_FLOOR=$(ns_of floor)
 SYSCALL_NS_ADDED=$(awk -v a="$SYSCALL_NS_FILTER" -v b="$SYSCALL_NS_UNTRACED" 'BEGIN { print a - b }')
-# Each cost_* program repeats its operation COST_REPEATS (8) times per call.
-price_of() { awk -v a="$(ns_of "$1")" -v b="$SYSCALL_NS_FLOOR" 'BEGIN { printf "%.0f", (a - b) / 8 }'; }
+# Each cost_* program repeats its operation COST_REPEATS times per call.
+COST_REPEATS=$("$BIN/trazor-bench-overhead" --cost-repeats)
+price_of() { awk -v a="$(ns_of "$1")" -v b="$SYSCALL_NS_FLOOR" -v n="$COST_REPEATS" 'BEGIN { printf "%.0f", (a - b) / n }'; }
 PRICE_CLOCK=$(price_of cost-clock-read)
 PRICE_USER_READ=$(price_of cost-user-read)
 PRICE_LOOKUP=$(price_of cost-lookup)
@@ -294,7 +295,7 @@ mkdir -p bench/results
     echo
     echo "$THROUGHPUT"
     echo
-    echo "Per-call detail (write/read loop over a socket pair; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall; cost-* modes: a stand-in program repeating one operation 8 times per call, priced as (its ns - floor's ns) / 8):"
+    echo "Per-call detail (write/read loop over a socket pair; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall; cost-* modes: a stand-in program repeating one operation $COST_REPEATS times per call, priced as (its ns - floor's ns) / $COST_REPEATS):"
     echo
     echo "$SYSCALLS"
 } > bench/results/capture.md

@@ -9,7 +9,9 @@
 //! cancels the slow swings of a shared host; the median of those ratios over many cycles
 //! is the figure.
 //!
-//! Run as root (it loads eBPF programs), by `scripts/bench-capture.sh`.
+//! Run as root (it loads eBPF programs), by `scripts/bench-capture.sh`. Alone,
+//! `--cost-repeats` prints how many times each cost-* program repeats its operation per
+//! call (the divisor that prices one operation) and exits.
 #![allow(clippy::print_stdout)]
 
 use std::{
@@ -30,6 +32,7 @@ use trazor_node_agent::capture::{
     COST_CLOCK_READ, COST_LOOKUP, COST_USER_READ, CaptureSettings, DEFAULT_MAX_CONNECTIONS, FLOOR,
     KernelCapture, TraceRule,
 };
+use trazor_node_agent_ebpf_common::COST_REPEATS;
 
 /// A cgroup id no cgroup has (ids are inode numbers): selecting it keeps the programs
 /// attached while tracing nothing.
@@ -221,6 +224,10 @@ impl Mode {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().skip(1).eq(["--cost-repeats"]) {
+        println!("{COST_REPEATS}");
+        return Ok(());
+    }
     let args = Args::parse();
     if args.modes.first() != Some(&Mode::Untraced) {
         bail!("--modes must start with untraced: every ratio is against it");
