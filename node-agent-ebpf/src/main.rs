@@ -35,13 +35,15 @@
 #![no_std]
 #![no_main]
 
+use core::{ffi::c_void, mem::MaybeUninit};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-        bpf_probe_read_user, bpf_probe_read_user_buf,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+        bpf_probe_read_user,
+        generated::{self, bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -322,6 +324,18 @@ fn read_status_line(data: u64) -> Result<[u8; STATUS_LEN], i32> {
     unsafe { bpf_probe_read_user(data as *const [u8; STATUS_LEN]) }
 }
 
+/// `bpf_probe_read_user` of `len` bytes at user address `data` into `into`, which may be
+/// uninitialised: the helper writes all `len` bytes (zeros when the read fails). Returns
+/// the helper's result, 0 on success.
+///
+/// # Safety
+/// `into` must be valid for writes of `len` bytes.
+#[inline(always)]
+unsafe fn read_user(into: *mut c_void, len: usize, data: u64) -> i64 {
+    // SAFETY: the caller's promise; the helper checks the user address.
+    unsafe { generated::bpf_probe_read_user(into, len as u32, data as *const c_void) }
+}
+
 /// The first HEAD_LEN bytes of a request, on the stack, and its method. Aligned, so that
 /// the compiler moves and clears it a word at a time, not byte by byte.
 #[repr(C, align(8))]
@@ -348,19 +362,27 @@ impl RequestHead {
     /// whatever they are.
     #[inline(always)]
     fn read_unparsed(data: u64) -> Result<Self, i32> {
-        let mut head = RequestHead {
-            bytes: [0; HEAD_LEN],
+        // Not cleared first: the helper writes every byte, the user's on success and zeros
+        // on failure. (Clearing it cost a call to a byte-by-byte memset of 74 bytes on every
+        // request: about 370 instructions, more than the rest of the receive path.)
+        let mut bytes = MaybeUninit::<[u8; HEAD_LEN]>::uninit();
+        let mut path_known = true;
+        // SAFETY: the helper checks the user address and writes HEAD_LEN bytes into `bytes`.
+        if unsafe { read_user(bytes.as_mut_ptr().cast(), HEAD_LEN, data) } != 0 {
+            path_known = false;
+            // SAFETY: as above; into the first STATUS_LEN bytes (the failed read zeroed all).
+            let status = unsafe { read_user(bytes.as_mut_ptr().cast(), STATUS_LEN, data) };
+            if status != 0 {
+                return Err(status as i32);
+            }
+        }
+        Ok(RequestHead {
+            // SAFETY: every byte written by the helper, as above.
+            bytes: unsafe { bytes.assume_init() },
             method: method::UNKNOWN,
             path_offset: 0,
-            path_known: true,
-        };
-        // SAFETY: the helper checks the user address.
-        if unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head.bytes) }.is_err() {
-            head.path_known = false;
-            // SAFETY: as above; into the first STATUS_LEN bytes (the failed read zeroed all).
-            unsafe { bpf_probe_read_user_buf(data as *const u8, &mut head.bytes[..STATUS_LEN]) }?;
-        }
-        Ok(head)
+            path_known,
+        })
     }
 
     /// Fills in the method and where the path starts; false when the bytes do not begin
