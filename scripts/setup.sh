@@ -5,6 +5,8 @@
 #   - Debian packages used by tests and the demo (nginx, wrk, bpftool, curl, ...)
 #   - the nightly toolchain's rust-src (the eBPF crate builds core with -Z build-std)
 #   - bpf-linker, linked against the nightly toolchain's own libLLVM (same major)
+#   - a Python venv with oteltap, a third-party OTLP/HTTP receiver the collector's OTLP
+#     export is tested against
 #
 # Quick when everything is in place: each step checks before it acts.
 set -euo pipefail
@@ -19,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages ---------------------------------------------------------
-APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2 jq)
+APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2 jq python3-venv)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -70,6 +72,19 @@ else
     LLVM_PREFIX="$PREFIX" cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
         --no-default-features --features "llvm-$LLVM_MAJOR" --force
     echo "$want" > "$STAMP"
+fi
+
+# --- an OTLP receiver we did not write, for the collector's export test ------------
+# oteltap receives OTLP/HTTP protobuf (native core) and decodes it with the official
+# opentelemetry-proto package; collector/tests/otlp.rs drives it through otlp_receiver.py.
+OTELTAP_VERSION=1.0.0
+OTLP_VENV="$HOME/.cache/trazor/otlp-venv"
+if "$OTLP_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('oteltap') != '$OTELTAP_VERSION')" 2>/dev/null; then
+    say "oteltap $OTELTAP_VERSION present"
+else
+    say "installing oteltap $OTELTAP_VERSION into $OTLP_VENV"
+    python3 -m venv "$OTLP_VENV"
+    "$OTLP_VENV/bin/pip" install --quiet --disable-pip-version-check "oteltap==$OTELTAP_VERSION"
 fi
 
 say "done"

@@ -28,7 +28,8 @@ use crate::{
     feed::WindowFeed,
     journal::Journal,
     limits::{AgentLimits, StreamLease},
-    merge::{Merged, WindowMerger, validate},
+    merge::{Aggregate, Merged, WindowMerger, validate},
+    otlp::OtlpExporter,
     stats::CollectorStats,
 };
 
@@ -44,6 +45,8 @@ pub struct IngestService {
     pub merger: Arc<WindowMerger>,
     pub limits: Arc<AgentLimits>,
     pub journal: Option<Arc<Journal>>,
+    /// Where closed aggregates and late windows go as OTLP metrics, when configured.
+    pub otlp: Option<OtlpExporter>,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<CollectorMessage, Status>> + Send>>;
@@ -172,6 +175,10 @@ impl IngestService {
         let late = self.merger.accept(&window, now) == Merged::Late;
         if late {
             self.stats.windows_late.fetch_add(1, Ordering::Relaxed);
+            // Its aggregate went out without it: it goes out alone, for the same interval.
+            if let Some(otlp) = &self.otlp {
+                otlp.export(vec![Aggregate::of_window(&window)]);
+            }
             tracing::debug!(
                 agent = %agent_id, sequence = window.sequence,
                 "late window: its aggregate closed {} after its end",

@@ -6,7 +6,8 @@
 //! the same workload's windows from other agents ([`merge`]), and published, as JSON
 //! ([`view`]), on the WebSocket [`feed`] at `/ws`. `/metrics` exports the counters in
 //! [`stats`]; `/healthz` answers when the process serves, `/readyz` once the journal is
-//! replayed and both servers run.
+//! replayed and both servers run. With an OTLP endpoint, closed aggregates (and late
+//! windows) are also exported as OTLP metrics ([`otlp`]).
 
 pub mod auth;
 pub mod dedup;
@@ -16,6 +17,7 @@ pub mod ingest;
 pub mod journal;
 pub mod limits;
 pub mod merge;
+pub mod otlp;
 pub mod stats;
 pub mod view;
 
@@ -45,6 +47,7 @@ use crate::{
     journal::{Journal, JournalConfig},
     limits::{AgentLimitConfig, AgentLimits},
     merge::WindowMerger,
+    otlp::OtlpExporter,
     stats::CollectorStats,
 };
 
@@ -75,6 +78,8 @@ pub struct CollectorConfig {
     pub state_fsync: bool,
     /// TLS (and mTLS) on the gRPC port; `None`: plaintext.
     pub tls: Option<auth::ServerTls>,
+    /// Where to export OTLP metrics; `None`: no export.
+    pub otlp: Option<otlp::OtlpConfig>,
 }
 
 impl Default for CollectorConfig {
@@ -94,6 +99,7 @@ impl Default for CollectorConfig {
             state_max_bytes: 256 * 1024 * 1024,
             state_fsync: false,
             tls: None,
+            otlp: None,
         }
     }
 }
@@ -132,12 +138,19 @@ impl BoundCollector {
                 source,
             })?;
         let stats = Arc::new(CollectorStats::default());
+        let otlp = match &config.otlp {
+            Some(otlp) => {
+                Some(OtlpExporter::start(otlp.clone(), stats.clone()).map_err(Error::Config)?)
+            }
+            None => None,
+        };
         let mut service = IngestService {
             dedup: Arc::new(Deduplicator::default()),
             feed: Arc::new(WindowFeed::new(config.history, stats.clone())),
             merger: Arc::new(WindowMerger::new(config.late_grace)),
             limits: Arc::new(AgentLimits::new(config.agent_limits)),
             journal: None,
+            otlp,
             stats,
         };
         if let Some(dir) = &config.state_dir {
@@ -279,7 +292,8 @@ async fn publish_aggregates(service: IngestService) {
     loop {
         ticks.tick().await;
         let stats = &service.stats;
-        for aggregate in service.merger.close_due(ingest::unix_nanos()) {
+        let closed = service.merger.close_due(ingest::unix_nanos());
+        for aggregate in &closed {
             match serde_json::to_string(&aggregate.view()) {
                 Ok(json) => {
                     service.feed.publish(json);
@@ -287,6 +301,9 @@ async fn publish_aggregates(service: IngestService) {
                 }
                 Err(error) => tracing::error!(%error, "could not encode an aggregate as JSON"),
             }
+        }
+        if let Some(otlp) = &service.otlp {
+            otlp.export(closed);
         }
         stats
             .aggregates_open

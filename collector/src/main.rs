@@ -1,4 +1,5 @@
-//! `trazor-collector`: receives windows from node agents and serves the live feed.
+//! `trazor-collector`: receives windows from node agents, serves the live feed and exports
+//! OTLP metrics.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
@@ -6,10 +7,11 @@ use trazor_collector::{
     BoundCollector, CollectorConfig, MAX_MESSAGE_BYTES,
     auth::{ServerTls, load_token},
     limits::AgentLimitConfig,
+    otlp::{OtlpConfig, parse_headers},
 };
 
 /// Receives latency windows from Trazor node agents (gRPC) and publishes them live
-/// (WebSocket, JSON).
+/// (WebSocket, JSON) and, with --otlp-endpoint, as OTLP metrics.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Flags {
@@ -62,6 +64,18 @@ struct Flags {
     /// CA (PEM) that agents' client certificates must be signed by: mutual TLS.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// OTLP/HTTP endpoint to export closed aggregates to as metrics, e.g.
+    /// http://otel-collector:4318 (requests go to its /v1/metrics). Without it, no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Header for OTLP requests, KEY=VALUE (repeat, or a comma-separated list).
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_HEADERS",
+        value_delimiter = ',',
+        requires = "otlp_endpoint"
+    )]
+    otlp_header: Vec<String>,
     /// Log filter, e.g. `info` or `trazor_collector=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
     log: String,
@@ -96,6 +110,18 @@ async fn main() -> ExitCode {
         }
         _ => None,
     };
+    let otlp = match flags.otlp_endpoint.as_deref().map(|endpoint| {
+        let mut config = OtlpConfig::new(endpoint);
+        config.headers = parse_headers(&flags.otlp_header.join(","))?;
+        config.metrics_uri().map(|_| config)
+    }) {
+        None => None,
+        Some(Ok(config)) => Some(config),
+        Some(Err(error)) => {
+            eprintln!("trazor-collector: error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = CollectorConfig {
         grpc_listen: flags.grpc_listen,
         http_listen: flags.http_listen,
@@ -112,6 +138,7 @@ async fn main() -> ExitCode {
         state_max_bytes: flags.state_max_bytes,
         state_fsync: flags.state_fsync,
         tls,
+        otlp,
     };
     let collector = match BoundCollector::bind(&config).await {
         Ok(collector) => collector,

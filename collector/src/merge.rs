@@ -176,6 +176,13 @@ impl Aggregate {
         }
     }
 
+    /// An aggregate of `window` alone (a late window, exported on its own).
+    pub fn of_window(window: &LatencyWindow) -> Self {
+        let mut aggregate = Self::new(window);
+        aggregate.add(window);
+        aggregate
+    }
+
     fn matches(&self, window: &LatencyWindow) -> bool {
         self.start_unix_nanos == window.start_unix_nanos
             && self.end_unix_nanos == window.end_unix_nanos

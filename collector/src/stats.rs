@@ -31,12 +31,19 @@ pub struct CollectorStats {
     pub feed_subscribers: AtomicU64,
     /// Windows a slow WebSocket subscriber missed (its queue overflowed).
     pub feed_dropped: AtomicU64,
+    /// OTLP export (see `otlp`): batches waiting, data points accepted by the receiver,
+    /// dropped (queue full, or failed for good), rejected by the receiver, failed attempts.
+    pub otlp_queued: AtomicU64,
+    pub otlp_points_exported: AtomicU64,
+    pub otlp_points_dropped: AtomicU64,
+    pub otlp_points_rejected: AtomicU64,
+    pub otlp_failures: AtomicU64,
 }
 
 impl CollectorStats {
     /// Prometheus exposition text.
     pub fn render(&self) -> String {
-        let metrics: [(&str, &str, &str, &AtomicU64); 22] = [
+        let metrics: [(&str, &str, &str, &AtomicU64); 27] = [
             (
                 "trazor_collector_streams_opened_total",
                 "counter",
@@ -168,6 +175,36 @@ impl CollectorStats {
                 "counter",
                 "Windows slow WebSocket subscribers missed.",
                 &self.feed_dropped,
+            ),
+            (
+                "trazor_collector_otlp_queued_batches",
+                "gauge",
+                "OTLP export batches waiting to be sent.",
+                &self.otlp_queued,
+            ),
+            (
+                "trazor_collector_otlp_points_exported_total",
+                "counter",
+                "OTLP data points the receiver accepted.",
+                &self.otlp_points_exported,
+            ),
+            (
+                "trazor_collector_otlp_points_dropped_total",
+                "counter",
+                "OTLP data points dropped: the export queue was full, or sending failed for good.",
+                &self.otlp_points_dropped,
+            ),
+            (
+                "trazor_collector_otlp_points_rejected_total",
+                "counter",
+                "OTLP data points the receiver rejected (a partial success).",
+                &self.otlp_points_rejected,
+            ),
+            (
+                "trazor_collector_otlp_failures_total",
+                "counter",
+                "OTLP export attempts that failed (retried ones included).",
+                &self.otlp_failures,
             ),
         ];
         let mut text = String::new();

@@ -1,0 +1,461 @@
+//! OTLP export against a receiver we did not write: oteltap (installed by
+//! scripts/setup.sh) receives the collector's OTLP/HTTP requests and decodes them with the
+//! official opentelemetry-proto package; `otlp_receiver.py` prints each metric as JSON.
+//! And the failure paths against a port that refuses and a receiver that says 400.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use trazor_collector::{
+    BoundCollector, CollectorConfig,
+    otlp::{DURATION_METRIC, OtlpConfig, RESPONSES_METRIC},
+    stats::CollectorStats,
+};
+use trazor_proto::v1::{
+    AgentHello, AgentMessage, ExponentialHistogram, LatencyStats, LatencyWindow, PodIdentity,
+    Source, agent_message, collector_message, latency_ingest_client::LatencyIngestClient,
+};
+
+/// Where scripts/setup.sh installs oteltap; `TRAZOR_OTLP_PYTHON` overrides it.
+fn receiver_python() -> PathBuf {
+    if let Some(python) = std::env::var_os("TRAZOR_OTLP_PYTHON") {
+        return python.into();
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    PathBuf::from(home).join(".cache/trazor/otlp-venv/bin/python")
+}
+
+/// The oteltap receiver, killed on drop; its stdout gives one JSON line per metric.
+struct Receiver {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    port: u16,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let python = receiver_python();
+        assert!(
+            python.exists(),
+            "{} is missing: this test needs the oteltap OTLP receiver that scripts/setup.sh \
+             installs (run it, or point TRAZOR_OTLP_PYTHON at a python with oteltap)",
+            python.display()
+        );
+        let port = free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_receiver.py");
+        let mut child = Command::new(&python)
+            .arg(script)
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the OTLP receiver did not start (see its output above)");
+        assert_eq!(first, "listening");
+        Self { child, lines, port }
+    }
+
+    /// The next metric named `name`, skipping others.
+    fn metric(&self, name: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {name} metric reached the receiver"));
+            let metric: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if metric["name"] == name {
+                return metric;
+            }
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A collector exporting to `otlp`, closing aggregates 300 ms after their window.
+async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
+    let collector = BoundCollector::bind(&CollectorConfig {
+        late_grace: Duration::from_millis(300),
+        otlp: Some(otlp),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grpc = format!("http://{}", collector.grpc_addr());
+    let stats = collector.stats();
+    tokio::spawn(collector.serve());
+    (grpc, stats)
+}
+
+/// The end of a one-second window that closes shortly: the next whole second.
+fn window_end() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    (now / 1_000_000_000 + 1) * 1_000_000_000
+}
+
+/// A window of pod `pod` of Deployment shop/checkout, `GET /cart/{id}` served, with the
+/// given histogram buckets (scale 6) and responses by status class.
+fn pod_window(
+    sequence: u64,
+    pod: &str,
+    end: u64,
+    buckets: &[(i32, u64)],
+    classes: &[u64],
+) -> AgentMessage {
+    let histogram =
+        ExponentialHistogram::from_sparse(6, &buckets.iter().copied().collect::<BTreeMap<_, _>>())
+            .unwrap();
+    let count = histogram.total();
+    AgentMessage {
+        kind: Some(agent_message::Kind::Window(LatencyWindow {
+            sequence,
+            source: Some(Source {
+                pod: Some(PodIdentity {
+                    namespace: "shop".into(),
+                    name: pod.into(),
+                    workload_kind: "Deployment".into(),
+                    workload_name: "checkout".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            direction: trazor_proto::v1::Direction::Server as i32,
+            route: "/cart/{id}".into(),
+            method: "GET".into(),
+            start_unix_nanos: end - 1_000_000_000,
+            end_unix_nanos: end,
+            stats: Some(LatencyStats {
+                count,
+                error_count: classes.get(5).copied().unwrap_or(0),
+                sum_nanos: count * 1_000_000,
+                min_nanos: 900_000,
+                max_nanos: 1_200_000,
+                ..Default::default()
+            }),
+            histogram: Some(histogram),
+            status_class_counts: classes.to_vec(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Sends `windows` from agent `agent` and waits until each is acknowledged.
+async fn send(grpc: &str, agent: &str, windows: Vec<AgentMessage>) {
+    let mut client = LatencyIngestClient::connect(grpc.to_owned()).await.unwrap();
+    let (sender, receiver) = mpsc::channel(16);
+    sender
+        .send(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(AgentHello {
+                node_name: format!("node-of-{agent}"),
+                agent_id: agent.into(),
+                boot_id: "boot-1".into(),
+                version: "test".into(),
+                capabilities: vec![],
+            })),
+        })
+        .await
+        .unwrap();
+    let mut acks = client
+        .stream(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    for window in windows {
+        let Some(agent_message::Kind::Window(LatencyWindow { sequence, .. })) = window.kind else {
+            panic!("not a window");
+        };
+        sender.send(window).await.unwrap();
+        // Acks are cumulative, and the first may answer the hello.
+        loop {
+            let ack = acks.message().await.unwrap().unwrap();
+            if let Some(collector_message::Kind::Ack(ack)) = ack.kind
+                && ack.acked_through >= sequence
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// A JSON number or, as protobuf's JSON mapping writes 64-bit integers, a string.
+fn number(value: &serde_json::Value) -> f64 {
+    match value {
+        serde_json::Value::String(text) => text.parse().unwrap(),
+        other => other
+            .as_f64()
+            .unwrap_or_else(|| panic!("not a number: {other}")),
+    }
+}
+
+fn attributes(point: &serde_json::Value) -> BTreeMap<String, String> {
+    point["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|attribute| {
+            (
+                attribute["key"].as_str().unwrap().to_owned(),
+                attribute["value"]["string_value"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_reach_a_real_otlp_receiver_exactly() {
+    let receiver = Receiver::start();
+    let (grpc, stats) = collector(OtlpConfig::new(format!(
+        "http://127.0.0.1:{}",
+        receiver.port
+    )))
+    .await;
+    let end = window_end();
+    // Two pods on two nodes, one window each: merged into one aggregate.
+    send(
+        &grpc,
+        "agent-a",
+        vec![pod_window(
+            1,
+            "checkout-1",
+            end,
+            &[(1_400, 3), (1_500, 1)],
+            &[0, 0, 4],
+        )],
+    )
+    .await;
+    send(
+        &grpc,
+        "agent-b",
+        vec![pod_window(
+            1,
+            "checkout-2",
+            end,
+            &[(1_450, 2), (1_500, 4)],
+            &[0, 0, 5, 0, 0, 1],
+        )],
+    )
+    .await;
+
+    let duration = receiver.metric(DURATION_METRIC);
+    assert_eq!(duration["unit"], "ns");
+    let histogram = &duration["exponential_histogram"];
+    assert_eq!(
+        histogram["aggregation_temporality"],
+        "AGGREGATION_TEMPORALITY_DELTA"
+    );
+    let points = histogram["data_points"].as_array().unwrap();
+    assert_eq!(points.len(), 1, "{duration}");
+    let point = &points[0];
+    let expected: BTreeMap<String, String> = [
+        ("k8s.namespace.name", "shop"),
+        ("k8s.deployment.name", "checkout"),
+        ("trazor.workload.kind", "Deployment"),
+        ("trazor.workload.name", "checkout"),
+        ("http.route", "/cart/{id}"),
+        ("http.request.method", "GET"),
+        ("trazor.direction", "server"),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+    .collect();
+    assert_eq!(attributes(point), expected);
+    assert_eq!(
+        number(&point["start_time_unix_nano"]) as u64,
+        end - 1_000_000_000
+    );
+    assert_eq!(number(&point["time_unix_nano"]) as u64, end);
+    assert_eq!(number(&point["count"]), 10.0);
+    assert_eq!(number(&point["sum"]), 10.0 * 1e6);
+    assert_eq!(
+        (number(&point["min"]), number(&point["max"])),
+        (900_000.0, 1_200_000.0)
+    );
+    // The merged histogram itself: scale 6, buckets 1400 (3), 1450 (2), 1500 (1 + 4).
+    assert_eq!(point["scale"], 6);
+    assert_eq!(point["positive"]["offset"], 1_400);
+    let counts: Vec<f64> = point["positive"]["bucket_counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(number)
+        .collect();
+    assert_eq!(counts.len(), 101);
+    assert_eq!((counts[0], counts[50], counts[100]), (3.0, 2.0, 5.0));
+    assert_eq!(counts.iter().sum::<f64>(), 10.0);
+
+    let responses = receiver.metric(RESPONSES_METRIC);
+    assert_eq!(responses["sum"]["is_monotonic"], true);
+    let by_class: BTreeMap<String, f64> = responses["sum"]["data_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| {
+            (
+                attributes(point)["http.response.status_class"].clone(),
+                number(&point["as_int"]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_class,
+        BTreeMap::from([("2xx".to_owned(), 9.0), ("5xx".to_owned(), 1.0)])
+    );
+
+    // A window for the same period after the aggregate closed: exported alone, once.
+    send(
+        &grpc,
+        "agent-a",
+        vec![pod_window(2, "checkout-3", end, &[(1_600, 7)], &[0, 0, 7])],
+    )
+    .await;
+    let late = receiver.metric(DURATION_METRIC);
+    let late_point = &late["exponential_histogram"]["data_points"][0];
+    assert_eq!(number(&late_point["count"]), 7.0);
+    assert_eq!(late_point["positive"]["offset"], 1_600);
+    assert_eq!(attributes(late_point), expected);
+
+    // 1 + 2 points (histogram, two classes), then 1 + 1 for the late window.
+    let metrics = stats.render();
+    assert!(
+        metrics.contains("trazor_collector_otlp_points_exported_total 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trazor_collector_otlp_points_dropped_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trazor_collector_otlp_failures_total 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_receiver_is_retried_then_its_points_are_counted_as_dropped() {
+    let mut otlp = OtlpConfig::new(format!("http://127.0.0.1:{}", free_port()));
+    otlp.max_attempts = 3;
+    otlp.initial_backoff = Duration::from_millis(50);
+    let (grpc, stats) = collector(otlp).await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![pod_window(
+            1,
+            "checkout-1",
+            window_end(),
+            &[(1_400, 3)],
+            &[0, 0, 3],
+        )],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = stats.render();
+        if metrics.contains("trazor_collector_otlp_points_dropped_total 2") {
+            assert!(
+                metrics.contains("trazor_collector_otlp_failures_total 3"),
+                "{metrics}"
+            );
+            assert!(
+                metrics.contains("trazor_collector_otlp_points_exported_total 0"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the points were never counted as dropped:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_refuses_the_request_is_not_retried() {
+    // An HTTP server answering every request 400, as a receiver does for a bad request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = requests.clone();
+    let router = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async { (axum::http::StatusCode::BAD_REQUEST, "bad data points") }
+    });
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut otlp = OtlpConfig::new(format!("http://{address}"));
+    otlp.initial_backoff = Duration::from_millis(50);
+    let (grpc, stats) = collector(otlp).await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![pod_window(
+            1,
+            "checkout-1",
+            window_end(),
+            &[(1_400, 3)],
+            &[],
+        )],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stats
+        .render()
+        .contains("trazor_collector_otlp_points_dropped_total 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never dropped:\n{}",
+            stats.render()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(
+        stats
+            .render()
+            .contains("trazor_collector_otlp_failures_total 1")
+    );
+}
