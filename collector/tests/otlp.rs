@@ -216,6 +216,19 @@ async fn send(grpc: &str, agent: &str, windows: Vec<AgentMessage>) {
     }
 }
 
+/// The collector's metrics once they contain `line` (within 10 s).
+async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = stats.render();
+        if metrics.lines().any(|metric| metric == line) {
+            return metrics;
+        }
+        assert!(Instant::now() < deadline, "never {line:?}:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A JSON number or, as protobuf's JSON mapping writes 64-bit integers, a string.
 fn number(value: &serde_json::Value) -> f64 {
     match value {
@@ -356,18 +369,19 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
     assert_eq!(late_point["positive"]["offset"], 1_600);
     assert_eq!(attributes(late_point), expected);
 
-    // 1 + 2 points (histogram, two classes), then 1 + 1 for the late window.
-    let metrics = stats.render();
+    // 1 + 2 points (histogram, two classes), then 1 + 1 for the late window (counted once
+    // the receiver's answer is back, a moment after it printed the metrics).
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 5").await;
     assert!(
-        metrics.contains("trazor_collector_otlp_points_exported_total 5"),
+        metrics
+            .lines()
+            .any(|line| line == "trazor_collector_otlp_points_dropped_total 0"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("trazor_collector_otlp_points_dropped_total 0"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("trazor_collector_otlp_failures_total 0"),
+        metrics
+            .lines()
+            .any(|line| line == "trazor_collector_otlp_failures_total 0"),
         "{metrics}"
     );
 }
@@ -390,26 +404,19 @@ async fn an_unreachable_receiver_is_retried_then_its_points_are_counted_as_dropp
         )],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = stats.render();
-        if metrics.contains("trazor_collector_otlp_points_dropped_total 2") {
-            assert!(
-                metrics.contains("trazor_collector_otlp_failures_total 3"),
-                "{metrics}"
-            );
-            assert!(
-                metrics.contains("trazor_collector_otlp_points_exported_total 0"),
-                "{metrics}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the points were never counted as dropped:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_dropped_total 2").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "trazor_collector_otlp_failures_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "trazor_collector_otlp_points_exported_total 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,18 +446,7 @@ async fn a_receiver_that_refuses_the_request_is_not_retried() {
         )],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stats
-        .render()
-        .contains("trazor_collector_otlp_points_dropped_total 1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "never dropped:\n{}",
-            stats.render()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    metrics_once(&stats, "trazor_collector_otlp_points_dropped_total 1").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert!(
