@@ -123,13 +123,14 @@ async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
     (grpc, stats)
 }
 
-/// The end of a one-second window that closes shortly: the next whole second.
+/// The end of a one-second window that closes shortly: a whole second at least one second
+/// away, so the test's windows all arrive before it closes (300 ms after its end).
 fn window_end() -> u64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    (now / 1_000_000_000 + 1) * 1_000_000_000
+    (now / 1_000_000_000 + 2) * 1_000_000_000
 }
 
 /// A window of pod `pod` of Deployment shop/checkout, `GET /cart/{id}` served, with the
