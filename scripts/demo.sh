@@ -74,7 +74,7 @@ pids+=($!)
 wrk -t1 -c2 -d"${LOAD_SECONDS}s" http://127.0.0.1:18082/ >"$RUN/wrk-inventory.log" 2>&1 &
 pids+=($!)
 
-say "live feed:  ws://127.0.0.1:$HTTP_PORT/ws   (metrics: http://127.0.0.1:$HTTP_PORT/metrics)"
+say "live feed:  ws://127.0.0.1:$HTTP_PORT/ws   dashboard: http://127.0.0.1:$HTTP_PORT/   (metrics: http://127.0.0.1:$HTTP_PORT/metrics)"
 say "windows close every $WINDOW; the first appears within one window. Ctrl-C to stop."
 if [ -n "$DURATION" ]; then
     timeout "$DURATION" "$BIN/trazor-watch" "ws://127.0.0.1:$HTTP_PORT/ws" || true

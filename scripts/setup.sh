@@ -21,7 +21,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages ---------------------------------------------------------
-APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2 jq python3-venv)
+# chromium: the dashboard page is tested in a real browser (collector/tests/dashboard.rs).
+APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2 jq python3-venv
+    chromium fonts-dejavu-core)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -4,10 +4,11 @@
 //! token ([`auth`]) and held to per-agent limits ([`limits`]); each window is deduplicated
 //! ([`dedup`]), recorded in the [`journal`] when there is a state dir, merged exactly with
 //! the same workload's windows from other agents ([`merge`]), and published, as JSON
-//! ([`view`]), on the WebSocket [`feed`] at `/ws`. `/metrics` exports the counters in
-//! [`stats`]; `/healthz` answers when the process serves, `/readyz` once the journal is
-//! replayed and both servers run. With an OTLP endpoint, closed aggregates (and late
-//! windows) are also exported as OTLP metrics ([`otlp`]).
+//! ([`view`]), on the WebSocket [`feed`] at `/ws`, which the dashboard page at `/` shows.
+//! `/metrics` exports the counters in [`stats`]; `/healthz` answers when the process
+//! serves, `/readyz` once the journal is replayed and both servers run. With an OTLP
+//! endpoint, closed aggregates (and late windows) are also exported as OTLP metrics
+//! ([`otlp`]).
 
 pub mod auth;
 pub mod dedup;
@@ -246,6 +247,7 @@ impl BoundCollector {
         let stats = self.service.stats.clone();
         let ready = self.ready.clone();
         let router = Router::new()
+            .route("/", get(dashboard))
             .route("/ws", get(feed::websocket))
             .with_state(self.service.feed.clone())
             .route("/healthz", get(|| async { "ok\n" }))
@@ -280,6 +282,15 @@ impl BoundCollector {
         self.ready.store(false, Ordering::Relaxed);
         result
     }
+}
+
+/// The live dashboard: one self-contained page (no external scripts or fonts, so it works
+/// in clusters without internet access) that reads the feed at `/ws`.
+async fn dashboard() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CACHE_CONTROL, "no-cache")],
+        axum::response::Html(include_str!("dashboard.html")),
+    )
 }
 
 /// Closes aggregates whose grace period is over and publishes them, every quarter grace

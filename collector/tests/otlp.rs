@@ -14,17 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use common::{pod_window, send, start_collector, window_end};
 use trazor_collector::{
-    BoundCollector, CollectorConfig,
     otlp::{DURATION_METRIC, OtlpConfig, RESPONSES_METRIC},
     stats::CollectorStats,
 };
-use trazor_proto::v1::{
-    AgentHello, AgentMessage, ExponentialHistogram, LatencyStats, LatencyWindow, PodIdentity,
-    Source, agent_message, collector_message, latency_ingest_client::LatencyIngestClient,
-};
+
+mod common;
 
 /// Where scripts/setup.sh installs oteltap; `TRAZOR_OTLP_PYTHON` overrides it.
 fn receiver_python() -> PathBuf {
@@ -108,113 +104,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A collector exporting to `otlp`, closing aggregates 300 ms after their window.
+/// A collector exporting to `otlp`: its gRPC address and counters.
 async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
-    let collector = BoundCollector::bind(&CollectorConfig {
-        late_grace: Duration::from_millis(300),
-        otlp: Some(otlp),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let grpc = format!("http://{}", collector.grpc_addr());
-    let stats = collector.stats();
-    tokio::spawn(collector.serve());
-    (grpc, stats)
-}
-
-/// The end of a one-second window that closes shortly: a whole second at least one second
-/// away, so the test's windows all arrive before it closes (300 ms after its end).
-fn window_end() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    (now / 1_000_000_000 + 2) * 1_000_000_000
-}
-
-/// A window of pod `pod` of Deployment shop/checkout, `GET /cart/{id}` served, with the
-/// given histogram buckets (scale 6) and responses by status class.
-fn pod_window(
-    sequence: u64,
-    pod: &str,
-    end: u64,
-    buckets: &[(i32, u64)],
-    classes: &[u64],
-) -> AgentMessage {
-    let histogram =
-        ExponentialHistogram::from_sparse(6, &buckets.iter().copied().collect::<BTreeMap<_, _>>())
-            .unwrap();
-    let count = histogram.total();
-    AgentMessage {
-        kind: Some(agent_message::Kind::Window(LatencyWindow {
-            sequence,
-            source: Some(Source {
-                pod: Some(PodIdentity {
-                    namespace: "shop".into(),
-                    name: pod.into(),
-                    workload_kind: "Deployment".into(),
-                    workload_name: "checkout".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            direction: trazor_proto::v1::Direction::Server as i32,
-            route: "/cart/{id}".into(),
-            method: "GET".into(),
-            start_unix_nanos: end - 1_000_000_000,
-            end_unix_nanos: end,
-            stats: Some(LatencyStats {
-                count,
-                error_count: classes.get(5).copied().unwrap_or(0),
-                sum_nanos: count * 1_000_000,
-                min_nanos: 900_000,
-                max_nanos: 1_200_000,
-                ..Default::default()
-            }),
-            histogram: Some(histogram),
-            status_class_counts: classes.to_vec(),
-            ..Default::default()
-        })),
-    }
-}
-
-/// Sends `windows` from agent `agent` and waits until each is acknowledged.
-async fn send(grpc: &str, agent: &str, windows: Vec<AgentMessage>) {
-    let mut client = LatencyIngestClient::connect(grpc.to_owned()).await.unwrap();
-    let (sender, receiver) = mpsc::channel(16);
-    sender
-        .send(AgentMessage {
-            kind: Some(agent_message::Kind::Hello(AgentHello {
-                node_name: format!("node-of-{agent}"),
-                agent_id: agent.into(),
-                boot_id: "boot-1".into(),
-                version: "test".into(),
-                capabilities: vec![],
-            })),
-        })
-        .await
-        .unwrap();
-    let mut acks = client
-        .stream(ReceiverStream::new(receiver))
-        .await
-        .unwrap()
-        .into_inner();
-    for window in windows {
-        let Some(agent_message::Kind::Window(LatencyWindow { sequence, .. })) = window.kind else {
-            panic!("not a window");
-        };
-        sender.send(window).await.unwrap();
-        // Acks are cumulative, and the first may answer the hello.
-        loop {
-            let ack = acks.message().await.unwrap().unwrap();
-            if let Some(collector_message::Kind::Ack(ack)) = ack.kind
-                && ack.acked_through >= sequence
-            {
-                break;
-            }
-        }
-    }
+    let running = start_collector(Some(otlp)).await;
+    (running.grpc, running.stats)
 }
 
 /// The collector's metrics once they contain `line` (within 10 s).
