@@ -187,6 +187,9 @@ impl IngestService {
         } else {
             self.stats.windows_merged.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(otlp) = &self.otlp {
+            otlp.export_exemplars(&window);
+        }
         self.feed.publish_window(agent_id, boot_id, window, late);
     }
 }

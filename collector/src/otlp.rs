@@ -17,11 +17,15 @@
 //! without one, `process.executable.name` in standalone mode; `http.route`,
 //! `http.request.method`, `trazor.direction` (server or client) and `trazor.profile`.
 //!
-//! Delivery: closed aggregates queue as batches (bounded; a full queue drops the new batch
-//! and counts its data points); one batch is one request. A failed request (connection
-//! error, timeout, 429, 502, 503, 504) is retried with exponential backoff, honouring
-//! `Retry-After`, then dropped and counted; any other error status is dropped at once and
-//! counted. Points the receiver rejects (a partial success) are counted too.
+//! Exemplars (slow, failed or sampled requests the agents report with their windows) go to
+//! `{endpoint}/v1/traces` as spans ([`spans_of`]).
+//!
+//! Delivery: closed aggregates (one batch per publishing tick) and each window's exemplars
+//! queue as batches (bounded; a full queue drops the new batch and counts its data points
+//! or spans); one batch is one request. A failed request (connection error, timeout, 429,
+//! 502, 503, 504) is retried with exponential backoff, honouring `Retry-After`, then
+//! dropped and counted; any other error status is dropped at once and counted. Points and
+//! spans the receiver rejects (a partial success) are counted too.
 
 use std::{
     str::FromStr,
@@ -37,7 +41,10 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use opentelemetry_proto::tonic::{
-    collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse},
+    collector::{
+        metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse},
+        trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
+    },
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
         AggregationTemporality, ExponentialHistogram, ExponentialHistogramDataPoint, Metric,
@@ -45,9 +52,13 @@ use opentelemetry_proto::tonic::{
         metric, number_data_point,
     },
     resource::v1::Resource,
+    trace::v1::{
+        ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode as SpanStatus,
+    },
 };
 use prost::Message as _;
 use tokio::sync::mpsc;
+use trazor_proto::v1::{Direction, LatencyWindow};
 
 use crate::{
     merge::{Aggregate, Subject},
@@ -93,6 +104,11 @@ impl OtlpConfig {
 
     /// The metrics URL, or why the endpoint cannot be used.
     pub fn metrics_uri(&self) -> Result<Uri, String> {
+        self.uri("/v1/metrics")
+    }
+
+    /// The URL of the signal at `path` (`/v1/metrics`, `/v1/traces`).
+    fn uri(&self, path: &str) -> Result<Uri, String> {
         if self.endpoint.starts_with("https://") {
             return Err(format!(
                 "OTLP endpoint {:?}: https is not supported yet; send to an OpenTelemetry \
@@ -108,7 +124,7 @@ impl OtlpConfig {
             ));
         }
         let endpoint = self.endpoint.trim_end_matches('/');
-        let uri = Uri::from_str(&format!("{endpoint}/v1/metrics"))
+        let uri = Uri::from_str(&format!("{endpoint}{path}"))
             .map_err(|error| format!("OTLP endpoint {:?} is not a URL: {error}", self.endpoint))?;
         if uri.host().is_none_or(str::is_empty) {
             return Err(format!("OTLP endpoint {:?} has no host", self.endpoint));
@@ -147,19 +163,46 @@ pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
 /// The sending half: hands batches to the task that exports them.
 #[derive(Clone, Debug)]
 pub struct OtlpExporter {
-    batches: mpsc::Sender<Vec<Aggregate>>,
+    batches: mpsc::Sender<Batch>,
     stats: Arc<CollectorStats>,
+}
+
+/// What a batch carries: metrics (aggregates) or spans (exemplars).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signal {
+    Metrics,
+    Spans,
+}
+
+impl Signal {
+    fn items(self) -> &'static str {
+        match self {
+            Self::Metrics => "data points",
+            Self::Spans => "spans",
+        }
+    }
+}
+
+/// One request's worth, encoded.
+#[derive(Debug)]
+struct Batch {
+    signal: Signal,
+    body: Bytes,
+    /// Data points or spans in it.
+    items: u64,
 }
 
 impl OtlpExporter {
     /// Checks `config` and starts the export task (on the current Tokio runtime).
     pub fn start(config: OtlpConfig, stats: Arc<CollectorStats>) -> Result<Self, String> {
-        let uri = config.metrics_uri()?;
+        let metrics_uri = config.uri("/v1/metrics")?;
+        let traces_uri = config.uri("/v1/traces")?;
         let headers = config.header_map()?;
         let (batches, receiver) = mpsc::channel(config.queue_batches.max(1));
         let sender = Sender {
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-            uri,
+            metrics_uri,
+            traces_uri,
             headers,
             config,
             stats: stats.clone(),
@@ -168,31 +211,71 @@ impl OtlpExporter {
         Ok(Self { batches, stats })
     }
 
-    /// Queues `aggregates` for export, or counts their points as dropped when the queue is
-    /// full (the receiver has been failing for a long time).
+    /// Queues `aggregates` for export as metrics.
     pub fn export(&self, aggregates: Vec<Aggregate>) {
         if aggregates.is_empty() {
             return;
         }
-        let points = points_of(&aggregates);
-        match self.batches.try_send(aggregates) {
+        self.queue(Batch {
+            signal: Signal::Metrics,
+            items: points_of(&aggregates),
+            body: Bytes::from(request_of(&aggregates).encode_to_vec()),
+        });
+    }
+
+    /// Queues the exemplars of `window` (its slow, failed or sampled requests) for export
+    /// as spans.
+    pub fn export_exemplars(&self, window: &LatencyWindow) {
+        if window.exemplars.is_empty() {
+            return;
+        }
+        self.queue(Batch {
+            signal: Signal::Spans,
+            items: window.exemplars.len() as u64,
+            body: Bytes::from(spans_of(window).encode_to_vec()),
+        });
+    }
+
+    /// Queues `batch`, or counts its items as dropped when the queue is full (the receiver
+    /// has been failing for a long time).
+    fn queue(&self, batch: Batch) {
+        let (signal, items) = (batch.signal, batch.items);
+        match self.batches.try_send(batch) {
             Ok(()) => {
                 self.stats.otlp_queued.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => {
-                self.stats
-                    .otlp_points_dropped
-                    .fetch_add(points, Ordering::Relaxed);
+                self.stats.otlp_dropped(signal, items);
                 tracing::warn!(
-                    points,
-                    "OTLP export queue is {}: data points dropped",
+                    items,
+                    "OTLP export queue is {}: {} dropped",
                     match error {
                         mpsc::error::TrySendError::Full(_) => "full",
                         mpsc::error::TrySendError::Closed(_) => "closed",
-                    }
+                    },
+                    signal.items()
                 );
             }
         }
+    }
+}
+
+impl CollectorStats {
+    fn otlp_dropped(&self, signal: Signal, items: u64) {
+        match signal {
+            Signal::Metrics => &self.otlp_points_dropped,
+            Signal::Spans => &self.otlp_spans_dropped,
+        }
+        .fetch_add(items, Ordering::Relaxed);
+    }
+
+    fn otlp_delivered(&self, signal: Signal, accepted: u64, rejected: u64) {
+        let (exported, refused) = match signal {
+            Signal::Metrics => (&self.otlp_points_exported, &self.otlp_points_rejected),
+            Signal::Spans => (&self.otlp_spans_exported, &self.otlp_spans_rejected),
+        };
+        exported.fetch_add(accepted, Ordering::Relaxed);
+        refused.fetch_add(rejected, Ordering::Relaxed);
     }
 }
 
@@ -213,7 +296,8 @@ fn points_of(aggregates: &[Aggregate]) -> u64 {
 
 struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
-    uri: Uri,
+    metrics_uri: Uri,
+    traces_uri: Uri,
     headers: HeaderMap,
     config: OtlpConfig,
     stats: Arc<CollectorStats>,
@@ -235,60 +319,63 @@ enum Attempt {
 }
 
 impl Sender {
-    async fn run(self, mut batches: mpsc::Receiver<Vec<Aggregate>>) {
-        while let Some(aggregates) = batches.recv().await {
+    async fn run(self, mut batches: mpsc::Receiver<Batch>) {
+        while let Some(batch) = batches.recv().await {
             self.stats.otlp_queued.fetch_sub(1, Ordering::Relaxed);
-            let points = points_of(&aggregates);
-            let body = Bytes::from(request_of(&aggregates).encode_to_vec());
-            self.deliver(body, points).await;
+            self.deliver(batch).await;
         }
     }
 
     /// Sends one batch, retrying what can be retried; counts how it ended.
-    async fn deliver(&self, body: Bytes, points: u64) {
+    async fn deliver(&self, batch: Batch) {
+        let uri = match batch.signal {
+            Signal::Metrics => &self.metrics_uri,
+            Signal::Spans => &self.traces_uri,
+        };
         let mut backoff = self.config.initial_backoff;
         for attempt in 1..=self.config.max_attempts.max(1) {
-            let outcome =
-                match tokio::time::timeout(self.config.timeout, self.post(body.clone())).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => Attempt::Retry {
-                        reason: format!(
-                            "no answer within {}",
-                            humantime::format_duration(self.config.timeout)
-                        ),
-                        after: None,
-                    },
-                };
+            let post = self.post(uri, batch.signal, batch.body.clone());
+            let outcome = match tokio::time::timeout(self.config.timeout, post).await {
+                Ok(outcome) => outcome,
+                Err(_) => Attempt::Retry {
+                    reason: format!(
+                        "no answer within {}",
+                        humantime::format_duration(self.config.timeout)
+                    ),
+                    after: None,
+                },
+            };
             match outcome {
                 Attempt::Sent { rejected, message } => {
+                    let rejected = rejected.min(batch.items);
                     self.stats
-                        .otlp_points_exported
-                        .fetch_add(points - rejected.min(points), Ordering::Relaxed);
+                        .otlp_delivered(batch.signal, batch.items - rejected, rejected);
                     if rejected > 0 {
-                        self.stats
-                            .otlp_points_rejected
-                            .fetch_add(rejected, Ordering::Relaxed);
-                        tracing::warn!(rejected, %message, "the OTLP receiver rejected data points");
+                        tracing::warn!(
+                            rejected, %message,
+                            "the OTLP receiver rejected {}", batch.signal.items()
+                        );
                     }
                     return;
                 }
                 Attempt::Fail { reason } => {
                     self.stats.otlp_failures.fetch_add(1, Ordering::Relaxed);
-                    self.drop_batch(points, &reason);
+                    self.drop_batch(uri, &batch, &reason);
                     return;
                 }
                 Attempt::Retry { reason, after } => {
                     self.stats.otlp_failures.fetch_add(1, Ordering::Relaxed);
                     if attempt == self.config.max_attempts.max(1) {
                         self.drop_batch(
-                            points,
+                            uri,
+                            &batch,
                             &format!("{reason} (gave up after {attempt} attempts)"),
                         );
                         return;
                     }
                     let wait = after.unwrap_or(backoff).min(self.config.max_backoff);
                     tracing::warn!(
-                        uri = %self.uri, attempt, %reason,
+                        %uri, attempt, %reason,
                         "OTLP export failed; retrying in {}", humantime::format_duration(wait)
                     );
                     tokio::time::sleep(wait).await;
@@ -298,17 +385,18 @@ impl Sender {
         }
     }
 
-    fn drop_batch(&self, points: u64, reason: &str) {
-        self.stats
-            .otlp_points_dropped
-            .fetch_add(points, Ordering::Relaxed);
-        tracing::error!(uri = %self.uri, points, %reason, "OTLP export failed: data points dropped");
+    fn drop_batch(&self, uri: &Uri, batch: &Batch, reason: &str) {
+        self.stats.otlp_dropped(batch.signal, batch.items);
+        tracing::error!(
+            %uri, items = batch.items, %reason,
+            "OTLP export failed: {} dropped", batch.signal.items()
+        );
     }
 
-    async fn post(&self, body: Bytes) -> Attempt {
+    async fn post(&self, uri: &Uri, signal: Signal, body: Bytes) -> Attempt {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = uri.clone();
         let headers = request.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -345,17 +433,22 @@ impl Sender {
             }
         };
         if status.is_success() {
-            let answer = ExportMetricsServiceResponse::decode(body).unwrap_or_default();
-            let (rejected, message) =
-                answer
-                    .partial_success
-                    .map_or((0, String::new()), |partial| {
-                        (
-                            u64::try_from(partial.rejected_data_points).unwrap_or(0),
-                            partial.error_message,
-                        )
-                    });
-            return Attempt::Sent { rejected, message };
+            // An empty or undecodable answer is a full success.
+            let (rejected, message) = match signal {
+                Signal::Metrics => ExportMetricsServiceResponse::decode(body)
+                    .ok()
+                    .and_then(|answer| answer.partial_success)
+                    .map(|partial| (partial.rejected_data_points, partial.error_message)),
+                Signal::Spans => ExportTraceServiceResponse::decode(body)
+                    .ok()
+                    .and_then(|answer| answer.partial_success)
+                    .map(|partial| (partial.rejected_spans, partial.error_message)),
+            }
+            .unwrap_or_default();
+            return Attempt::Sent {
+                rejected: u64::try_from(rejected).unwrap_or(0),
+                message,
+            };
         }
         let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
         let reason = format!("{status}: {text}");
@@ -479,12 +572,7 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
                 entity_refs: Vec::new(),
             }),
             scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope {
-                    name: "trazor-collector".to_owned(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    attributes: Vec::new(),
-                    dropped_attributes_count: 0,
-                }),
+                scope: Some(scope()),
                 metrics,
                 schema_url: String::new(),
             }],
@@ -496,8 +584,33 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
 /// What an aggregate is about, as OTLP attributes (OpenTelemetry's semantic conventions
 /// where one fits).
 fn attributes_of(aggregate: &Aggregate) -> Vec<KeyValue> {
+    let mut attributes = subject_attributes(&aggregate.subject);
+    if !aggregate.route.is_empty() {
+        attributes.push(string_attribute("http.route", aggregate.route.clone()));
+    }
+    if !aggregate.method.is_empty() {
+        attributes.push(string_attribute(
+            "http.request.method",
+            aggregate.method.clone(),
+        ));
+    }
+    attributes.push(string_attribute(
+        "trazor.direction",
+        direction_name(aggregate.direction).to_owned(),
+    ));
+    if !aggregate.profile.is_empty() {
+        attributes.push(string_attribute(
+            "trazor.profile",
+            aggregate.profile.clone(),
+        ));
+    }
+    attributes
+}
+
+/// The workload, pod or process as attributes.
+fn subject_attributes(subject: &Subject) -> Vec<KeyValue> {
     let mut attributes = Vec::with_capacity(8);
-    match &aggregate.subject {
+    match subject {
         Subject::Workload {
             namespace,
             workload_kind,
@@ -533,26 +646,124 @@ fn attributes_of(aggregate: &Aggregate) -> Vec<KeyValue> {
             attributes.push(string_attribute("process.executable.name", name.clone()));
         }
     }
-    if !aggregate.route.is_empty() {
-        attributes.push(string_attribute("http.route", aggregate.route.clone()));
-    }
-    if !aggregate.method.is_empty() {
-        attributes.push(string_attribute(
-            "http.request.method",
-            aggregate.method.clone(),
-        ));
-    }
-    attributes.push(string_attribute(
-        "trazor.direction",
-        direction_name(aggregate.direction).to_owned(),
-    ));
-    if !aggregate.profile.is_empty() {
-        attributes.push(string_attribute(
-            "trazor.profile",
-            aggregate.profile.clone(),
-        ));
-    }
     attributes
+}
+
+/// One OTLP traces request for the exemplars of `window`: a span per request, under a
+/// resource named after its workload (or pod, or process), so tracing backends list it as
+/// a service. Each span is its own trace: Trazor sees requests, not their propagation.
+pub fn spans_of(window: &LatencyWindow) -> ExportTraceServiceRequest {
+    let subject = Subject::of(window);
+    let service = match &subject {
+        Subject::Workload { workload_name, .. } => workload_name.clone(),
+        Subject::Pod { name, .. } | Subject::Process { name } => name.clone(),
+    };
+    let mut resource = vec![string_attribute("service.name", service)];
+    resource.extend(subject_attributes(&subject));
+    let source = window.source.clone().unwrap_or_default();
+    if !source.node_name.is_empty() {
+        resource.push(string_attribute("k8s.node.name", source.node_name));
+    }
+    if let Some(pod) = source.pod {
+        if !pod.name.is_empty() && !matches!(subject, Subject::Pod { .. }) {
+            resource.push(string_attribute("k8s.pod.name", pod.name));
+        }
+    } else if source.pid != 0 {
+        resource.push(int_attribute("process.pid", i64::from(source.pid)));
+    }
+    let client = window.direction == Direction::Client as i32;
+    let spans = window
+        .exemplars
+        .iter()
+        .map(|exemplar| {
+            let method = if exemplar.method.is_empty() {
+                &window.method
+            } else {
+                &exemplar.method
+            };
+            let mut attributes = vec![
+                string_attribute("http.request.method", method.clone()),
+                int_attribute("http.response.status_code", i64::from(exemplar.status_code)),
+                string_attribute("url.path", exemplar.path.clone()),
+                int_attribute("thread.id", i64::from(exemplar.tid)),
+            ];
+            if !window.route.is_empty() {
+                attributes.push(string_attribute("http.route", window.route.clone()));
+            }
+            if let Some(peer) = window.peer.as_ref().filter(|_| client) {
+                attributes.push(string_attribute("server.address", peer.address.clone()));
+                attributes.push(int_attribute("server.port", i64::from(peer.port)));
+            }
+            if !window.profile.is_empty() {
+                attributes.push(string_attribute("trazor.profile", window.profile.clone()));
+            }
+            let target = if window.route.is_empty() {
+                &exemplar.path
+            } else {
+                &window.route
+            };
+            Span {
+                trace_id: rand::random::<[u8; 16]>().to_vec(),
+                span_id: rand::random::<[u8; 8]>().to_vec(),
+                name: format!("{method} {target}").trim().to_owned(),
+                kind: if client {
+                    SpanKind::Client
+                } else {
+                    SpanKind::Server
+                } as i32,
+                start_time_unix_nano: exemplar.start_unix_nanos,
+                end_time_unix_nano: exemplar
+                    .start_unix_nanos
+                    .saturating_add(exemplar.duration_nanos),
+                attributes,
+                // Server errors are the server's; a client's span errs on either class.
+                status: Some(Status {
+                    message: String::new(),
+                    code: if exemplar.status_code >= 500 || (client && exemplar.status_code >= 400)
+                    {
+                        SpanStatus::Error
+                    } else {
+                        SpanStatus::Unset
+                    } as i32,
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: resource,
+                dropped_attributes_count: 0,
+                entity_refs: Vec::new(),
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(scope()),
+                spans,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "trazor-collector".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        attributes: Vec::new(),
+        dropped_attributes_count: 0,
+    }
+}
+
+fn int_attribute(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
 }
 
 fn string_attribute(key: &str, value: String) -> KeyValue {

@@ -38,12 +38,16 @@ pub struct CollectorStats {
     pub otlp_points_dropped: AtomicU64,
     pub otlp_points_rejected: AtomicU64,
     pub otlp_failures: AtomicU64,
+    /// Spans (exemplars) accepted, dropped, rejected.
+    pub otlp_spans_exported: AtomicU64,
+    pub otlp_spans_dropped: AtomicU64,
+    pub otlp_spans_rejected: AtomicU64,
 }
 
 impl CollectorStats {
     /// Prometheus exposition text.
     pub fn render(&self) -> String {
-        let metrics: [(&str, &str, &str, &AtomicU64); 27] = [
+        let metrics: [(&str, &str, &str, &AtomicU64); 30] = [
             (
                 "trazor_collector_streams_opened_total",
                 "counter",
@@ -205,6 +209,24 @@ impl CollectorStats {
                 "counter",
                 "OTLP export attempts that failed (retried ones included).",
                 &self.otlp_failures,
+            ),
+            (
+                "trazor_collector_otlp_spans_exported_total",
+                "counter",
+                "Exemplar spans the OTLP receiver accepted.",
+                &self.otlp_spans_exported,
+            ),
+            (
+                "trazor_collector_otlp_spans_dropped_total",
+                "counter",
+                "Exemplar spans dropped: the export queue was full, or sending failed for good.",
+                &self.otlp_spans_dropped,
+            ),
+            (
+                "trazor_collector_otlp_spans_rejected_total",
+                "counter",
+                "Exemplar spans the OTLP receiver rejected (a partial success).",
+                &self.otlp_spans_rejected,
             ),
         ];
         let mut text = String::new();

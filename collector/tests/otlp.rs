@@ -19,6 +19,7 @@ use trazor_collector::{
     otlp::{DURATION_METRIC, OtlpConfig, RESPONSES_METRIC},
     stats::CollectorStats,
 };
+use trazor_proto::v1::{Exemplar, agent_message};
 
 mod common;
 
@@ -74,16 +75,34 @@ impl Receiver {
 
     /// The next metric named `name`, skipping others.
     fn metric(&self, name: &str) -> serde_json::Value {
+        self.next(&format!("{name} metric"), |item| {
+            (item["metric"]["name"] == name).then(|| item["metric"].clone())
+        })
+    }
+
+    /// The next span.
+    fn span(&self) -> serde_json::Value {
+        self.next("span", |item| {
+            (!item["span"].is_null()).then(|| item["span"].clone())
+        })
+    }
+
+    /// The first item within 20 s that `wanted` picks.
+    fn next(
+        &self,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> Option<serde_json::Value>,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self
                 .lines
                 .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {name} metric reached the receiver"));
-            let metric: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if metric["name"] == name {
-                return metric;
+                .unwrap_or_else(|_| panic!("no {what} reached the receiver"));
+            let item: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if let Some(found) = wanted(&item) {
+                return found;
             }
         }
     }
@@ -121,6 +140,12 @@ async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
         assert!(Instant::now() < deadline, "never {line:?}:\n{metrics}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A timestamp: a 64-bit integer, which protobuf's JSON mapping writes as a string (and
+/// which an f64 cannot hold to the nanosecond).
+fn nanos(value: &serde_json::Value) -> u64 {
+    value.as_str().unwrap().parse().unwrap()
 }
 
 /// A JSON number or, as protobuf's JSON mapping writes 64-bit integers, a string.
@@ -208,11 +233,8 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
     .map(|(key, value)| (key.to_owned(), value.to_owned()))
     .collect();
     assert_eq!(attributes(point), expected);
-    assert_eq!(
-        number(&point["start_time_unix_nano"]) as u64,
-        end - 1_000_000_000
-    );
-    assert_eq!(number(&point["time_unix_nano"]) as u64, end);
+    assert_eq!(nanos(&point["start_time_unix_nano"]), end - 1_000_000_000);
+    assert_eq!(nanos(&point["time_unix_nano"]), end);
     assert_eq!(number(&point["count"]), 10.0);
     assert_eq!(number(&point["sum"]), 10.0 * 1e6);
     assert_eq!(
@@ -348,4 +370,79 @@ async fn a_receiver_that_refuses_the_request_is_not_retried() {
             .render()
             .contains("trazor_collector_otlp_failures_total 1")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exemplars_reach_a_real_otlp_receiver_as_spans() {
+    let receiver = Receiver::start();
+    let (grpc, stats) = collector(OtlpConfig::new(format!(
+        "http://127.0.0.1:{}",
+        receiver.port
+    )))
+    .await;
+    let end = window_end();
+    let mut message = pod_window(1, "checkout-1", end, &[(1_400, 2)], &[0, 0, 1, 0, 0, 1]);
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("not a window");
+    };
+    // A failed request and a slow one, as the agent reports them.
+    let start = end - 500_000_000;
+    window.exemplars = vec![
+        Exemplar {
+            start_unix_nanos: start,
+            duration_nanos: 2_000_000,
+            method: "GET".into(),
+            status_code: 503,
+            path: "/cart/42".into(),
+            tid: 4242,
+        },
+        Exemplar {
+            start_unix_nanos: start + 1_000,
+            duration_nanos: 900_000_000,
+            method: "GET".into(),
+            status_code: 200,
+            path: "/cart/7".into(),
+            tid: 4243,
+        },
+    ];
+    send(&grpc, "agent-a", vec![message]).await;
+    let mut spans = [receiver.span(), receiver.span()];
+    spans.sort_by_key(|span| nanos(&span["start_time_unix_nano"]));
+    for (span, status, path, duration, code) in [
+        (&spans[0], 503.0, "/cart/42", 2_000_000, "STATUS_CODE_ERROR"),
+        (
+            &spans[1],
+            200.0,
+            "/cart/7",
+            900_000_000,
+            "STATUS_CODE_UNSET",
+        ),
+    ] {
+        assert_eq!(span["name"], "GET /cart/{id}", "{span}");
+        assert_eq!(span["kind"], "SPAN_KIND_SERVER", "{span}");
+        // 16 and 8 random bytes (base64 in JSON).
+        assert_eq!(span["trace_id"].as_str().unwrap().len(), 24, "{span}");
+        assert_eq!(span["span_id"].as_str().unwrap().len(), 12, "{span}");
+        let start = nanos(&span["start_time_unix_nano"]);
+        assert_eq!(nanos(&span["end_time_unix_nano"]) - start, duration);
+        assert_eq!(
+            span["status"]["code"]
+                .as_str()
+                .unwrap_or("STATUS_CODE_UNSET"),
+            code
+        );
+        let attributes: BTreeMap<&str, &serde_json::Value> = span["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|attribute| (attribute["key"].as_str().unwrap(), &attribute["value"]))
+            .collect();
+        assert_eq!(
+            number(&attributes["http.response.status_code"]["int_value"]),
+            status
+        );
+        assert_eq!(attributes["url.path"]["string_value"], path);
+        assert_eq!(attributes["http.route"]["string_value"], "/cart/{id}");
+    }
+    metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 2").await;
 }
