@@ -110,10 +110,12 @@ async fn main() -> ExitCode {
         }
         _ => None,
     };
+    // The endpoint is checked when the collector binds (the exporter starts there).
     let otlp = match flags.otlp_endpoint.as_deref().map(|endpoint| {
-        let mut config = OtlpConfig::new(endpoint);
-        config.headers = parse_headers(&flags.otlp_header.join(","))?;
-        config.metrics_uri().map(|_| config)
+        parse_headers(&flags.otlp_header.join(",")).map(|headers| OtlpConfig {
+            headers,
+            ..OtlpConfig::new(endpoint)
+        })
     }) {
         None => None,
         Some(Ok(config)) => Some(config),

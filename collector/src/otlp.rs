@@ -74,7 +74,8 @@ pub const RESPONSES_METRIC: &str = "trazor.http.responses";
 /// Where and how to export.
 #[derive(Clone, Debug)]
 pub struct OtlpConfig {
-    /// Base URL (`http://host:4318`); requests go to `{endpoint}/v1/metrics`.
+    /// Base URL (`http://host:4318`); requests go to `{endpoint}/v1/metrics` and
+    /// `{endpoint}/v1/traces`.
     pub endpoint: String,
     /// Extra request headers (an API key, a tenant id).
     pub headers: Vec<(String, String)>,
@@ -102,12 +103,8 @@ impl OtlpConfig {
         }
     }
 
-    /// The metrics URL, or why the endpoint cannot be used.
-    pub fn metrics_uri(&self) -> Result<Uri, String> {
-        self.uri("/v1/metrics")
-    }
-
-    /// The URL of the signal at `path` (`/v1/metrics`, `/v1/traces`).
+    /// The URL of the signal at `path` (`/v1/metrics`, `/v1/traces`), or why the endpoint
+    /// cannot be used.
     fn uri(&self, path: &str) -> Result<Uri, String> {
         if self.endpoint.starts_with("https://") {
             return Err(format!(
@@ -783,7 +780,7 @@ mod tests {
     #[test]
     fn endpoints_are_checked_with_clear_errors() {
         let uri = OtlpConfig::new("http://otel-collector:4318/")
-            .metrics_uri()
+            .uri("/v1/metrics")
             .unwrap();
         assert_eq!(uri.to_string(), "http://otel-collector:4318/v1/metrics");
         for (endpoint, says) in [
@@ -793,7 +790,7 @@ mod tests {
             ("HTTP://otel:4318", "must start with http://"),
             ("http://exa mple", "not a URL"),
         ] {
-            let error = OtlpConfig::new(endpoint).metrics_uri().unwrap_err();
+            let error = OtlpConfig::new(endpoint).uri("/v1/metrics").unwrap_err();
             assert!(error.contains(says), "{endpoint}: {error}");
         }
     }

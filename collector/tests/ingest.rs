@@ -3,8 +3,11 @@
 //! a status while good ones keep flowing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
+use common::pod_window;
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -171,7 +174,6 @@ async fn an_address_in_use_is_a_clear_error() {
 /// published alone, marked late, and counted.
 #[tokio::test]
 async fn windows_from_two_agents_merge_exactly_and_late_ones_are_counted() {
-    use trazor_proto::v1::{ExponentialHistogram, PodIdentity};
     let collector = BoundCollector::bind(&CollectorConfig {
         late_grace: Duration::from_millis(300),
         ..Default::default()
@@ -188,33 +190,6 @@ async fn windows_from_two_agents_merge_exactly_and_late_ones_are_counted() {
         .as_nanos() as u64;
     // The window ends at the next second: not late on arrival, closes 300 ms after.
     let end = (now / 1_000_000_000 + 1) * 1_000_000_000;
-    let pod_window = |pod: &str, buckets: &[(i32, u64)]| {
-        let histogram =
-            ExponentialHistogram::from_sparse(6, &buckets.iter().copied().collect()).unwrap();
-        AgentMessage {
-            kind: Some(agent_message::Kind::Window(LatencyWindow {
-                sequence: 1,
-                source: Some(Source {
-                    pod: Some(PodIdentity {
-                        namespace: "shop".into(),
-                        name: pod.into(),
-                        workload_kind: "Deployment".into(),
-                        workload_name: "checkout".into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                start_unix_nanos: end - 1_000_000_000,
-                end_unix_nanos: end,
-                stats: Some(LatencyStats {
-                    count: histogram.total(),
-                    ..Default::default()
-                }),
-                histogram: Some(histogram),
-                ..Default::default()
-            })),
-        }
-    };
     let (mut feed, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
         .await
         .unwrap();
@@ -231,7 +206,10 @@ async fn windows_from_two_agents_merge_exactly_and_late_ones_are_counted() {
             .await
             .unwrap()
             .into_inner();
-        sender.send(pod_window(pod, &buckets)).await.unwrap();
+        sender
+            .send(pod_window(1, pod, end, &buckets, &[]))
+            .await
+            .unwrap();
         acks.message().await.unwrap().unwrap();
         streams.push((sender, acks));
     }
@@ -262,10 +240,7 @@ async fn windows_from_two_agents_merge_exactly_and_late_ones_are_counted() {
 
     // A third pod's window for the same period, after the aggregate closed: late.
     let (sender, acks) = &mut streams[0];
-    let mut late = pod_window("checkout-3", &[(1_400, 1)]);
-    if let Some(agent_message::Kind::Window(window)) = &mut late.kind {
-        window.sequence = 2;
-    }
+    let late = pod_window(2, "checkout-3", end, &[(1_400, 1)], &[]);
     sender.send(late).await.unwrap();
     acks.message().await.unwrap().unwrap();
     let late_json = loop {

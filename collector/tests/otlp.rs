@@ -142,6 +142,14 @@ async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
     }
 }
 
+/// Asserts that the collector's metrics text has `line` (a metric and its value).
+fn assert_line(metrics: &str, line: &str) {
+    assert!(
+        metrics.lines().any(|metric| metric == line),
+        "no {line:?} in:\n{metrics}"
+    );
+}
+
 /// A timestamp: a 64-bit integer, which protobuf's JSON mapping writes as a string (and
 /// which an f64 cannot hold to the nanosecond).
 fn nanos(value: &serde_json::Value) -> u64 {
@@ -288,18 +296,8 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
     // 1 + 2 points (histogram, two classes), then 1 + 1 for the late window (counted once
     // the receiver's answer is back, a moment after it printed the metrics).
     let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 5").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|line| line == "trazor_collector_otlp_points_dropped_total 0"),
-        "{metrics}"
-    );
-    assert!(
-        metrics
-            .lines()
-            .any(|line| line == "trazor_collector_otlp_failures_total 0"),
-        "{metrics}"
-    );
+    assert_line(&metrics, "trazor_collector_otlp_points_dropped_total 0");
+    assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,18 +319,8 @@ async fn an_unreachable_receiver_is_retried_then_its_points_are_counted_as_dropp
     )
     .await;
     let metrics = metrics_once(&stats, "trazor_collector_otlp_points_dropped_total 2").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|line| line == "trazor_collector_otlp_failures_total 3"),
-        "{metrics}"
-    );
-    assert!(
-        metrics
-            .lines()
-            .any(|line| line == "trazor_collector_otlp_points_exported_total 0"),
-        "{metrics}"
-    );
+    assert_line(&metrics, "trazor_collector_otlp_failures_total 3");
+    assert_line(&metrics, "trazor_collector_otlp_points_exported_total 0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,11 +353,7 @@ async fn a_receiver_that_refuses_the_request_is_not_retried() {
     metrics_once(&stats, "trazor_collector_otlp_points_dropped_total 1").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert!(
-        stats
-            .render()
-            .contains("trazor_collector_otlp_failures_total 1")
-    );
+    assert_line(&stats.render(), "trazor_collector_otlp_failures_total 1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
