@@ -30,6 +30,15 @@
 {{- printf "%s-node-agent" (include "trazor.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Where the agents stream windows: agent.collectorEndpoint, or the collector Service by DNS. */}}
+{{- define "trazor.collectorEndpoint" -}}
+{{- if .Values.agent.collectorEndpoint }}
+{{- .Values.agent.collectorEndpoint }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "trazor.collectorName" .) .Release.Namespace (int .Values.collector.service.grpcPort) }}
+{{- end }}
+{{- end }}
+
 {{- define "trazor.tag" -}}
 {{- default .Chart.AppVersion .Values.images.tag }}
 {{- end }}
