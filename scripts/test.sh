@@ -17,6 +17,31 @@ scripts/setup.sh
 step "rustfmt"
 cargo fmt --all --check
 
+step "Helm chart (lint, template)"
+# The real helm that setup.sh installs (or TRAZOR_HELM, or one on PATH), on the defaults and
+# on ci/non-default-values.yaml; operator/tests/chart.rs then parses what it renders.
+helm=${TRAZOR_HELM:-$HOME/.cache/trazor/bin/helm}
+[ -x "$helm" ] || helm=$(command -v helm) || {
+    echo "no helm: run scripts/setup.sh (it installs one into ~/.cache/trazor/bin)" >&2
+    exit 1
+}
+"$helm" version --template 'helm {{.Version}}{{"\n"}}'
+for values in charts/trazor/values.yaml charts/trazor/ci/non-default-values.yaml; do
+    echo "chart values: $values"
+    "$helm" lint --strict charts/trazor --values "$values"
+    "$helm" template trazor charts/trazor --namespace trazor-system --values "$values" >/dev/null
+done
+# values.schema.json must turn a misspelt value into an error that names it.
+if typo=$("$helm" template trazor charts/trazor --set collector.replica=2 2>&1); then
+    echo "helm template accepted the misspelt value collector.replica" >&2
+    exit 1
+fi
+grep -q "additional properties 'replica' not allowed" <<<"$typo" || {
+    echo "helm template failed on collector.replica, but without naming it: $typo" >&2
+    exit 1
+}
+echo "misspelt value rejected: $(grep -m1 "additional properties" <<<"$typo")"
+
 step "clippy (first run compiles the workspace: several minutes)"
 cargo clippy --locked --all-targets -- -D warnings
 # The kernel programs build only for the BPF target, with nightly (node-agent/build.rs).
