@@ -4,9 +4,13 @@
 //! Every request the reconciler makes is asserted (method, full URI with `fieldManager`, and
 //! body), in order. A call the reconciler does not make fails the test by timing out
 //! ([`timeout_after_1s`]); a call it makes beyond the scenario finds the mock closed and fails
-//! the reconcile.
+//! the reconcile. Every request served must also be one that [`crate::rbac::API_CALLS`] lists,
+//! so the RBAC the chart grants keeps up with the code ([`assert_listed_in_rbac`]).
+//!
+//! [`RecordingApiServer`] answers anything, for tests of which calls whole tasks (start-up,
+//! leader election, the controller's watches) make.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
@@ -29,6 +33,17 @@ use crate::{
 pub const NS: &str = "shop";
 /// Namespace of the agents, ConfigMap and DaemonSet in tests.
 pub const AGENT_NS: &str = "trazor-system";
+/// The operator's own Deployment in tests (`--owner-deployment`), in [`AGENT_NS`].
+pub const OPERATOR_DEPLOYMENT: &str = "trazor-operator";
+
+/// Fails the test when `method uri` is a call the operator's RBAC table does not list.
+pub fn assert_listed_in_rbac(method: &Method, uri: &str) {
+    if let Err(unlisted) =
+        crate::rbac::entry_for(method.as_str(), uri, AGENT_NS, OPERATOR_DEPLOYMENT)
+    {
+        panic!("{unlisted}");
+    }
+}
 
 impl TraceProfile {
     /// A stored profile in [`NS`] with the given spec (JSON, defaults filled in by serde).
@@ -371,6 +386,7 @@ async fn serve(handle: &mut ApiServerHandle, call: Call) {
         .unwrap_or_else(|| panic!("service not called for: {}", call.what));
     assert_eq!(request.method(), call.method, "method of: {}", call.what);
     assert_eq!(request.uri().to_string(), call.uri, "URI of: {}", call.what);
+    assert_listed_in_rbac(request.method(), &request.uri().to_string());
     let bytes = request
         .into_body()
         .collect_bytes()
@@ -396,4 +412,140 @@ async fn serve(handle: &mut ApiServerHandle, call: Call) {
         )),
     };
     send.send_response(response.expect("valid response"));
+}
+
+/// An API server that answers every request as a real one would for a single client, and
+/// records them: objects are kept by path (created by POST, merged by PATCH, removed by
+/// DELETE; an apply creates), lists are empty and watches never answer. It checks nothing
+/// itself: tests read [`RecordingApiServer::requests`] to see which calls were made.
+#[derive(Clone, Default)]
+pub struct RecordingApiServer {
+    requests: Arc<Mutex<Vec<(Method, String)>>>,
+}
+
+impl RecordingApiServer {
+    /// A client of a new server that holds `objects` (API path of each, e.g.
+    /// `/apis/apps/v1/namespaces/ns/deployments/name`, and the object).
+    pub fn start(objects: Vec<(String, Value)>) -> (Client, Self) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = Self::default();
+        let requests = server.requests.clone();
+        tokio::spawn(async move {
+            let mut stored: std::collections::HashMap<String, Value> =
+                objects.into_iter().collect();
+            // Answers to watches are held back, never sent: the watch stays open.
+            let mut open_watches = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
+                let uri = request.uri().clone();
+                requests
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((method.clone(), uri.to_string()));
+                let apply = request
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v.as_bytes() == b"application/apply-patch+yaml");
+                let bytes = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .expect("request body");
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let query = uri.query().unwrap_or("");
+                let path = uri.path().trim_end_matches('/').to_owned();
+                let named = |object: &Value| {
+                    format!("{path}/{}", object["metadata"]["name"].as_str().unwrap_or(""))
+                };
+                let (status, reply) = match method {
+                    Method::GET if query.contains("watch=true") => {
+                        open_watches.push(send);
+                        continue;
+                    }
+                    Method::GET => match stored.get(&path) {
+                        Some(object) => (StatusCode::OK, object.clone()),
+                        None if looks_like_collection(&path) => (
+                            StatusCode::OK,
+                            json!({"apiVersion": "v1", "kind": "List",
+                                   "metadata": {"resourceVersion": "1"}, "items": []}),
+                        ),
+                        None => not_found(),
+                    },
+                    Method::POST => {
+                        let mut object = body;
+                        object["metadata"]["resourceVersion"] = json!("1");
+                        object["metadata"]["uid"] = json!("uid-created");
+                        stored.insert(named(&object), object.clone());
+                        (StatusCode::CREATED, object)
+                    }
+                    Method::PATCH => match (stored.get_mut(&path), apply) {
+                        (Some(object), _) => {
+                            merge(object, &body);
+                            (StatusCode::OK, object.clone())
+                        }
+                        (None, true) => {
+                            stored.insert(path, body.clone());
+                            (StatusCode::CREATED, body)
+                        }
+                        (None, false) => not_found(),
+                    },
+                    Method::DELETE => match stored.remove(&path) {
+                        Some(object) => (StatusCode::OK, object),
+                        None => not_found(),
+                    },
+                    _ => not_found(),
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+                        .expect("valid response"),
+                );
+            }
+            drop(open_watches);
+        });
+        (Client::new(service, "default"), server)
+    }
+
+    /// Every request so far, as method and URI.
+    pub fn requests(&self) -> Vec<(Method, String)> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A collection path ends in a resource (`.../pods`), an object path in a name: paths have
+/// an even number of segments after `/api/v1` or `/apis/group/version` for collections.
+fn looks_like_collection(path: &str) -> bool {
+    let segments = path.trim_matches('/').split('/').count();
+    let prefix = if path.starts_with("/api/") { 2 } else { 3 };
+    segments
+        .checked_sub(prefix)
+        .is_some_and(|after_version| after_version % 2 == 1)
+}
+
+fn not_found() -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "message": "not found", "reason": "NotFound", "code": 404}),
+    )
+}
+
+/// JSON merge patch (RFC 7386): what strategic merge and apply come to for plain fields.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
 }

@@ -5,7 +5,8 @@
 //! node-agent configuration ([`render`], JSON in a ConfigMap the agents hot-reload), ensures
 //! the node-agent DaemonSet ([`daemonset`]) and reports each profile's verdict on its status
 //! (`Ready`/`Degraded` conditions, matched pods, reporting nodes). A [`leader`] Lease makes
-//! several replicas safe, and [`metrics`] counts reconciles and failures.
+//! several replicas safe, and [`metrics`] counts reconciles and failures. [`rbac`] lists every
+//! API call the operator makes, which tests and the chart's RBAC are checked against.
 
 pub mod controller;
 pub mod daemonset;
@@ -13,6 +14,7 @@ mod error;
 pub mod leader;
 pub mod metrics;
 pub mod profile;
+pub mod rbac;
 pub mod render;
 
 #[cfg(test)]

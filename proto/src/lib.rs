@@ -5,8 +5,10 @@
 //! [`histogram`] merges and reads the latency histograms both sides exchange.
 //! [`agent_config`] is the configuration document the operator writes for the node agents.
 //! [`record`] frames the records the agent's spool and the collector's journal keep on disk.
+//! [`api_access`] describes the Kubernetes API calls a component makes, which its RBAC grants.
 
 pub mod agent_config;
+pub mod api_access;
 pub mod auth;
 pub mod histogram;
 pub mod record;
