@@ -258,6 +258,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
             source.pods.clone(),
             pods.clone(),
             pods_changed_sender,
+            telemetry.clone(),
         )));
     }
     let config_generation = Arc::new(AtomicU64::new(0));
@@ -303,6 +304,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
                     name,
                     trazor_proto::agent_config::CONFIG_KEY.to_owned(),
                     sender,
+                    telemetry.clone(),
                 )));
                 windows.config_updates = Some(receiver);
             }

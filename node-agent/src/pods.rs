@@ -18,6 +18,8 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::telemetry::{AgentTelemetry, ApiWatch};
+
 /// One pod, as far as attribution needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -206,10 +208,16 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
 }
 
 /// Keeps `directory` in sync with `source` forever; bumps `changed` after every change.
-pub async fn follow(source: PodSource, directory: PodDirectory, changed: watch::Sender<u64>) {
+/// From the API, `health` learns whether the watch is in sync (the agent's readiness).
+pub async fn follow(
+    source: PodSource,
+    directory: PodDirectory,
+    changed: watch::Sender<u64>,
+    health: Arc<AgentTelemetry>,
+) {
     match source {
         PodSource::File(path) => follow_file(&path, &directory, &changed).await,
-        PodSource::Api { node_name } => follow_api(&node_name, &directory, &changed).await,
+        PodSource::Api { node_name } => follow_api(&node_name, &directory, &changed, &health).await,
     }
 }
 
@@ -239,17 +247,50 @@ async fn follow_file(path: &Path, directory: &PodDirectory, changed: &watch::Sen
     }
 }
 
-async fn follow_api(node_name: &str, directory: &PodDirectory, changed: &watch::Sender<u64>) {
+/// Waits between two attempts at an API watch: 1 s doubling to 30 s, back to 1 s once a
+/// watch has listed.
+struct WatchBackoff(Duration);
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self(Self::FIRST)
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::LONGEST);
+    }
+}
+
+/// A watch error ends the watch: the next attempt lists again, so readiness comes back only
+/// once the agent has a complete, current view (a watch resumed without a list would give no
+/// sign that it works until something changes).
+async fn follow_api(
+    node_name: &str,
+    directory: &PodDirectory,
+    changed: &watch::Sender<u64>,
+    health: &AgentTelemetry,
+) {
     use kube::runtime::watcher::{self, Event};
+    health.api_watch_failing(ApiWatch::Pods, "this node's pods not listed yet");
+    let mut backoff = WatchBackoff::new();
     loop {
         let client = match kube::Client::try_default().await {
             Ok(client) => client,
             Err(error) => {
                 tracing::error!(
                     %error,
-                    "cannot reach the Kubernetes API (in-cluster config or KUBECONFIG); retrying in 10 s"
+                    "cannot reach the Kubernetes API (in-cluster config or KUBECONFIG); retrying"
                 );
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                health.api_watch_failing(ApiWatch::Pods, format!("no API client: {error}"));
+                backoff.wait().await;
                 continue;
             }
         };
@@ -278,6 +319,8 @@ async fn follow_api(node_name: &str, directory: &PodDirectory, changed: &watch::
                     );
                     directory.replace_all(std::mem::take(&mut initial));
                     changed.send_modify(|generation| *generation += 1);
+                    health.api_watch_synced(ApiWatch::Pods);
+                    backoff.reset();
                 }
                 Ok(Event::Apply(pod)) => {
                     if let Some(info) = pod_info(&pod) {
@@ -291,43 +334,86 @@ async fn follow_api(node_name: &str, directory: &PodDirectory, changed: &watch::
                         changed.send_modify(|generation| *generation += 1);
                     }
                 }
-                // The watcher retries by itself; say so once per failure.
-                Err(error) => tracing::warn!(%error, "pod watch failed; it resumes by itself"),
+                Err(error) => {
+                    tracing::warn!(%error, "pod watch failed; listing again after a pause");
+                    health.api_watch_failing(ApiWatch::Pods, error.to_string());
+                    break;
+                }
             }
         }
+        backoff.wait().await;
     }
 }
 
 /// Sends the agent configuration document (`key` of ConfigMap `namespace/name`) whenever
 /// it changes, through the API: within seconds, where the kubelet's refresh of a mounted
-/// ConfigMap can take a minute.
+/// ConfigMap can take a minute. `health` learns whether the watch is in sync.
 pub async fn follow_config_map(
     namespace: String,
     name: String,
     key: String,
     document: watch::Sender<String>,
+    health: Arc<AgentTelemetry>,
 ) {
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::runtime::watcher::{self, Event};
+    health.api_watch_failing(
+        ApiWatch::Configuration,
+        format!("ConfigMap {namespace}/{name} not read yet"),
+    );
+    let mut backoff = WatchBackoff::new();
     loop {
         let client = match kube::Client::try_default().await {
             Ok(client) => client,
             Err(error) => {
                 tracing::warn!(%error, "cannot reach the Kubernetes API to watch the configuration; relying on the mounted file");
-                tokio::time::sleep(Duration::from_secs(30)).await;
+                health
+                    .api_watch_failing(ApiWatch::Configuration, format!("no API client: {error}"));
+                backoff.wait().await;
                 continue;
             }
         };
         let config_maps: kube::Api<ConfigMap> = kube::Api::namespaced(client, &namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut events = watcher::watcher(config_maps, config).boxed();
+        let mut listed = false;
         while let Some(event) = events.next().await {
             let config_map = match event {
-                Ok(Event::Apply(config_map) | Event::InitApply(config_map)) => config_map,
-                Ok(_) => continue,
-                Err(error) => {
-                    tracing::warn!(%error, "configuration watch failed; it resumes by itself");
+                Ok(Event::Init) => {
+                    listed = false;
                     continue;
+                }
+                Ok(Event::InitApply(config_map)) => {
+                    listed = true;
+                    config_map
+                }
+                Ok(Event::InitDone) => {
+                    if listed {
+                        health.api_watch_synced(ApiWatch::Configuration);
+                    } else {
+                        health.api_watch_failing(
+                            ApiWatch::Configuration,
+                            format!("ConfigMap {namespace}/{name} does not exist (the operator writes it)"),
+                        );
+                    }
+                    backoff.reset();
+                    continue;
+                }
+                Ok(Event::Apply(config_map)) => {
+                    health.api_watch_synced(ApiWatch::Configuration);
+                    config_map
+                }
+                Ok(Event::Delete(_)) => {
+                    health.api_watch_failing(
+                        ApiWatch::Configuration,
+                        format!("ConfigMap {namespace}/{name} was deleted; keeping the last configuration"),
+                    );
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "configuration watch failed; reading it again after a pause");
+                    health.api_watch_failing(ApiWatch::Configuration, error.to_string());
+                    break;
                 }
             };
             if let Some(text) = config_map.data.and_then(|mut data| data.remove(&key)) {
@@ -340,6 +426,7 @@ pub async fn follow_config_map(
                 });
             }
         }
+        backoff.wait().await;
     }
 }
 

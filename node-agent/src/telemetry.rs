@@ -2,11 +2,14 @@
 //! `--metrics-listen`. Every metric is declared in [`AgentTelemetry::render`], so names
 //! live in one place.
 //!
-//! `/healthz` answers while the process serves. `/readyz` answers 200 once the eBPF
-//! programs are attached and a stream to the collector is open, 503 otherwise (with the
-//! reason), so a DaemonSet rollout shows agents that measure but cannot deliver.
+//! `/healthz` answers while the process serves. `/readyz` answers 200 only while the agent
+//! can do its job: the eBPF programs are loaded, a stream to the collector is open and, in
+//! Kubernetes mode, this node's pods and the operator's configuration are being watched
+//! through the API. Otherwise 503 with every reason, so a DaemonSet rollout shows agents
+//! that cannot attribute or deliver instead of counting them ready.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddr,
     sync::{
@@ -20,6 +23,24 @@ use tokio::net::TcpListener;
 
 use crate::{Error, Result, capture::ConnectionTable, ship::Outbox};
 
+/// A Kubernetes API watch the agent depends on (Kubernetes mode only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ApiWatch {
+    /// This node's pods: without them no cgroup can be attributed or selected.
+    Pods,
+    /// The operator's configuration document: without it profile changes go unseen.
+    Configuration,
+}
+
+impl ApiWatch {
+    fn label(self) -> &'static str {
+        match self {
+            ApiWatch::Pods => "pods",
+            ApiWatch::Configuration => "configuration",
+        }
+    }
+}
+
 /// Shared between the agent's loops and the metrics server.
 #[derive(Debug)]
 pub struct AgentTelemetry {
@@ -27,6 +48,8 @@ pub struct AgentTelemetry {
     kernel_drops: Mutex<Vec<(&'static str, u64)>>,
     connection_table: Mutex<Option<ConnectionTable>>,
     attached: AtomicBool,
+    /// The API watches this agent depends on, each with why it is failing (`None`: synced).
+    api_watches: Mutex<BTreeMap<ApiWatch, Option<String>>>,
 }
 
 impl AgentTelemetry {
@@ -36,7 +59,32 @@ impl AgentTelemetry {
             kernel_drops: Mutex::new(Vec::new()),
             connection_table: Mutex::new(None),
             attached: AtomicBool::new(false),
+            api_watches: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Records that `watch` is not (or no longer) in sync, and why; the agent is not ready
+    /// until [`AgentTelemetry::api_watch_synced`] is called for it.
+    pub fn api_watch_failing(&self, watch: ApiWatch, reason: impl Into<String>) {
+        self.api_watches
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(watch, Some(reason.into()));
+    }
+
+    /// Records that `watch` has listed what it follows and is watching.
+    pub fn api_watch_synced(&self, watch: ApiWatch) {
+        self.api_watches
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(watch, None);
+    }
+
+    fn api_watches(&self) -> BTreeMap<ApiWatch, Option<String>> {
+        self.api_watches
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The kernel's cumulative drop counters by reason, as `KernelCapture::drop_counts`
@@ -77,15 +125,24 @@ impl AgentTelemetry {
         self.attached.store(attached, Ordering::Relaxed);
     }
 
-    /// Why the agent is not ready, or `None` when it is.
-    pub fn not_ready(&self) -> Option<&'static str> {
+    /// Why the agent is not ready (every reason, joined by "; "), or `None` when it is.
+    pub fn not_ready(&self) -> Option<String> {
+        let mut reasons = Vec::new();
         if !self.attached.load(Ordering::Relaxed) {
-            Some("eBPF programs not attached")
-        } else if !self.outbox.stats().connected.load(Ordering::Relaxed) {
-            Some("no stream to the collector")
-        } else {
-            None
+            reasons.push("eBPF programs not loaded".to_owned());
         }
+        if !self.outbox.stats().connected.load(Ordering::Relaxed) {
+            reasons.push("no stream to the collector".to_owned());
+        }
+        for (watch, failing) in self.api_watches() {
+            if let Some(reason) = failing {
+                reasons.push(format!(
+                    "Kubernetes API watch of {}: {reason}",
+                    watch.label()
+                ));
+            }
+        }
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// Prometheus exposition text.
@@ -224,6 +281,23 @@ impl AgentTelemetry {
                 "How long the oldest request in flight has waited; 0 with none.",
                 table.oldest_in_flight.map_or(0.0, |age| age.as_secs_f64()),
             );
+        }
+        let watches = self.api_watches();
+        if !watches.is_empty() {
+            let name = "trazor_agent_api_watch_synced";
+            let _ = writeln!(
+                text,
+                "# HELP {name} 1 while the Kubernetes API watch has listed and is following what it watches."
+            );
+            let _ = writeln!(text, "# TYPE {name} gauge");
+            for (watch, failing) in watches {
+                let _ = writeln!(
+                    text,
+                    "{name}{{watch=\"{}\"}} {}",
+                    watch.label(),
+                    u8::from(failing.is_none())
+                );
+            }
         }
         let drops = self.kernel_drops();
         let name = "trazor_agent_kernel_drops_total";

@@ -4,8 +4,18 @@
 //! Built on `kube-lease-manager`, which renews by server-side apply and treats a conflicting
 //! write as a lost race. A replica that loses the Lease stops reconciling and exits, so that
 //! Kubernetes restarts it as a clean follower rather than leaving half-run reconciles behind.
+//!
+//! The Lease is created by the operator, not by Helm, so [`own_lease`] makes the operator's
+//! Deployment its owner: uninstalling the chart then garbage-collects it with the DaemonSet
+//! and ConfigMap instead of leaving it behind.
 
-use kube::Client;
+use k8s_openapi::{
+    api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
@@ -19,6 +29,34 @@ pub const LEASE_NAME: &str = "trazor-operator-leader";
 const LEASE_SECONDS: u64 = 15;
 /// Seconds before expiry that the holder renews.
 const RENEW_GRACE_SECONDS: u64 = 5;
+
+/// Field manager of the Lease's owner reference, apart from the lease manager's fields.
+const OWNER_FIELD_MANAGER: &str = "trazor-operator-lease-owner";
+
+/// Makes `owner` (the operator's Deployment) an owner of the Lease, creating the Lease if it
+/// does not exist yet. Server-side apply of `metadata.ownerReferences` alone, under its own
+/// field manager, so it neither touches nor conflicts with the holder fields the lease
+/// manager applies.
+pub async fn own_lease(client: Client, namespace: &str, owner: &OwnerReference) -> Result<()> {
+    let leases: Api<Lease> = Api::namespaced(client, namespace);
+    let owned = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": LEASE_NAME, "ownerReferences": [owner]},
+    });
+    leases
+        .patch(
+            LEASE_NAME,
+            &PatchParams::apply(OWNER_FIELD_MANAGER),
+            &Patch::Apply(owned),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "making Deployment {} the owner of Lease {namespace}/{LEASE_NAME}",
+            owner.name
+        )))?;
+    Ok(())
+}
 
 /// Held leadership; dropping it (or calling [`Leadership::release`]) lets the Lease go.
 pub struct Leadership {
@@ -171,6 +209,50 @@ mod tests {
 
     fn holder(lease: &Mutex<Option<Value>>) -> Value {
         lease.lock().unwrap().as_ref().unwrap()["spec"]["holderIdentity"].clone()
+    }
+
+    #[tokio::test]
+    async fn the_lease_is_owned_by_the_operator_deployment() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("one request");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(
+                request.uri().to_string(),
+                "/apis/coordination.k8s.io/v1/namespaces/trazor-system/leases/trazor-operator-leader?&fieldManager=trazor-operator-lease-owner"
+            );
+            assert_eq!(
+                request.headers()["content-type"],
+                "application/apply-patch+yaml"
+            );
+            let body: Value =
+                serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap())
+                    .unwrap();
+            assert_eq!(
+                body["metadata"]["ownerReferences"],
+                json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "trazor-operator", "uid": "d-uid"}])
+            );
+            assert!(
+                body.get("spec").is_none(),
+                "the holder fields are the lease manager's: {body}"
+            );
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        });
+        let owner = OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "trazor-operator".into(),
+            uid: "d-uid".into(),
+            ..Default::default()
+        };
+        own_lease(Client::new(service, "default"), "trazor-system", &owner)
+            .await
+            .unwrap();
+        server.await.unwrap();
     }
 
     #[tokio::test]

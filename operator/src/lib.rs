@@ -15,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod profile;
 pub mod rbac;
+pub mod readiness;
 pub mod render;
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! `trazor-operator`: runs the TraceProfile controller with leader election and serves
-//! `/metrics` and `/healthz`. All behaviour lives in the library; this only wires flags to it.
+//! `/metrics`, `/healthz` (alive) and `/readyz` (the Kubernetes API answers). All behaviour lives in the library; this only wires flags to it.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context as _, bail};
-use axum::{Router, extract::State, routing::get};
+use axum::{Router, extract::State, http::StatusCode, routing::get};
 use clap::Parser;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Toleration;
@@ -17,6 +17,7 @@ use trazor_operator::{
     Metrics, controller,
     daemonset::{AgentSettings, tolerate_everything},
     leader,
+    readiness::Readiness,
 };
 
 /// Reconciles TraceProfiles into the Trazor node-agent configuration and DaemonSet.
@@ -77,7 +78,7 @@ struct Args {
     #[arg(long, env = "TRAZOR_OWNER_DEPLOYMENT")]
     owner_deployment: Option<String>,
 
-    /// Address of the /metrics and /healthz server.
+    /// Address of the /metrics, /healthz and /readyz server.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
 
@@ -159,14 +160,36 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::default().register(&mut registry));
+    let readiness = Readiness::default();
+    tokio::spawn(
+        readiness
+            .clone()
+            .probe_forever(client.clone(), args.namespace.clone()),
+    );
+    let ready = readiness.clone();
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let reason = ready.not_ready();
+                async move {
+                    match reason {
+                        None => (StatusCode::OK, "ready\n".to_owned()),
+                        Some(reason) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {reason}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
         .with_state(Arc::new(registry));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.metrics_addr))?;
-    info!(addr = %args.metrics_addr, "serving /metrics and /healthz");
+    info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             error!(%error, "metrics server stopped");
@@ -174,8 +197,11 @@ async fn main() -> anyhow::Result<()> {
     });
 
     if let Some(name) = &args.owner_deployment {
-        settings.owner =
-            Some(controller::deployment_owner(client.clone(), &args.namespace, name).await?);
+        let owner = controller::deployment_owner(client.clone(), &args.namespace, name).await?;
+        if args.leader_election {
+            leader::own_lease(client.clone(), &args.namespace, &owner).await?;
+        }
+        settings.owner = Some(owner);
     }
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
