@@ -27,9 +27,9 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet},
         core::v1::{
             Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-            EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PodSpec,
-            PodTemplateSpec, ResourceRequirements, SecretKeySelector, SecurityContext, Toleration,
-            Volume, VolumeMount,
+            EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath,
+            ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+            SecretKeySelector, SecurityContext, Toleration, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{
@@ -125,6 +125,19 @@ fn agent_args(settings: &AgentSettings) -> Vec<String> {
         args.extend(["--max-connections".to_owned(), connections.to_string()]);
     }
     args
+}
+
+fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
 }
 
 /// A toleration of every taint: latency is measured on every node, control plane included.
@@ -263,6 +276,13 @@ pub fn node_agent_daemonset(settings: &AgentSettings) -> DaemonSet {
             ..ContainerPort::default()
         }]),
         env: Some(env),
+        // Ready only while the agent can do its job (programs loaded, collector stream, API
+        // watches of its pods and configuration listed: its /readyz says which is missing),
+        // so a rollout stops at an agent that measures nothing useful.
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        // Alive while it serves; not tied to readiness, so an unreachable API server or
+        // collector never restarts agents (their spool and kernel maps stay).
+        liveness_probe: Some(http_probe("/healthz", 20, 3)),
         security_context: Some(security_context),
         resources: Some(ResourceRequirements {
             requests: Some(quantities("50m", "64Mi")),
@@ -545,5 +565,18 @@ mod tests {
             assert_eq!(template_labels.get(&k), Some(&v));
         }
         assert!(ds.metadata.owner_references.is_none());
+    }
+
+    #[test]
+    fn readiness_and_liveness_probe_the_agent_separately() {
+        let ds = node_agent_daemonset(&settings());
+        let container = &pod_spec(&ds).containers[0];
+        let path = |probe: &Option<Probe>| {
+            let get = probe.as_ref().and_then(|p| p.http_get.clone()).unwrap();
+            assert_eq!(get.port, IntOrString::String("metrics".into()));
+            get.path.unwrap()
+        };
+        assert_eq!(path(&container.readiness_probe), "/readyz");
+        assert_eq!(path(&container.liveness_probe), "/healthz");
     }
 }
