@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full test suite, exactly as CI runs it: set-up, formatting, lints, every test (real
-# eBPF: run as root), and a short run of the demo.
+# eBPF: run as root), the container images, and a short run of the demo.
 #
 #   TRAZOR_SKIP_EBPF_TESTS=1  skip the tests that load eBPF programs (they need root);
 #                             they print SKIPPED instead of failing. Never set in CI.
@@ -50,6 +50,10 @@ cargo clippy --locked --all-targets -- -D warnings
 
 step "tests"
 cargo test --locked
+
+step "container images (scripts/images.sh)"
+# The four images FROM scratch with the static binaries, and their archives in target/images.
+scripts/images.sh
 
 if [ "${TRAZOR_SKIP_DEMO:-0}" = "0" ]; then
     step "demo smoke run (scripts/demo.sh for 20 s)"
