@@ -312,6 +312,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         }
         _ => windows.capture.configure(&windows.settings)?,
     }
+    telemetry.set_programs_attached(windows.capture.is_attached());
     tracing::info!(
         node = %config.node_name,
         boot_id = %hello.boot_id,
@@ -670,6 +671,8 @@ impl WindowLoop {
         if let Err(error) = self.capture.configure(&self.settings) {
             tracing::error!(%error, "could not update the kernel's selection");
         }
+        self.telemetry
+            .set_programs_attached(self.capture.is_attached());
     }
 }
 

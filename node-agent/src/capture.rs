@@ -325,6 +325,12 @@ impl KernelCapture {
         })
     }
 
+    /// Whether our programs are attached to their tracepoints now (not detached for an
+    /// empty selection, not replaced by a benchmark's stand-in).
+    pub fn is_attached(&self) -> bool {
+        self.links.is_attached()
+    }
+
     /// Detaches every program: the kernel stops calling them until [`KernelCapture::attach`].
     pub fn detach(&mut self) -> Result<()> {
         self.links.detach(&mut self.ebpf)

@@ -48,6 +48,8 @@ pub struct AgentTelemetry {
     kernel_drops: Mutex<Vec<(&'static str, u64)>>,
     connection_table: Mutex<Option<ConnectionTable>>,
     attached: AtomicBool,
+    /// The programs sit on their tracepoints now (off while nothing is selected).
+    programs_attached: AtomicBool,
     /// The API watches this agent depends on, each with why it is failing (`None`: synced).
     api_watches: Mutex<BTreeMap<ApiWatch, Option<String>>>,
 }
@@ -59,6 +61,7 @@ impl AgentTelemetry {
             kernel_drops: Mutex::new(Vec::new()),
             connection_table: Mutex::new(None),
             attached: AtomicBool::new(false),
+            programs_attached: AtomicBool::new(false),
             api_watches: Mutex::new(BTreeMap::new()),
         }
     }
@@ -125,6 +128,11 @@ impl AgentTelemetry {
         self.attached.store(attached, Ordering::Relaxed);
     }
 
+    /// Whether the programs are on their tracepoints now, after each change of selection.
+    pub fn set_programs_attached(&self, attached: bool) {
+        self.programs_attached.store(attached, Ordering::Relaxed);
+    }
+
     /// Why the agent is not ready (every reason, joined by "; "), or `None` when it is.
     pub fn not_ready(&self) -> Option<String> {
         let mut reasons = Vec::new();
@@ -149,7 +157,7 @@ impl AgentTelemetry {
     pub fn render(&self) -> String {
         let stats = self.outbox.stats();
         let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
-        let metrics: [(&str, &str, &str, u64); 15] = [
+        let metrics: [(&str, &str, &str, u64); 16] = [
             (
                 "trazor_agent_windows_closed_total",
                 "counter",
@@ -239,6 +247,12 @@ impl AgentTelemetry {
                 "gauge",
                 "1 once the eBPF programs are loaded and the selection applied (while no process is selected they stay detached, at no cost to the node).",
                 u64::from(self.attached.load(Ordering::Relaxed)),
+            ),
+            (
+                "trazor_agent_ebpf_programs_on_tracepoints",
+                "gauge",
+                "1 while the eBPF programs sit on their tracepoints; 0 while nothing on this node is selected (detached: the node pays nothing).",
+                u64::from(self.programs_attached.load(Ordering::Relaxed)),
             ),
         ];
         let mut text = String::new();
