@@ -4,13 +4,14 @@
 //! windows out of the kernel's maps; [`attribute`] names the cgroup and process behind each
 //! series and [`route`] its route; [`window`] merges them into [`LatencyWindow`](trazor_proto::v1::LatencyWindow)s
 //! with quantiles; [`ship`] streams them to the collector and keeps them until acknowledged.
-//! [`agent`] runs the loop.
+//! [`agent`] runs the loop. [`rbac`] lists the Kubernetes API calls it makes (in [`pods`]).
 
 pub mod agent;
 pub mod attribute;
 pub mod capture;
 mod error;
 pub mod pods;
+pub mod rbac;
 pub mod route;
 pub mod select;
 pub mod ship;

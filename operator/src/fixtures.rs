@@ -455,7 +455,10 @@ impl RecordingApiServer {
                 let query = uri.query().unwrap_or("");
                 let path = uri.path().trim_end_matches('/').to_owned();
                 let named = |object: &Value| {
-                    format!("{path}/{}", object["metadata"]["name"].as_str().unwrap_or(""))
+                    format!(
+                        "{path}/{}",
+                        object["metadata"]["name"].as_str().unwrap_or("")
+                    )
                 };
                 let (status, reply) = match method {
                     Method::GET if query.contains("watch=true") => {
@@ -484,6 +487,13 @@ impl RecordingApiServer {
                             (StatusCode::OK, object.clone())
                         }
                         (None, true) => {
+                            // The API server authorizes an apply that creates its object as
+                            // a create too: recorded as the POST it stands for.
+                            let collection = path.rsplit_once('/').map_or("", |(c, _)| c);
+                            requests
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push((Method::POST, collection.to_owned()));
                             stored.insert(path, body.clone());
                             (StatusCode::CREATED, body)
                         }

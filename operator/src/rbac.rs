@@ -142,7 +142,7 @@ pub const API_CALLS: &[ApiCall] = &[
         verb: Create,
         scope: OwnNamespace,
         name: Any,
-        why: "leader election creates its Lease the first time",
+        why: "leader election, or the apply of the Lease's owner reference, creates the Lease the first time",
     },
     ApiCall {
         group: "coordination.k8s.io",
@@ -150,7 +150,7 @@ pub const API_CALLS: &[ApiCall] = &[
         verb: Get,
         scope: OwnNamespace,
         name: Exactly(LEASE_NAME),
-        why: "leader election reads the Lease",
+        why: "leader election reads the Lease; so does the readiness probe, every 5 s",
     },
     ApiCall {
         group: "coordination.k8s.io",
@@ -158,7 +158,7 @@ pub const API_CALLS: &[ApiCall] = &[
         verb: Patch,
         scope: OwnNamespace,
         name: Exactly(LEASE_NAME),
-        why: "leader election takes, renews and releases the Lease",
+        why: "leader election takes, renews and releases the Lease; start-up applies its owner reference",
     },
 ];
 
@@ -196,14 +196,15 @@ mod tests {
     use crate::{
         Metrics, controller,
         fixtures::{
-            AGENT_NS, OPERATOR_DEPLOYMENT, RecordingApiServer, assert_listed_in_rbac,
-            test_settings,
+            AGENT_NS, OPERATOR_DEPLOYMENT, RecordingApiServer, assert_listed_in_rbac, test_settings,
         },
         leader,
+        readiness::Readiness,
     };
 
-    /// What the reconcile tests (`controller.rs`) cannot see: start-up, leader election and
-    /// the controller's own lists and watches, run against an API server that answers all.
+    /// What the reconcile tests (`controller.rs`) cannot see: start-up (the owner reference,
+    /// the Lease's owner, the readiness probe), leader election and the controller's own lists
+    /// and watches, run against an API server that answers all.
     #[tokio::test]
     async fn start_up_leadership_and_watches_make_only_listed_calls() {
         let own_deployment =
@@ -214,9 +215,15 @@ mod tests {
                    "metadata": {"name": OPERATOR_DEPLOYMENT, "namespace": AGENT_NS, "uid": "uid-op"}}),
         )]);
 
-        controller::deployment_owner(client.clone(), AGENT_NS, OPERATOR_DEPLOYMENT)
+        let owner = controller::deployment_owner(client.clone(), AGENT_NS, OPERATOR_DEPLOYMENT)
             .await
             .expect("owner reference to the operator's Deployment");
+        leader::own_lease(client.clone(), AGENT_NS, &owner)
+            .await
+            .expect("the Lease owned by the operator's Deployment");
+        let readiness = Readiness::default();
+        readiness.probe(client.clone(), AGENT_NS).await;
+        assert_eq!(readiness.not_ready(), None, "the probe's read of the Lease");
         let leadership = timeout(
             Duration::from_secs(5),
             leader::acquire(client.clone(), AGENT_NS, "operator-a"),
@@ -286,9 +293,8 @@ mod tests {
 
     #[test]
     fn an_unlisted_call_is_refused_saying_where_to_add_it() {
-        let delete_lease = format!(
-            "/apis/coordination.k8s.io/v1/namespaces/{AGENT_NS}/leases/{LEASE_NAME}"
-        );
+        let delete_lease =
+            format!("/apis/coordination.k8s.io/v1/namespaces/{AGENT_NS}/leases/{LEASE_NAME}");
         let error = entry_for("DELETE", &delete_lease, AGENT_NS, OPERATOR_DEPLOYMENT)
             .expect_err("deleting the Lease is not listed");
         assert!(

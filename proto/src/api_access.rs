@@ -166,9 +166,10 @@ impl ApiRequest {
         let (resource, name) = match rest {
             [resource] => ((*resource).to_owned(), None),
             [resource, name] => ((*resource).to_owned(), Some((*name).to_owned())),
-            [resource, name, subresource] => {
-                (format!("{resource}/{subresource}"), Some((*name).to_owned()))
-            }
+            [resource, name, subresource] => (
+                format!("{resource}/{subresource}"),
+                Some((*name).to_owned()),
+            ),
             _ => return Err(format!("{path} names no resource")),
         };
         let parameters: Vec<(String, String)> = query
@@ -316,7 +317,11 @@ mod tests {
             Verb::Create
         );
         assert_eq!(
-            request("DELETE", "/apis/coordination.k8s.io/v1/namespaces/obs/leases/l").verb,
+            request(
+                "DELETE",
+                "/apis/coordination.k8s.io/v1/namespaces/obs/leases/l"
+            )
+            .verb,
             Verb::Delete
         );
         // A field selector on another field names no object.
@@ -343,7 +348,10 @@ mod tests {
             named_in_own_namespace.allows(&request(method, uri), "obs", &no_flags)
         };
         assert!(allowed("/api/v1/namespaces/obs/configmaps/agent", "PATCH"));
-        assert!(!allowed("/api/v1/namespaces/other/configmaps/agent", "PATCH"));
+        assert!(!allowed(
+            "/api/v1/namespaces/other/configmaps/agent",
+            "PATCH"
+        ));
         assert!(!allowed("/api/v1/namespaces/obs/configmaps/other", "PATCH"));
         assert!(!allowed("/api/v1/namespaces/obs/configmaps/agent", "GET"));
         assert!(!allowed("/api/v1/namespaces/obs/secrets/agent", "PATCH"));
