@@ -70,7 +70,8 @@ if [ "$skip_build" = 0 ]; then
         || die "Rust target $TARGET missing: run scripts/setup.sh (rustup target add $TARGET)"
     say "building the static release binaries ($TARGET; the first build takes several minutes)"
     started=$SECONDS
-    cargo build --locked --release --target "$TARGET" "${CARGO_SELECTION[@]}"
+    cargo build --locked --release --target "$TARGET" "${CARGO_SELECTION[@]}" \
+        || die "cargo could not build the static binaries (see above)"
     say "binaries built in $((SECONDS - started)) s"
 fi
 
