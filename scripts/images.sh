@@ -136,6 +136,8 @@ if command -v ctr >/dev/null && [ -S /run/containerd/containerd.sock ]; then
         sleep 0.5
     done
     say "containerd imports and unpacks every archive (ctr images import)"
+else
+    say "no containerd running here: archives checked by their manifest.json only"
 fi
 
 say "images (uncompressed size) and archives:"
