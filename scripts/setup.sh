@@ -156,4 +156,18 @@ else
     rustup target add "$MUSL_TARGET"
 fi
 
+# --- an OpenTelemetry collector we did not write, for the cluster suite -------------
+# Rotel (a Rust OpenTelemetry collector, shipped as a PyPI wheel) receives the collector's
+# OTLP export in e2e/tests/cluster and prints it with its detailed debug log, resource
+# attributes included (oteltap, above, hands over metrics and spans without their resource).
+ROTEL_VERSION=0.0.1a15
+ROTEL_VENV="$HOME/.cache/trazor/rotel-venv"
+if "$ROTEL_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('rotel') != '$ROTEL_VERSION')" 2>/dev/null; then
+    say "rotel $ROTEL_VERSION present"
+else
+    say "installing rotel $ROTEL_VERSION into $ROTEL_VENV"
+    python3 -m venv "$ROTEL_VENV"
+    "$ROTEL_VENV/bin/pip" install --quiet --disable-pip-version-check "rotel==$ROTEL_VERSION"
+fi
+
 say "done"
