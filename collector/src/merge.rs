@@ -36,8 +36,13 @@ pub enum Subject {
         workload_kind: String,
         workload_name: String,
     },
-    /// A pod without a known owner.
-    Pod { namespace: String, name: String },
+    /// A pod without a known owner (every container of it). Its uid is part of what it is:
+    /// a pod deleted and made again under the same name is another pod.
+    Pod {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
     /// Standalone mode: every process of this name, on every node.
     Process { name: String },
 }
@@ -54,6 +59,7 @@ impl Subject {
             Some(pod) => Self::Pod {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
+                uid: pod.uid.clone(),
             },
             None => Self::Process {
                 name: source.map(|s| s.process_name.clone()).unwrap_or_default(),
@@ -78,8 +84,18 @@ impl Subject {
                     && *workload_kind == pod.workload_kind
                     && *workload_name == pod.workload_name
             }
-            (Self::Pod { namespace, name }, Some(pod)) => {
-                pod.workload_name.is_empty() && *namespace == pod.namespace && *name == pod.name
+            (
+                Self::Pod {
+                    namespace,
+                    name,
+                    uid,
+                },
+                Some(pod),
+            ) => {
+                pod.workload_name.is_empty()
+                    && *namespace == pod.namespace
+                    && *name == pod.name
+                    && *uid == pod.uid
             }
             (Self::Process { name }, None) => {
                 *name == source.map_or("", |source| source.process_name.as_str())
@@ -94,7 +110,7 @@ impl Subject {
             Some(pod) if !pod.workload_name.is_empty() => {
                 (0u8, &pod.namespace, &pod.workload_kind, &pod.workload_name).hash(hasher);
             }
-            Some(pod) => (1u8, &pod.namespace, &pod.name).hash(hasher),
+            Some(pod) => (1u8, &pod.namespace, &pod.name, &pod.uid).hash(hasher),
             None => (
                 2u8,
                 source.map_or("", |source| source.process_name.as_str()),
@@ -483,6 +499,42 @@ mod tests {
         assert_eq!(json["subject"]["kind"], "workload");
         assert!(json["percentiles"]["p50"].as_f64().is_some());
         assert_eq!(merger.open_len(), 0);
+    }
+
+    #[test]
+    fn an_ownerless_pod_made_again_under_its_name_is_another_subject() {
+        let merger = WindowMerger::new(Duration::from_secs(5));
+        let mut first = window("debug", "", &[(600, 1)]);
+        let mut again = first.clone();
+        for (window, uid) in [(&mut first, "uid-1"), (&mut again, "uid-2")] {
+            if let Some(pod) = window
+                .source
+                .as_mut()
+                .and_then(|source| source.pod.as_mut())
+            {
+                pod.uid = uid.into();
+            }
+        }
+        let mut same = first.clone();
+        if let Some(pod) = same.source.as_mut().and_then(|source| source.pod.as_mut()) {
+            pod.container = "sidecar".into();
+        }
+        for w in [&first, &again, &same] {
+            assert_eq!(merger.accept(w, 111 * SECOND), Merged::Merged);
+        }
+        let mut closed = merger.close_due(116 * SECOND);
+        closed.sort_by_key(|aggregate| aggregate.windows);
+        let subjects: Vec<_> = closed
+            .iter()
+            .map(|aggregate| (aggregate.subject.clone(), aggregate.windows))
+            .collect();
+        let pod = |uid: &str| Subject::Pod {
+            namespace: "shop".into(),
+            name: "debug".into(),
+            uid: uid.into(),
+        };
+        // Its containers are one pod, as a workload's pods are one workload.
+        assert_eq!(subjects, vec![(pod("uid-2"), 1), (pod("uid-1"), 2)]);
     }
 
     #[test]

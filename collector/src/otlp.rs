@@ -12,13 +12,17 @@
 //! - `trazor.http.responses`, a monotonic sum: requests by `http.response.status_class`
 //!   (`1xx` … `5xx`, `unknown`).
 //!
-//! Attributes: `k8s.namespace.name` and `k8s.<kind>.name` (deployment, statefulset, …) with
-//! `trazor.workload.kind`/`trazor.workload.name` for a workload, `k8s.pod.name` for a pod
-//! without one, `process.executable.name` in standalone mode; `http.route`,
+//! Who was measured is the resource: one `ResourceMetrics` per entity, after OpenTelemetry's
+//! Kubernetes conventions ([`subject_resource`]): a workload (`service.name` its name,
+//! `service.namespace` and `k8s.namespace.name`, `k8s.<kind>.name` for deployment,
+//! statefulset, …, `trazor.workload.kind`/`trazor.workload.name`), a pod without one
+//! (`k8s.pod.name`, `k8s.pod.uid`), or a process in standalone mode (`service.name` and
+//! `process.executable.name`). What was measured is on the data points: `http.route`,
 //! `http.request.method`, `trazor.direction` (server or client) and `trazor.profile`.
 //!
 //! Exemplars (slow, failed or sampled requests the agents report with their windows) go to
-//! `{endpoint}/v1/traces` as spans ([`spans_of`]).
+//! `{endpoint}/v1/traces` as spans ([`spans_of`]), under the same entity's resource plus
+//! the pod, container and node the window came from.
 //!
 //! Delivery: closed aggregates (one batch per publishing tick) and each window's exemplars
 //! queue as batches (bounded; a full queue drops the new batch and counts its data points
@@ -28,6 +32,7 @@
 //! spans the receiver rejects (a partial success) are counted too.
 
 use std::{
+    collections::HashMap,
     str::FromStr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -477,18 +482,29 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     causes.join(": ")
 }
 
-/// One OTLP request for `aggregates`.
+/// One OTLP request for `aggregates`: one `ResourceMetrics` per entity they describe (a
+/// workload, a pod without one, or a process name), in the order first seen, so that a
+/// backend files each point under its service and its Kubernetes object.
 pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
-    let mut durations = Vec::with_capacity(aggregates.len());
-    let mut responses = Vec::new();
+    let mut entities: Vec<EntityPoints<'_>> = Vec::new();
+    let mut index_of: HashMap<&Subject, usize> = HashMap::new();
     for aggregate in aggregates {
-        let attributes = attributes_of(aggregate);
+        let index = *index_of.entry(&aggregate.subject).or_insert_with(|| {
+            entities.push(EntityPoints {
+                subject: &aggregate.subject,
+                durations: Vec::new(),
+                responses: Vec::new(),
+            });
+            entities.len() - 1
+        });
+        let entity = &mut entities[index];
+        let attributes = point_attributes(aggregate);
         let histogram = &aggregate.histogram;
         // OTLP wants count = the buckets' total; a window whose histogram could not be
         // merged (another scale) is in the count but not the buckets, so the point says
         // what its buckets hold.
         let bucket_total = histogram.total();
-        durations.push(ExponentialHistogramDataPoint {
+        entity.durations.push(ExponentialHistogramDataPoint {
             attributes: attributes.clone(),
             start_time_unix_nano: aggregate.start_unix_nanos,
             time_unix_nano: aggregate.end_unix_nanos,
@@ -523,7 +539,7 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
                     _ => "unknown".to_owned(),
                 },
             ));
-            responses.push(NumberDataPoint {
+            entity.responses.push(NumberDataPoint {
                 attributes,
                 start_time_unix_nano: aggregate.start_unix_nanos,
                 time_unix_nano: aggregate.end_unix_nanos,
@@ -535,6 +551,35 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
             });
         }
     }
+    ExportMetricsServiceRequest {
+        resource_metrics: entities
+            .into_iter()
+            .map(|entity| ResourceMetrics {
+                resource: Some(resource(subject_resource(entity.subject))),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(scope()),
+                    metrics: metrics_of(entity.durations, entity.responses),
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            })
+            .collect(),
+    }
+}
+
+/// The data points of one entity, on their way into its `ResourceMetrics`.
+struct EntityPoints<'a> {
+    subject: &'a Subject,
+    durations: Vec<ExponentialHistogramDataPoint>,
+    responses: Vec<NumberDataPoint>,
+}
+
+/// The two metrics of one entity: every aggregate has a duration point; the responses sum
+/// only when some request had a status.
+fn metrics_of(
+    durations: Vec<ExponentialHistogramDataPoint>,
+    responses: Vec<NumberDataPoint>,
+) -> Vec<Metric> {
     let delta = AggregationTemporality::Delta as i32;
     let mut metrics = vec![Metric {
         name: DURATION_METRIC.to_owned(),
@@ -561,27 +606,13 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
             })),
         });
     }
-    ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![string_attribute("service.name", "trazor".to_owned())],
-                dropped_attributes_count: 0,
-                entity_refs: Vec::new(),
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                scope: Some(scope()),
-                metrics,
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        }],
-    }
+    metrics
 }
 
-/// What an aggregate is about, as OTLP attributes (OpenTelemetry's semantic conventions
-/// where one fits).
-fn attributes_of(aggregate: &Aggregate) -> Vec<KeyValue> {
-    let mut attributes = subject_attributes(&aggregate.subject);
+/// What a data point measures within its entity: route, method, direction and profile.
+/// Who was measured is the resource's ([`subject_resource`]).
+fn point_attributes(aggregate: &Aggregate) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(5);
     if !aggregate.route.is_empty() {
         attributes.push(string_attribute("http.route", aggregate.route.clone()));
     }
@@ -604,8 +635,13 @@ fn attributes_of(aggregate: &Aggregate) -> Vec<KeyValue> {
     attributes
 }
 
-/// The workload, pod or process as attributes.
-fn subject_attributes(subject: &Subject) -> Vec<KeyValue> {
+/// Resource attributes of the workload, pod or process an aggregate (or a window) is
+/// about, after OpenTelemetry's Kubernetes conventions: `service.name` is the workload's
+/// name (the conventions' first Kubernetes choice, from Deployment down to Job), else the
+/// pod's; `service.namespace` is the Kubernetes namespace. The pod annotations and labels
+/// the conventions would look at first do not reach the collector. A process (standalone
+/// mode) is a service of its own name.
+fn subject_resource(subject: &Subject) -> Vec<KeyValue> {
     let mut attributes = Vec::with_capacity(8);
     match subject {
         Subject::Workload {
@@ -613,19 +649,14 @@ fn subject_attributes(subject: &Subject) -> Vec<KeyValue> {
             workload_kind,
             workload_name,
         } => {
+            attributes.push(string_attribute("service.name", workload_name.clone()));
+            attributes.push(string_attribute("service.namespace", namespace.clone()));
             attributes.push(string_attribute("k8s.namespace.name", namespace.clone()));
-            let conventional = match workload_kind.as_str() {
-                "Deployment" => Some("k8s.deployment.name"),
-                "StatefulSet" => Some("k8s.statefulset.name"),
-                "DaemonSet" => Some("k8s.daemonset.name"),
-                "Job" => Some("k8s.job.name"),
-                "CronJob" => Some("k8s.cronjob.name"),
-                "ReplicaSet" => Some("k8s.replicaset.name"),
-                _ => None,
-            };
-            if let Some(key) = conventional {
+            if let Some(key) = workload_key(workload_kind) {
                 attributes.push(string_attribute(key, workload_name.clone()));
             }
+            // The kind and name again under Trazor's keys, for a kind the conventions have
+            // no key for (an Argo Rollout, a custom controller's).
             attributes.push(string_attribute(
                 "trazor.workload.kind",
                 workload_kind.clone(),
@@ -635,39 +666,96 @@ fn subject_attributes(subject: &Subject) -> Vec<KeyValue> {
                 workload_name.clone(),
             ));
         }
-        Subject::Pod { namespace, name } => {
+        Subject::Pod {
+            namespace,
+            name,
+            uid,
+        } => {
+            attributes.push(string_attribute("service.name", name.clone()));
+            attributes.push(string_attribute("service.namespace", namespace.clone()));
             attributes.push(string_attribute("k8s.namespace.name", namespace.clone()));
             attributes.push(string_attribute("k8s.pod.name", name.clone()));
+            if !uid.is_empty() {
+                attributes.push(string_attribute("k8s.pod.uid", uid.clone()));
+            }
         }
         Subject::Process { name } => {
-            attributes.push(string_attribute("process.executable.name", name.clone()));
+            // What the metrics' resource said before it named processes: better than an
+            // empty service name, which backends reject or file under "unknown".
+            let service = if name.is_empty() { "trazor" } else { name };
+            attributes.push(string_attribute("service.name", service.to_owned()));
+            if !name.is_empty() {
+                attributes.push(string_attribute("process.executable.name", name.clone()));
+            }
         }
     }
     attributes
 }
 
+/// The semantic-convention key naming a workload of `kind`, if the conventions have one.
+fn workload_key(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "Deployment" => "k8s.deployment.name",
+        "StatefulSet" => "k8s.statefulset.name",
+        "DaemonSet" => "k8s.daemonset.name",
+        "Job" => "k8s.job.name",
+        "CronJob" => "k8s.cronjob.name",
+        "ReplicaSet" => "k8s.replicaset.name",
+        _ => return None,
+    })
+}
+
+/// Resource attributes of the one source a window comes from: its entity's
+/// ([`subject_resource`], the same keys and values as that entity's metrics), then the pod
+/// and container on their node. A window is one container's, so it names a service
+/// instance, `{pod uid}.{container}` as the conventions derive it; a process's window, its
+/// pid.
+fn window_resource(window: &LatencyWindow, subject: &Subject) -> Vec<KeyValue> {
+    let mut attributes = subject_resource(subject);
+    let Some(source) = window.source.as_ref() else {
+        return attributes;
+    };
+    match source.pod.as_ref() {
+        Some(pod) => {
+            // A pod's own resource already names it.
+            if !matches!(subject, Subject::Pod { .. }) {
+                if !pod.name.is_empty() {
+                    attributes.push(string_attribute("k8s.pod.name", pod.name.clone()));
+                }
+                if !pod.uid.is_empty() {
+                    attributes.push(string_attribute("k8s.pod.uid", pod.uid.clone()));
+                }
+            }
+            if !pod.container.is_empty() {
+                attributes.push(string_attribute(
+                    "k8s.container.name",
+                    pod.container.clone(),
+                ));
+                if !pod.uid.is_empty() {
+                    attributes.push(string_attribute(
+                        "service.instance.id",
+                        format!("{}.{}", pod.uid, pod.container),
+                    ));
+                }
+            }
+        }
+        None if source.pid != 0 => {
+            attributes.push(int_attribute("process.pid", i64::from(source.pid)));
+        }
+        None => {}
+    }
+    if !source.node_name.is_empty() {
+        attributes.push(string_attribute("k8s.node.name", source.node_name.clone()));
+    }
+    attributes
+}
+
 /// One OTLP traces request for the exemplars of `window`: a span per request, under a
-/// resource named after its workload (or pod, or process), so tracing backends list it as
-/// a service. Each span is its own trace: Trazor sees requests, not their propagation.
+/// resource naming its workload (or pod, or process) as a service, as its metrics do, so
+/// tracing backends list it as one, and its pod, container and node. Each span is its own
+/// trace: Trazor sees requests, not their propagation.
 pub fn spans_of(window: &LatencyWindow) -> ExportTraceServiceRequest {
     let subject = Subject::of(window);
-    let service = match &subject {
-        Subject::Workload { workload_name, .. } => workload_name.clone(),
-        Subject::Pod { name, .. } | Subject::Process { name } => name.clone(),
-    };
-    let mut resource = vec![string_attribute("service.name", service)];
-    resource.extend(subject_attributes(&subject));
-    let source = window.source.clone().unwrap_or_default();
-    if !source.node_name.is_empty() {
-        resource.push(string_attribute("k8s.node.name", source.node_name));
-    }
-    if let Some(pod) = source.pod {
-        if !pod.name.is_empty() && !matches!(subject, Subject::Pod { .. }) {
-            resource.push(string_attribute("k8s.pod.name", pod.name));
-        }
-    } else if source.pid != 0 {
-        resource.push(int_attribute("process.pid", i64::from(source.pid)));
-    }
     let client = window.direction == Direction::Client as i32;
     let spans = window
         .exemplars
@@ -729,11 +817,7 @@ pub fn spans_of(window: &LatencyWindow) -> ExportTraceServiceRequest {
         .collect();
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: resource,
-                dropped_attributes_count: 0,
-                entity_refs: Vec::new(),
-            }),
+            resource: Some(resource(window_resource(window, &subject))),
             scope_spans: vec![ScopeSpans {
                 scope: Some(scope()),
                 spans,
@@ -741,6 +825,14 @@ pub fn spans_of(window: &LatencyWindow) -> ExportTraceServiceRequest {
             }],
             schema_url: String::new(),
         }],
+    }
+}
+
+fn resource(attributes: Vec<KeyValue>) -> Resource {
+    Resource {
+        attributes,
+        dropped_attributes_count: 0,
+        entity_refs: Vec::new(),
     }
 }
 
@@ -775,7 +867,238 @@ fn string_attribute(key: &str, value: String) -> KeyValue {
 
 #[cfg(test)]
 mod tests {
+    use trazor_proto::v1::{PodIdentity, Source};
+
     use super::*;
+
+    fn window(route: &str, source: Source) -> LatencyWindow {
+        LatencyWindow {
+            sequence: 1,
+            source: Some(source),
+            direction: Direction::Server as i32,
+            route: route.into(),
+            method: "GET".into(),
+            start_unix_nanos: 10,
+            end_unix_nanos: 20,
+            status_class_counts: vec![0, 0, 1],
+            ..Default::default()
+        }
+    }
+
+    fn pod_source(pod: &str, container: &str, workload: Option<(&str, &str)>) -> Source {
+        let (workload_kind, workload_name) = workload.unwrap_or_default();
+        Source {
+            node_name: "node-1".into(),
+            pid: 77,
+            pod: Some(PodIdentity {
+                namespace: "shop".into(),
+                name: pod.into(),
+                uid: format!("uid-{pod}"),
+                container: container.into(),
+                workload_kind: workload_kind.into(),
+                workload_name: workload_name.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn strings(attributes: &[KeyValue]) -> Vec<(String, String)> {
+        attributes
+            .iter()
+            .map(|attribute| {
+                let value = match attribute
+                    .value
+                    .as_ref()
+                    .and_then(|value| value.value.as_ref())
+                {
+                    Some(any_value::Value::StringValue(text)) => text.clone(),
+                    Some(any_value::Value::IntValue(number)) => number.to_string(),
+                    other => panic!("{}: unexpected value {other:?}", attribute.key),
+                };
+                (attribute.key.clone(), value)
+            })
+            .collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn points_are_grouped_under_one_resource_per_entity() {
+        let checkout = Some(("Deployment", "checkout"));
+        let aggregates = [
+            window("/a", pod_source("checkout-1", "app", checkout)),
+            window(
+                "/",
+                Source {
+                    node_name: "host-1".into(),
+                    pid: 9,
+                    process_name: "nginx".into(),
+                    ..Default::default()
+                },
+            ),
+            // Another pod of the same Deployment, on another route: same resource.
+            window("/b", pod_source("checkout-2", "app", checkout)),
+            window("/c", pod_source("debug", "shell", None)),
+        ]
+        .map(|window| Aggregate::of_window(&window));
+        let request = request_of(&aggregates);
+        let resources: Vec<_> = request
+            .resource_metrics
+            .iter()
+            .map(|entity| strings(&entity.resource.as_ref().unwrap().attributes))
+            .collect();
+        assert_eq!(
+            resources,
+            vec![
+                pairs(&[
+                    ("service.name", "checkout"),
+                    ("service.namespace", "shop"),
+                    ("k8s.namespace.name", "shop"),
+                    ("k8s.deployment.name", "checkout"),
+                    ("trazor.workload.kind", "Deployment"),
+                    ("trazor.workload.name", "checkout"),
+                ]),
+                pairs(&[
+                    ("service.name", "nginx"),
+                    ("process.executable.name", "nginx"),
+                ]),
+                pairs(&[
+                    ("service.name", "debug"),
+                    ("service.namespace", "shop"),
+                    ("k8s.namespace.name", "shop"),
+                    ("k8s.pod.name", "debug"),
+                    ("k8s.pod.uid", "uid-debug"),
+                ]),
+            ]
+        );
+        // Each entity's points, and on them only what was measured.
+        let routes: Vec<Vec<Vec<(String, String)>>> = request
+            .resource_metrics
+            .iter()
+            .map(|entity| {
+                let metrics = &entity.scope_metrics[0].metrics;
+                assert_eq!(metrics.len(), 2, "duration and responses");
+                let Some(metric::Data::ExponentialHistogram(histogram)) = &metrics[0].data else {
+                    panic!("not a histogram: {:?}", metrics[0]);
+                };
+                histogram
+                    .data_points
+                    .iter()
+                    .map(|point| strings(&point.attributes))
+                    .collect()
+            })
+            .collect();
+        let point = |route: &str| {
+            pairs(&[
+                ("http.route", route),
+                ("http.request.method", "GET"),
+                ("trazor.direction", "server"),
+            ])
+        };
+        assert_eq!(
+            routes,
+            vec![
+                vec![point("/a"), point("/b")],
+                vec![point("/")],
+                vec![point("/c")]
+            ]
+        );
+        assert_eq!(points_of(&aggregates), 8);
+    }
+
+    #[test]
+    fn spans_name_the_entity_of_their_metrics_then_pod_container_and_node() {
+        let mut served = window(
+            "/a",
+            pod_source("checkout-1", "app", Some(("StatefulSet", "checkout"))),
+        );
+        served.exemplars = vec![Default::default()];
+        let spans = spans_of(&served);
+        let span_resource = strings(
+            &spans.resource_spans[0]
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes,
+        );
+        assert_eq!(
+            span_resource,
+            pairs(&[
+                ("service.name", "checkout"),
+                ("service.namespace", "shop"),
+                ("k8s.namespace.name", "shop"),
+                ("k8s.statefulset.name", "checkout"),
+                ("trazor.workload.kind", "StatefulSet"),
+                ("trazor.workload.name", "checkout"),
+                ("k8s.pod.name", "checkout-1"),
+                ("k8s.pod.uid", "uid-checkout-1"),
+                ("k8s.container.name", "app"),
+                ("service.instance.id", "uid-checkout-1.app"),
+                ("k8s.node.name", "node-1"),
+            ])
+        );
+        // The metrics' resource is where the span's starts: one service in both.
+        let metrics = request_of(&[Aggregate::of_window(&served)]);
+        let metric_resource = strings(
+            &metrics.resource_metrics[0]
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes,
+        );
+        assert_eq!(span_resource[..metric_resource.len()], metric_resource[..]);
+
+        // A pod without a workload names itself once; a process its pid.
+        let mut bare = window("/c", pod_source("debug", "", None));
+        bare.exemplars = vec![Default::default()];
+        assert_eq!(
+            strings(
+                &spans_of(&bare).resource_spans[0]
+                    .resource
+                    .as_ref()
+                    .unwrap()
+                    .attributes
+            ),
+            pairs(&[
+                ("service.name", "debug"),
+                ("service.namespace", "shop"),
+                ("k8s.namespace.name", "shop"),
+                ("k8s.pod.name", "debug"),
+                ("k8s.pod.uid", "uid-debug"),
+                ("k8s.node.name", "node-1"),
+            ])
+        );
+        let mut process = window(
+            "/",
+            Source {
+                node_name: "host-1".into(),
+                pid: 9,
+                process_name: "nginx".into(),
+                ..Default::default()
+            },
+        );
+        process.exemplars = vec![Default::default()];
+        assert_eq!(
+            strings(
+                &spans_of(&process).resource_spans[0]
+                    .resource
+                    .as_ref()
+                    .unwrap()
+                    .attributes
+            ),
+            pairs(&[
+                ("service.name", "nginx"),
+                ("process.executable.name", "nginx"),
+                ("process.pid", "9"),
+                ("k8s.node.name", "host-1"),
+            ])
+        );
+    }
 
     #[test]
     fn endpoints_are_checked_with_clear_errors() {

@@ -1,11 +1,12 @@
 //! OTLP export against a receiver we did not write: oteltap (installed by
-//! scripts/setup.sh) receives the collector's OTLP/HTTP requests and decodes them with the
-//! official opentelemetry-proto package; `otlp_receiver.py` prints each metric as JSON.
-//! And the failure paths against a port that refuses and a receiver that says 400.
+//! scripts/setup.sh) receives the collector's OTLP/HTTP requests and re-emits each to
+//! `otlp_receiver.py`, which decodes it with the official opentelemetry-proto package and
+//! prints each metric and span as JSON with its resource. And the failure paths against a
+//! port that refuses and a receiver that says 400.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, VecDeque},
     io::{BufRead as _, BufReader},
     net::TcpListener,
     path::PathBuf,
@@ -19,7 +20,7 @@ use trazor_collector::{
     otlp::{DURATION_METRIC, OtlpConfig, RESPONSES_METRIC},
     stats::CollectorStats,
 };
-use trazor_proto::v1::{Exemplar, agent_message};
+use trazor_proto::v1::{AgentMessage, Exemplar, PodIdentity, Source, agent_message};
 
 mod common;
 
@@ -32,10 +33,13 @@ fn receiver_python() -> PathBuf {
     PathBuf::from(home).join(".cache/trazor/otlp-venv/bin/python")
 }
 
-/// The oteltap receiver, killed on drop; its stdout gives one JSON line per metric.
+/// The oteltap receiver, killed on drop; its stdout gives one JSON line per metric and per
+/// span, each with its resource.
 struct Receiver {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Items read while looking for another kind, oldest first.
+    pending: VecDeque<serde_json::Value>,
     port: u16,
 }
 
@@ -70,29 +74,65 @@ impl Receiver {
             .recv_timeout(Duration::from_secs(30))
             .expect("the OTLP receiver did not start (see its output above)");
         assert_eq!(first, "listening");
-        Self { child, lines, port }
+        Self {
+            child,
+            lines,
+            pending: VecDeque::new(),
+            port,
+        }
     }
 
-    /// The next metric named `name`, skipping others.
-    fn metric(&self, name: &str) -> serde_json::Value {
-        self.next(&format!("{name} metric"), |item| {
-            (item["metric"]["name"] == name).then(|| item["metric"].clone())
-        })
+    /// The next metric named `name` and its resource's attributes, leaving others for
+    /// later.
+    fn metric(&mut self, name: &str) -> (serde_json::Value, Attributes) {
+        let item = self.next(&format!("{name} metric"), |item| {
+            item["metric"]["name"] == name
+        });
+        (item["metric"].clone(), attributes(&item["resource"]))
     }
 
-    /// The next span.
-    fn span(&self) -> serde_json::Value {
-        self.next("span", |item| {
-            (!item["span"].is_null()).then(|| item["span"].clone())
-        })
+    /// The points of metric `name` by resource, read until there are `points` of them:
+    /// each resource once, as one request carries each entity once.
+    fn points_by_resource(
+        &mut self,
+        name: &str,
+        points: usize,
+    ) -> BTreeMap<Attributes, Vec<serde_json::Value>> {
+        let mut by_resource = BTreeMap::new();
+        let mut seen = 0;
+        while seen < points {
+            let (metric, resource) = self.metric(name);
+            let data = metric
+                .as_object()
+                .unwrap()
+                .values()
+                .find_map(|value| value["data_points"].as_array())
+                .unwrap_or_else(|| panic!("{name} has no data points: {metric}"))
+                .clone();
+            seen += data.len();
+            if let Some(earlier) = by_resource.insert(resource.clone(), data) {
+                panic!("{name}: resource {resource:?} came twice (first with {earlier:?})");
+            }
+        }
+        by_resource
     }
 
-    /// The first item within 20 s that `wanted` picks.
+    /// The next span and its resource (attribute values as text).
+    fn span(&mut self) -> (serde_json::Value, Attributes) {
+        let item = self.next("span", |item| !item["span"].is_null());
+        (item["span"].clone(), attributes(&item["resource"]))
+    }
+
+    /// The first item, read before or within 20 s, that `wanted` picks; the others stay for
+    /// later calls.
     fn next(
-        &self,
+        &mut self,
         what: &str,
-        wanted: impl Fn(&serde_json::Value) -> Option<serde_json::Value>,
+        wanted: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
+        if let Some(position) = self.pending.iter().position(&wanted) {
+            return self.pending.remove(position).unwrap();
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -101,9 +141,10 @@ impl Receiver {
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("no {what} reached the receiver"));
             let item: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if let Some(found) = wanted(&item) {
-                return found;
+            if wanted(&item) {
+                return item;
             }
+            self.pending.push_back(item);
         }
     }
 }
@@ -166,81 +207,211 @@ fn number(value: &serde_json::Value) -> f64 {
     }
 }
 
-fn attributes(point: &serde_json::Value) -> BTreeMap<String, String> {
-    point["attributes"]
+/// Attributes by key, values as text.
+type Attributes = BTreeMap<String, String>;
+
+/// The attributes of a point, span or resource; integers as text.
+fn attributes(item: &serde_json::Value) -> Attributes {
+    item["attributes"]
         .as_array()
         .unwrap()
         .iter()
         .map(|attribute| {
-            (
-                attribute["key"].as_str().unwrap().to_owned(),
-                attribute["value"]["string_value"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned(),
-            )
+            let value = &attribute["value"];
+            let text = match (value["string_value"].as_str(), &value["int_value"]) {
+                (Some(text), _) => text.to_owned(),
+                (None, serde_json::Value::String(number)) => number.clone(),
+                _ => panic!("unexpected attribute value: {attribute}"),
+            };
+            (attribute["key"].as_str().unwrap().to_owned(), text)
         })
         .collect()
 }
 
+fn map(pairs: &[(&str, &str)]) -> Attributes {
+    pairs
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+        .collect()
+}
+
+/// The resource of Deployment shop/checkout, as its metrics carry it.
+fn checkout_resource() -> Attributes {
+    map(&[
+        ("service.name", "checkout"),
+        ("service.namespace", "shop"),
+        ("k8s.namespace.name", "shop"),
+        ("k8s.deployment.name", "checkout"),
+        ("trazor.workload.kind", "Deployment"),
+        ("trazor.workload.name", "checkout"),
+    ])
+}
+
+/// A `pod_window` (GET /cart/{id} served) measured at `source` instead.
+fn window_at(
+    source: Source,
+    sequence: u64,
+    end: u64,
+    buckets: &[(i32, u64)],
+    classes: &[u64],
+) -> AgentMessage {
+    let mut message = pod_window(sequence, "unused", end, buckets, classes);
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("not a window");
+    };
+    window.source = Some(source);
+    message
+}
+
+fn pod_source(namespace: &str, pod: &str, container: &str, owner: (&str, &str)) -> Source {
+    Source {
+        node_name: format!("node-of-{pod}"),
+        pod: Some(PodIdentity {
+            namespace: namespace.into(),
+            name: pod.into(),
+            uid: format!("uid-{pod}"),
+            container: container.into(),
+            workload_kind: owner.0.into(),
+            workload_name: owner.1.into(),
+        }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregates_reach_a_real_otlp_receiver_exactly() {
-    let receiver = Receiver::start();
+    let mut receiver = Receiver::start();
     let (grpc, stats) = collector(OtlpConfig::new(format!(
         "http://127.0.0.1:{}",
         receiver.port
     )))
     .await;
     let end = window_end();
-    // Two pods on two nodes, one window each: merged into one aggregate.
+    // Four entities in one window, so their points leave in one request: Deployment
+    // shop/checkout (two pods on two nodes, merged into one point), StatefulSet
+    // billing/ledger, the ownerless pod shop/debug, and the process nginx (standalone).
     send(
         &grpc,
         "agent-a",
-        vec![pod_window(
-            1,
-            "checkout-1",
-            end,
-            &[(1_400, 3), (1_500, 1)],
-            &[0, 0, 4],
-        )],
+        vec![
+            pod_window(1, "checkout-1", end, &[(1_400, 3), (1_500, 1)], &[0, 0, 4]),
+            window_at(
+                pod_source("billing", "ledger-0", "db", ("StatefulSet", "ledger")),
+                2,
+                end,
+                &[(1_700, 2)],
+                &[0, 0, 2],
+            ),
+            window_at(
+                pod_source("shop", "debug", "shell", ("", "")),
+                3,
+                end,
+                &[(1_800, 1)],
+                &[0, 0, 0, 0, 1],
+            ),
+            window_at(
+                Source {
+                    node_name: "host-a".into(),
+                    pid: 4242,
+                    process_name: "nginx".into(),
+                    ..Default::default()
+                },
+                4,
+                end,
+                &[(1_900, 4)],
+                &[0, 0, 4],
+            ),
+        ],
     )
     .await;
+    // The second pod also answered POSTs: a second point of the same entity, in the same
+    // request, under the same resource.
+    let mut posts = pod_window(2, "checkout-2", end, &[(1_300, 3)], &[0, 0, 0, 0, 3]);
+    if let Some(agent_message::Kind::Window(window)) = &mut posts.kind {
+        window.method = "POST".into();
+    }
     send(
         &grpc,
         "agent-b",
-        vec![pod_window(
-            1,
-            "checkout-2",
-            end,
-            &[(1_450, 2), (1_500, 4)],
-            &[0, 0, 5, 0, 0, 1],
-        )],
+        vec![
+            pod_window(
+                1,
+                "checkout-2",
+                end,
+                &[(1_450, 2), (1_500, 4)],
+                &[0, 0, 5, 0, 0, 1],
+            ),
+            posts,
+        ],
     )
     .await;
 
-    let duration = receiver.metric(DURATION_METRIC);
-    assert_eq!(duration["unit"], "ns");
-    let histogram = &duration["exponential_histogram"];
-    assert_eq!(
-        histogram["aggregation_temporality"],
-        "AGGREGATION_TEMPORALITY_DELTA"
-    );
-    let points = histogram["data_points"].as_array().unwrap();
-    assert_eq!(points.len(), 1, "{duration}");
-    let point = &points[0];
-    let expected: BTreeMap<String, String> = [
+    // Each entity is one resource, with only its own points under it, and on the points
+    // only what was measured.
+    let durations = receiver.points_by_resource(DURATION_METRIC, 5);
+    let ledger = map(&[
+        ("service.name", "ledger"),
+        ("service.namespace", "billing"),
+        ("k8s.namespace.name", "billing"),
+        ("k8s.statefulset.name", "ledger"),
+        ("trazor.workload.kind", "StatefulSet"),
+        ("trazor.workload.name", "ledger"),
+    ]);
+    let debug = map(&[
+        ("service.name", "debug"),
+        ("service.namespace", "shop"),
         ("k8s.namespace.name", "shop"),
-        ("k8s.deployment.name", "checkout"),
-        ("trazor.workload.kind", "Deployment"),
-        ("trazor.workload.name", "checkout"),
-        ("http.route", "/cart/{id}"),
-        ("http.request.method", "GET"),
-        ("trazor.direction", "server"),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_owned(), value.to_owned()))
-    .collect();
-    assert_eq!(attributes(point), expected);
+        ("k8s.pod.name", "debug"),
+        ("k8s.pod.uid", "uid-debug"),
+    ]);
+    let nginx = map(&[
+        ("service.name", "nginx"),
+        ("process.executable.name", "nginx"),
+    ]);
+    // A point's attributes: what was measured, and for the responses, its status class.
+    let measured = |method: &str, class: Option<&str>| {
+        let mut attributes = map(&[
+            ("http.route", "/cart/{id}"),
+            ("http.request.method", method),
+            ("trazor.direction", "server"),
+        ]);
+        if let Some(class) = class {
+            attributes.insert("http.response.status_class".into(), class.into());
+        }
+        attributes
+    };
+    // Points of one resource in any order (the collector closes a window's aggregates
+    // together, in no particular order).
+    let by_resource = |points: &BTreeMap<Attributes, Vec<serde_json::Value>>, value: &str| {
+        points
+            .iter()
+            .map(|(resource, points)| {
+                let points: BTreeSet<(Attributes, u64)> = points
+                    .iter()
+                    .map(|point| (attributes(point), number(&point[value]) as u64))
+                    .collect();
+                (resource.clone(), points)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let get = |class| measured("GET", class);
+    assert_eq!(
+        by_resource(&durations, "count"),
+        BTreeMap::from([
+            (
+                checkout_resource(),
+                BTreeSet::from([(get(None), 10), (measured("POST", None), 3)])
+            ),
+            (ledger.clone(), BTreeSet::from([(get(None), 2)])),
+            (debug.clone(), BTreeSet::from([(get(None), 1)])),
+            (nginx.clone(), BTreeSet::from([(get(None), 4)])),
+        ])
+    );
+
+    let point = durations[&checkout_resource()]
+        .iter()
+        .find(|point| attributes(point) == get(None))
+        .unwrap();
     assert_eq!(nanos(&point["start_time_unix_nano"]), end - 1_000_000_000);
     assert_eq!(nanos(&point["time_unix_nano"]), end);
     assert_eq!(number(&point["count"]), 10.0);
@@ -262,40 +433,45 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
     assert_eq!((counts[0], counts[50], counts[100]), (3.0, 2.0, 5.0));
     assert_eq!(counts.iter().sum::<f64>(), 10.0);
 
-    let responses = receiver.metric(RESPONSES_METRIC);
-    assert_eq!(responses["sum"]["is_monotonic"], true);
-    let by_class: BTreeMap<String, f64> = responses["sum"]["data_points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|point| {
-            (
-                attributes(point)["http.response.status_class"].clone(),
-                number(&point["as_int"]),
-            )
-        })
-        .collect();
+    let responses = receiver.points_by_resource(RESPONSES_METRIC, 6);
     assert_eq!(
-        by_class,
-        BTreeMap::from([("2xx".to_owned(), 9.0), ("5xx".to_owned(), 1.0)])
+        by_resource(&responses, "as_int"),
+        BTreeMap::from([
+            (
+                checkout_resource(),
+                BTreeSet::from([
+                    (get(Some("2xx")), 9),
+                    (get(Some("5xx")), 1),
+                    (measured("POST", Some("4xx")), 3),
+                ])
+            ),
+            (ledger, BTreeSet::from([(get(Some("2xx")), 2)])),
+            (debug, BTreeSet::from([(get(Some("4xx")), 1)])),
+            (nginx, BTreeSet::from([(get(Some("2xx")), 4)])),
+        ])
     );
 
-    // A window for the same period after the aggregate closed: exported alone, once.
+    // A window for the same period after the aggregate closed: exported alone, once, under
+    // its workload's resource (not its pod's: it adds to the same series).
     send(
         &grpc,
         "agent-a",
-        vec![pod_window(2, "checkout-3", end, &[(1_600, 7)], &[0, 0, 7])],
+        vec![pod_window(5, "checkout-3", end, &[(1_600, 7)], &[0, 0, 7])],
     )
     .await;
-    let late = receiver.metric(DURATION_METRIC);
-    let late_point = &late["exponential_histogram"]["data_points"][0];
-    assert_eq!(number(&late_point["count"]), 7.0);
-    assert_eq!(late_point["positive"]["offset"], 1_600);
-    assert_eq!(attributes(late_point), expected);
+    let (late, late_resource) = receiver.metric(DURATION_METRIC);
+    assert_eq!(late_resource, checkout_resource());
+    let late_points = late["exponential_histogram"]["data_points"]
+        .as_array()
+        .unwrap();
+    assert_eq!(late_points.len(), 1, "{late}");
+    assert_eq!(number(&late_points[0]["count"]), 7.0);
+    assert_eq!(late_points[0]["positive"]["offset"], 1_600);
+    assert_eq!(attributes(&late_points[0]), get(None));
 
-    // 1 + 2 points (histogram, two classes), then 1 + 1 for the late window (counted once
+    // 5 histogram points and 6 class points, then 1 + 1 for the late window (counted once
     // the receiver's answer is back, a moment after it printed the metrics).
-    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 5").await;
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 13").await;
     assert_line(&metrics, "trazor_collector_otlp_points_dropped_total 0");
     assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
 }
@@ -358,7 +534,7 @@ async fn a_receiver_that_refuses_the_request_is_not_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exemplars_reach_a_real_otlp_receiver_as_spans() {
-    let receiver = Receiver::start();
+    let mut receiver = Receiver::start();
     let (grpc, stats) = collector(OtlpConfig::new(format!(
         "http://127.0.0.1:{}",
         receiver.port
@@ -369,6 +545,14 @@ async fn exemplars_reach_a_real_otlp_receiver_as_spans() {
     let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
         panic!("not a window");
     };
+    if let Some(pod) = window
+        .source
+        .as_mut()
+        .and_then(|source| source.pod.as_mut())
+    {
+        pod.uid = "uid-checkout-1".into();
+        pod.container = "app".into();
+    }
     // A failed request and a slow one, as the agent reports them.
     let start = end - 500_000_000;
     window.exemplars = vec![
@@ -390,7 +574,24 @@ async fn exemplars_reach_a_real_otlp_receiver_as_spans() {
         },
     ];
     send(&grpc, "agent-a", vec![message]).await;
-    let mut spans = [receiver.span(), receiver.span()];
+    let (first, first_resource) = receiver.span();
+    let (second, second_resource) = receiver.span();
+    // The workload, as its metrics name it, then the pod, container and node the requests
+    // were served on.
+    let mut expected = checkout_resource();
+    expected.extend(map(&[
+        ("k8s.pod.name", "checkout-1"),
+        ("k8s.pod.uid", "uid-checkout-1"),
+        ("k8s.container.name", "app"),
+        ("service.instance.id", "uid-checkout-1.app"),
+        ("k8s.node.name", "node-of-checkout-1"),
+    ]));
+    assert_eq!(first_resource, expected);
+    assert_eq!(second_resource, expected);
+    // The window's own metrics: the same service and k8s.* keys for the same workload.
+    let (_, metric_resource) = receiver.metric(DURATION_METRIC);
+    assert_eq!(metric_resource, checkout_resource());
+    let mut spans = [first, second];
     spans.sort_by_key(|span| nanos(&span["start_time_unix_nano"]));
     for (span, status, path, duration, code) in [
         (&spans[0], 503.0, "/cart/42", 2_000_000, "STATUS_CODE_ERROR"),
