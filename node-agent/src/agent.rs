@@ -29,7 +29,7 @@ use crate::{
         Delivery, Outbox, ShipperStats, TransportConfig, collector_endpoint, deliver, open_outbox,
         with_tls,
     },
-    telemetry::AgentTelemetry,
+    telemetry::{AgentTelemetry, ApiWatch},
     window::WindowBuilder,
 };
 
@@ -284,6 +284,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         pods_changed,
         profiles: None,
         config_updates: None,
+        last_file_text: None,
         profile_of_pod: HashMap::new(),
         config_generation: config_generation.clone(),
         events: Vec::new(),
@@ -308,6 +309,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
                 )));
                 windows.config_updates = Some(receiver);
             }
+            windows.last_file_text = Some(document.0.clone());
             windows.apply_profiles(source.config_file.clone(), document)?;
         }
         _ => windows.capture.configure(&windows.settings)?,
@@ -401,6 +403,8 @@ struct WindowLoop {
     profiles: Option<(PathBuf, String, NodeAgentConfig)>,
     /// New configuration texts from the API (kubernetes mode).
     config_updates: Option<watch::Receiver<String>>,
+    /// The configuration file's text when last read, so only a change of the file applies.
+    last_file_text: Option<String>,
     profile_of_pod: HashMap<String, String>,
     config_generation: Arc<AtomicU64>,
     events: Vec<RequestEvent>,
@@ -561,11 +565,18 @@ impl WindowLoop {
     }
 
     /// Takes a changed configuration, from the API or the file, and applies it if valid.
+    ///
+    /// The API watch, when there is one, is in charge while it is in sync: the mounted file
+    /// lags it by up to a minute (the kubelet's sync), so a file that still holds an older
+    /// document must never undo what the API delivered. The file is read only without an
+    /// API watch (a local run) or while that watch is failing, and then only a change *of
+    /// the file* is applied, never a file that merely differs from the API's document.
     fn reload_if_changed(&mut self) {
         let Some((path, last_text, _)) = &self.profiles else {
             return;
         };
         let path = path.clone();
+        let last_text = last_text.clone();
         let from_api = self
             .config_updates
             .as_mut()
@@ -573,15 +584,26 @@ impl WindowLoop {
             .map(|updates| updates.borrow_and_update().clone());
         let text = match from_api {
             Some(text) => text,
-            None => match std::fs::read_to_string(&path) {
-                Ok(text) => text,
-                Err(error) => {
-                    tracing::warn!(path = %path.display(), %error, "cannot read the configuration file");
+            None => {
+                let api_in_charge = self.config_updates.is_some()
+                    && self.telemetry.api_watch_in_sync(ApiWatch::Configuration);
+                if api_in_charge {
                     return;
                 }
-            },
+                match std::fs::read_to_string(&path) {
+                    Ok(text) if self.last_file_text.as_ref() == Some(&text) => return,
+                    Ok(text) => {
+                        self.last_file_text = Some(text.clone());
+                        text
+                    }
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "cannot read the configuration file");
+                        return;
+                    }
+                }
+            }
         };
-        if &text == last_text {
+        if text == last_text {
             return;
         }
         match serde_json::from_str::<NodeAgentConfig>(&text) {

@@ -83,6 +83,11 @@ impl AgentTelemetry {
             .insert(watch, None);
     }
 
+    /// Whether `watch` has listed and follows its objects now.
+    pub fn api_watch_in_sync(&self, watch: ApiWatch) -> bool {
+        matches!(self.api_watches().get(&watch), Some(None))
+    }
+
     fn api_watches(&self) -> BTreeMap<ApiWatch, Option<String>> {
         self.api_watches
             .lock()

@@ -1039,6 +1039,11 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
             })
             .await?;
             ensure!(delay <= Duration::from_secs(5), "the pod was traced {:.2} s after kubectl apply (goal ≤ 5 s)", delay.as_secs_f64());
+            // Stays traced: no later selection without it (the stale mounted file must not win).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let lines = logs_since(client, SYSTEM_NS, &agent, traced_at).await?;
+            let dropped: Vec<&String> = lines.iter().filter(|(at, l)| *at > traced_at && l.contains("selection updated") && !selection_with_pods(l, 3)).map(|(_, l)| l).collect();
+            ensure!(dropped.is_empty(), "the agent changed its selection again after tracing the new pod: {dropped:?}");
             Ok(((), format!(
                 "apply → agent tracing the pod: {:.2} s (kubelet log timestamps); its first window closed {:.1} s after apply",
                 delay.as_secs_f64(),
@@ -1088,9 +1093,27 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
                     took <= 5.0,
                     "the first 2 s window closed {took:.2} s after apply (goal ≤ 5 s)"
                 );
+                // And it stays: the kubelet's copy of the ConfigMap, which lags by up to a
+                // minute, must not take the agent back to the old window meanwhile.
+                tokio::time::sleep(Duration::from_secs(12)).await;
+                let lengths: Vec<u64> = pod_windows(&feed, &inventory_pod)
+                    .iter()
+                    .filter(|w| w["start_unix_ms"].as_u64().unwrap_or_default() >= first)
+                    .map(|w| {
+                        w["end_unix_ms"].as_u64().unwrap_or_default()
+                            - w["start_unix_ms"].as_u64().unwrap_or_default()
+                    })
+                    .collect();
+                ensure!(
+                    lengths.len() >= 4 && lengths.iter().all(|&l| l == 2000),
+                    "after the first 2 s window the windows must stay 2 s long; their lengths (ms): {lengths:?}"
+                );
                 Ok((
                     (),
-                    format!("first 2 s window closed {took:.2} s after kubectl apply"),
+                    format!(
+                        "first 2 s window closed {took:.2} s after kubectl apply; the {} windows of the next 12 s all 2 s",
+                        lengths.len()
+                    ),
                 ))
             },
         )
