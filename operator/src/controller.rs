@@ -458,6 +458,14 @@ pub async fn deployment_owner(
     })
 }
 
+/// Whether `pod` is one of the node agents (the DaemonSet's pod labels).
+fn is_agent_pod(pod: &Pod) -> bool {
+    let labels = pod.labels();
+    crate::daemonset::agent_labels()
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
+}
+
 /// Reads the configuration currently in the ConfigMap, so the first render after a restart is
 /// not taken for a change.
 pub async fn current_config(client: Client, namespace: &str) -> Result<Option<String>> {
@@ -490,23 +498,33 @@ pub async fn run(
             "listing TraceProfiles (is the CRD installed? kubectl apply -f crds/traceprofile.yaml)",
         ))?;
 
+    let (all_tx, all_rx) = mpsc::unbounded_channel();
     // Pods of all namespaces, stripped: for matched-pod counts, conflicts and agent readiness.
+    // A change of a node agent's pod (it became Ready, or went away) re-reconciles every
+    // profile at once, so `nodesReporting` follows the agents instead of the periodic requeue.
     let (pods, pod_writer) = reflector::store();
+    let agent_pods_changed = all_tx.clone();
     let pod_stream = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .modify(strip_pod)
         .default_backoff()
         .reflect(pod_writer)
-        .for_each(|event| async move {
-            if let Err(error) = event {
-                warn!(%error, "pod watch failed; retrying");
+        .for_each(move |event| {
+            match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::Delete(pod))
+                    if is_agent_pod(&pod) =>
+                {
+                    let _ = agent_pods_changed.send(());
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "pod watch failed; retrying"),
             }
+            async {}
         });
     let pod_task = tokio::spawn(pod_stream);
 
     let last_config = current_config(client.clone(), &settings.namespace).await?;
     let controller = Controller::new(profiles, watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(1));
-    let (all_tx, all_rx) = mpsc::unbounded_channel();
     let mut context = Context::new(
         client,
         settings,

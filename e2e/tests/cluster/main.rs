@@ -948,6 +948,21 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
         .await?;
 
     suite
+        .step("dashboard and feed served by the collector (port-forward, as a user opens them)", Duration::from_secs(30), async {
+            let collectors = ready_pods(client, SYSTEM_NS, COLLECTOR_SELECTOR, 1, Duration::from_secs(20)).await?;
+            let collector = collectors.keys().next().cloned().context("collector pod")?;
+            let (status, page) = http_get(client, SYSTEM_NS, &collector, 8080, "/").await?;
+            ensure!(status == 200 && page.contains("<title>Trazor: live request latency</title>"), "GET / answered {status}: {page:.200}");
+            let (status, metrics) = http_get(client, SYSTEM_NS, &collector, 8080, "/metrics").await?;
+            ensure!(status == 200, "GET /metrics answered {status}");
+            let accepted = metric_value(&metrics, "trazor_collector_windows_published_total").unwrap_or_default();
+            ensure!(accepted > 0.0, "the collector reports no published window: {metrics:.400}");
+            let connections = feed.with_log(|log| log.connections);
+            Ok(((), format!("GET / is the dashboard page ({} bytes); /metrics: {accepted} windows published; the feed subscriber connected {connections} time(s)", page.len())))
+        })
+        .await?;
+
+    suite
         .step(
             "invalid profile rejected by the API server (CEL), readably",
             Duration::from_secs(30),
