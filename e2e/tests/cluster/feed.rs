@@ -85,9 +85,14 @@ async fn follow(
     port: u16,
     log: Arc<Mutex<FeedLog>>,
 ) {
+    let mut last_error = String::new();
     loop {
         if let Err(error) = read_one_collector(&client, &namespace, &selector, port, &log).await {
-            eprintln!("    (feed: {error:#}; reconnecting)");
+            let error = format!("{error:#}");
+            if error != last_error {
+                eprintln!("    (feed: {error}; reconnecting)");
+            }
+            last_error = error;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -1154,7 +1154,11 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
             finish_load(client, &generators, Duration::from_secs(90)).await?;
             tokio::time::sleep(Duration::from_secs(7)).await;
             let (windows, repeats) = no_gaps(&feed)?;
-            Ok(((), format!("agent {agent} deleted, {new_agent} Ready after {:.1} s; {windows} windows, no sequence gap; {repeats} repeated", back.as_secs_f64())))
+            // The new agent pod resumed the spool: same boot id, the sequence going on, so
+            // what the old pod closed but had not delivered is still in that one sequence.
+            let boots: BTreeSet<String> = feed.with_log(|log| log.windows.keys().filter(|(a, _, _)| *a == node_name).map(|(_, boot, _)| boot.clone()).collect());
+            ensure!(boots.len() == 1, "the agent on {node_name} sent under {} boot ids {boots:?}: the new pod did not resume the spool", boots.len());
+            Ok(((), format!("agent {agent} deleted, {new_agent} Ready after {:.1} s and resumed its spool (one boot id); {windows} windows, no sequence gap; {repeats} repeated", back.as_secs_f64())))
         })
         .await?;
 
