@@ -81,15 +81,18 @@ fi
 # --- an OTLP receiver we did not write, for the collector's export test ------------
 # oteltap receives OTLP/HTTP protobuf (native core) and decodes it with the official
 # opentelemetry-proto package; collector/tests/otlp.rs drives it through otlp_receiver.py.
-OTELTAP_VERSION=1.0.0
-OTLP_VENV="$HOME/.cache/trazor/otlp-venv"
-if "$OTLP_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('oteltap') != '$OTELTAP_VERSION')" 2>/dev/null; then
-    say "oteltap $OTELTAP_VERSION present"
-else
-    say "installing oteltap $OTELTAP_VERSION into $OTLP_VENV"
-    python3 -m venv "$OTLP_VENV"
-    "$OTLP_VENV/bin/pip" install --quiet --disable-pip-version-check "oteltap==$OTELTAP_VERSION"
-fi
+# pip_in_venv PACKAGE VERSION VENV: PACKAGE==VERSION in its own venv, unless already there.
+pip_in_venv() {
+    local package=$1 version=$2 venv=$3
+    if "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$package') != '$version')" 2>/dev/null; then
+        say "$package $version present"
+    else
+        say "installing $package $version into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "$package==$version"
+    fi
+}
+pip_in_venv oteltap 1.0.0 "$HOME/.cache/trazor/otlp-venv"
 
 # --- helm, for the chart checks -----------------------------------------------------
 # scripts/test.sh lints and renders charts/trazor with a real helm, and
@@ -160,14 +163,6 @@ fi
 # Rotel (a Rust OpenTelemetry collector, shipped as a PyPI wheel) receives the collector's
 # OTLP export in e2e/tests/cluster and prints it with its detailed debug log, resource
 # attributes included (oteltap, above, hands over metrics and spans without their resource).
-ROTEL_VERSION=0.0.1a15
-ROTEL_VENV="$HOME/.cache/trazor/rotel-venv"
-if "$ROTEL_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('rotel') != '$ROTEL_VERSION')" 2>/dev/null; then
-    say "rotel $ROTEL_VERSION present"
-else
-    say "installing rotel $ROTEL_VERSION into $ROTEL_VENV"
-    python3 -m venv "$ROTEL_VENV"
-    "$ROTEL_VENV/bin/pip" install --quiet --disable-pip-version-check "rotel==$ROTEL_VERSION"
-fi
+pip_in_venv rotel 0.0.1a15 "$HOME/.cache/trazor/rotel-venv"
 
 say "done"

@@ -590,6 +590,46 @@ fn no_gaps(feed: &FeedRecorder) -> Result<(usize, u64)> {
     })
 }
 
+/// Deletes pod `victim` (in the Trazor namespace) 8 s into 30 s of load on `targets`,
+/// waits for a new Ready pod of `selector`, then for the load to end and its last windows to
+/// close; returns the new pod and how long after the deletion it was Ready.
+async fn delete_under_load(
+    settings: &Settings,
+    client: &Client,
+    targets: &BTreeMap<String, Pod>,
+    tag: &str,
+    victim: &str,
+    selector: &str,
+) -> Result<(String, Duration)> {
+    let generators = start_load(settings, client, targets, tag, 30, 40).await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NS);
+    pods.delete(victim, &Default::default()).await?;
+    let deleted = Instant::now();
+    let replacement = wait_for(
+        &format!("a new Ready pod {selector}"),
+        Duration::from_secs(90),
+        || async {
+            let running = running_pods(client, SYSTEM_NS, selector).await?;
+            Ok(
+                match running
+                    .iter()
+                    .find(|(name, pod)| name.as_str() != victim && kube_io::is_ready(pod))
+                {
+                    Some((name, _)) => Seen::Done(name.clone()),
+                    None => Seen::NotYet(format!("{:?}", running.keys().collect::<Vec<_>>())),
+                },
+            )
+        },
+    )
+    .await?;
+    let back = deleted.elapsed();
+    finish_load(client, &generators, Duration::from_secs(90)).await?;
+    // The windows holding the load have closed once a window entirely after it has.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    Ok((replacement, back))
+}
+
 async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &Node) -> Result<()> {
     let node_name = node.name_any();
     let profiles: Api<TraceProfile> = Api::namespaced(client.clone(), SHOP_NS);
@@ -1137,22 +1177,7 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
 
     suite
         .step("no window lost when the agent pod is deleted (spool on the node)", Duration::from_secs(180), async {
-            let generators = start_load(settings, client, &checkout, "c", 30, 40).await?;
-            tokio::time::sleep(Duration::from_secs(8)).await;
-            let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NS);
-            pods.delete(&agent, &Default::default()).await?;
-            let deleted = Instant::now();
-            let new_agent = wait_for("a new Ready agent pod", Duration::from_secs(90), || async {
-                let agents = running_pods(client, SYSTEM_NS, AGENT_SELECTOR).await?;
-                Ok(match agents.iter().find(|(name, pod)| **name != agent && kube_io::is_ready(pod)) {
-                    Some((name, _)) => Seen::Done(name.clone()),
-                    None => Seen::NotYet(format!("{:?}", agents.keys().collect::<Vec<_>>())),
-                })
-            })
-            .await?;
-            let back = deleted.elapsed();
-            finish_load(client, &generators, Duration::from_secs(90)).await?;
-            tokio::time::sleep(Duration::from_secs(7)).await;
+            let (new_agent, back) = delete_under_load(settings, client, &checkout, "c", &agent, AGENT_SELECTOR).await?;
             let (windows, repeats) = no_gaps(&feed)?;
             // The new agent pod resumed the spool: same boot id, the sequence going on, so
             // what the old pod closed but had not delivered is still in that one sequence.
@@ -1164,24 +1189,9 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
 
     suite
         .step("no window lost when the collector pod is deleted (state dir, agents resend)", Duration::from_secs(180), async {
-            let generators = start_load(settings, client, &checkout, "d", 30, 40).await?;
-            tokio::time::sleep(Duration::from_secs(8)).await;
             let old = ready_pods(client, SYSTEM_NS, COLLECTOR_SELECTOR, 1, Duration::from_secs(10)).await?;
             let old_name = old.keys().next().cloned().context("collector pod")?;
-            let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NS);
-            pods.delete(&old_name, &Default::default()).await?;
-            let deleted = Instant::now();
-            let new_name = wait_for("a new Ready collector pod", Duration::from_secs(90), || async {
-                let collectors = running_pods(client, SYSTEM_NS, COLLECTOR_SELECTOR).await?;
-                Ok(match collectors.iter().find(|(name, pod)| **name != old_name && kube_io::is_ready(pod)) {
-                    Some((name, _)) => Seen::Done(name.clone()),
-                    None => Seen::NotYet(format!("{:?}", collectors.keys().collect::<Vec<_>>())),
-                })
-            })
-            .await?;
-            let back = deleted.elapsed();
-            finish_load(client, &generators, Duration::from_secs(90)).await?;
-            tokio::time::sleep(Duration::from_secs(8)).await;
+            let (new_name, back) = delete_under_load(settings, client, &checkout, "d", &old_name, COLLECTOR_SELECTOR).await?;
             let (windows, repeats) = no_gaps(&feed)?;
             let read_from = feed.with_log(|log| log.collectors.clone());
             ensure!(read_from.contains(&new_name), "the feed never reached the new collector {new_name}: read from {read_from:?}");
