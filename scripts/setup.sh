@@ -159,10 +159,11 @@ else
     rustup target add "$MUSL_TARGET"
 fi
 
-# --- an OpenTelemetry collector we did not write, for the cluster suite -------------
+# --- an OpenTelemetry collector we did not write, for OTLP/gRPC and the cluster suite --
 # Rotel (a Rust OpenTelemetry collector, shipped as a PyPI wheel) receives the collector's
-# OTLP export in e2e/tests/cluster and prints it with its detailed debug log, resource
-# attributes included (oteltap, above, hands over metrics and spans without their resource).
+# OTLP export (gRPC and HTTP) in collector/tests/otlp_grpc.rs and e2e/tests/cluster and
+# prints it with its detailed debug log, resource attributes included (oteltap, above,
+# speaks OTLP/HTTP only and hands over metrics and spans without their resource).
 pip_in_venv rotel 0.0.1a15 "$HOME/.cache/trazor/rotel-venv"
 
 say "done"

@@ -7,7 +7,7 @@ use trazor_collector::{
     BoundCollector, CollectorConfig, MAX_MESSAGE_BYTES,
     auth::{ServerTls, load_token},
     limits::AgentLimitConfig,
-    otlp::{OtlpConfig, parse_headers},
+    otlp::OtlpSettings,
 };
 
 /// Receives latency windows from Trazor node agents (gRPC) and publishes them live
@@ -64,17 +64,35 @@ struct Flags {
     /// CA (PEM) that agents' client certificates must be signed by: mutual TLS.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// OTLP/HTTP endpoint to export closed aggregates to as metrics, e.g.
-    /// http://otel-collector:4318 (requests go to its /v1/metrics). Without it, no export.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    /// OTLP endpoint to export closed aggregates (metrics) and exemplars (spans) to, e.g.
+    /// http://otel-collector:4318 (OTLP/HTTP: requests go to its /v1/metrics and
+    /// /v1/traces) or http://otel-collector:4317 (gRPC). Without any endpoint, no export.
+    /// [env: OTEL_EXPORTER_OTLP_ENDPOINT]
+    #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Endpoint of metrics alone, used as it is (e.g. http://mimir:9009/otlp/v1/metrics).
+    /// [env: OTEL_EXPORTER_OTLP_METRICS_ENDPOINT]
+    #[arg(long)]
+    otlp_metrics_endpoint: Option<String>,
+    /// Endpoint of spans alone, used as it is (e.g. http://tempo:4318/v1/traces).
+    /// [env: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT]
+    #[arg(long)]
+    otlp_traces_endpoint: Option<String>,
+    /// OTLP transport: http/protobuf (the default) or grpc.
+    /// [env: OTEL_EXPORTER_OTLP_PROTOCOL]
+    #[arg(long)]
+    otlp_protocol: Option<String>,
+    /// Compression of OTLP requests: gzip or none (the default).
+    /// [env: OTEL_EXPORTER_OTLP_COMPRESSION]
+    #[arg(long)]
+    otlp_compression: Option<String>,
+    /// Longest one OTLP request may take: milliseconds, or a duration such as 10s
+    /// (default 10000). [env: OTEL_EXPORTER_OTLP_TIMEOUT]
+    #[arg(long)]
+    otlp_timeout: Option<String>,
     /// Header for OTLP requests, KEY=VALUE (repeat, or a comma-separated list).
-    #[arg(
-        long,
-        env = "OTEL_EXPORTER_OTLP_HEADERS",
-        value_delimiter = ',',
-        requires = "otlp_endpoint"
-    )]
+    /// [env: OTEL_EXPORTER_OTLP_HEADERS]
+    #[arg(long, value_delimiter = ',')]
     otlp_header: Vec<String>,
     /// Log filter, e.g. `info` or `trazor_collector=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
@@ -110,16 +128,20 @@ async fn main() -> ExitCode {
         }
         _ => None,
     };
-    // The endpoint is checked when the collector binds (the exporter starts there).
-    let otlp = match flags.otlp_endpoint.as_deref().map(|endpoint| {
-        parse_headers(&flags.otlp_header.join(",")).map(|headers| OtlpConfig {
-            headers,
-            ..OtlpConfig::new(endpoint)
-        })
-    }) {
-        None => None,
-        Some(Ok(config)) => Some(config),
-        Some(Err(error)) => {
+    // The endpoints are checked when the collector binds (the exporter starts there).
+    let otlp = OtlpSettings {
+        endpoint: flags.otlp_endpoint,
+        metrics_endpoint: flags.otlp_metrics_endpoint,
+        traces_endpoint: flags.otlp_traces_endpoint,
+        protocol: flags.otlp_protocol,
+        compression: flags.otlp_compression,
+        timeout: flags.otlp_timeout,
+        headers: flags.otlp_header,
+    }
+    .resolve(|name| std::env::var(name).ok());
+    let otlp = match otlp {
+        Ok(otlp) => otlp,
+        Err(error) => {
             eprintln!("trazor-collector: error: {error}");
             return ExitCode::FAILURE;
         }

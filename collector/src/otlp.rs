@@ -1,7 +1,8 @@
 //! OTLP export: every closed aggregate (and every late window, alone) as OTLP metrics, sent
-//! over OTLP/HTTP with protobuf (`POST {endpoint}/v1/metrics`) to an OpenTelemetry
-//! Collector, or to any backend that receives OTLP (Prometheus with its OTLP receiver,
-//! Mimir, ...).
+//! over OTLP/HTTP with protobuf (`POST {endpoint}/v1/metrics`) or over OTLP/gRPC, gzipped
+//! or not, to an OpenTelemetry Collector, or to any backend that receives OTLP (Prometheus
+//! with its OTLP receiver, Mimir, ...). Configured as every OpenTelemetry exporter is
+//! ([`OtlpSettings`]: the `OTEL_EXPORTER_OTLP_*` variables, per-signal endpoints included).
 //!
 //! Each aggregate is one data point per metric, with delta temporality and its window as
 //! the interval (`start_time_unix_nano` to `time_unix_nano`):
@@ -28,11 +29,13 @@
 //! queue as batches (bounded; a full queue drops the new batch and counts its data points
 //! or spans); one batch is one request. A failed request (connection error, timeout, 429,
 //! 502, 503, 504) is retried with exponential backoff, honouring `Retry-After`, then
-//! dropped and counted; any other error status is dropped at once and counted. Points and
-//! spans the receiver rejects (a partial success) are counted too.
+//! dropped and counted; any other error status is dropped at once and counted. Over gRPC,
+//! the codes the OTLP specification calls transient are retried (`grpc_failure`). Points
+//! and spans the receiver rejects (a partial success) are counted too.
 
 use std::{
     collections::HashMap,
+    io::Write as _,
     str::FromStr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -47,8 +50,14 @@ use hyper_util::{
 };
 use opentelemetry_proto::tonic::{
     collector::{
-        metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse},
-        trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
+        metrics::v1::{
+            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+            metrics_service_client::MetricsServiceClient,
+        },
+        trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_client::TraceServiceClient,
+        },
     },
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
@@ -63,6 +72,12 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 use tokio::sync::mpsc;
+use tonic::{
+    Code,
+    codec::CompressionEncoding,
+    metadata::MetadataMap,
+    transport::{Channel, Endpoint},
+};
 use trazor_proto::v1::{Direction, LatencyWindow};
 
 use crate::{
@@ -76,13 +91,69 @@ pub const DURATION_METRIC: &str = "trazor.http.request.duration";
 /// Name of the requests-by-status-class sum.
 pub const RESPONSES_METRIC: &str = "trazor.http.responses";
 
+/// How requests are carried (`--otlp-protocol`, `OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`), the default.
+    #[default]
+    HttpProtobuf,
+    /// OTLP/gRPC (`grpc`).
+    Grpc,
+}
+
+impl FromStr for OtlpProtocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            "grpc" => Ok(Self::Grpc),
+            "http/json" => Err(
+                "OTLP protocol http/json is not supported; use http/protobuf or grpc".to_owned(),
+            ),
+            other => Err(format!(
+                "OTLP protocol {other:?} is not one of grpc, http/protobuf"
+            )),
+        }
+    }
+}
+
+/// Compression of request bodies (`--otlp-compression`, `OTEL_EXPORTER_OTLP_COMPRESSION`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OtlpCompression {
+    #[default]
+    None,
+    Gzip,
+}
+
+impl FromStr for OtlpCompression {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "none" | "" => Ok(Self::None),
+            "gzip" => Ok(Self::Gzip),
+            other => Err(format!(
+                "OTLP compression {other:?} is not one of gzip, none"
+            )),
+        }
+    }
+}
+
 /// Where and how to export.
 #[derive(Clone, Debug)]
 pub struct OtlpConfig {
-    /// Base URL (`http://host:4318`); requests go to `{endpoint}/v1/metrics` and
-    /// `{endpoint}/v1/traces`.
-    pub endpoint: String,
-    /// Extra request headers (an API key, a tenant id).
+    pub protocol: OtlpProtocol,
+    pub compression: OtlpCompression,
+    /// Endpoint of both signals (`http://host:4318`). Over HTTP, requests go to
+    /// `{endpoint}/v1/metrics` and `{endpoint}/v1/traces`; over gRPC, to the endpoint itself.
+    pub endpoint: Option<String>,
+    /// Endpoint of metrics alone, used as it is (no `/v1/metrics` appended, as the OTLP
+    /// exporter specification says); wins over `endpoint`.
+    pub metrics_endpoint: Option<String>,
+    /// Endpoint of spans alone, used as it is; wins over `endpoint`.
+    pub traces_endpoint: Option<String>,
+    /// Extra request headers (an API key, a tenant id); gRPC metadata over gRPC.
     pub headers: Vec<(String, String)>,
     /// Batches waiting to be sent at most; more are dropped and counted.
     pub queue_batches: usize,
@@ -96,42 +167,29 @@ pub struct OtlpConfig {
 }
 
 impl OtlpConfig {
+    /// Both signals to `endpoint` over OTLP/HTTP, uncompressed.
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
-            endpoint: endpoint.into(),
-            headers: Vec::new(),
-            queue_batches: 1_024,
-            max_attempts: 6,
-            initial_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(30),
-            timeout: Duration::from_secs(10),
+            endpoint: Some(endpoint.into()),
+            ..Self::default()
         }
     }
 
-    /// The URL of the signal at `path` (`/v1/metrics`, `/v1/traces`), or why the endpoint
-    /// cannot be used.
-    fn uri(&self, path: &str) -> Result<Uri, String> {
-        if self.endpoint.starts_with("https://") {
-            return Err(format!(
-                "OTLP endpoint {:?}: https is not supported yet; send to an OpenTelemetry \
-                 Collector over http (in the cluster, or beside the collector) and let it \
-                 forward over TLS",
-                self.endpoint
-            ));
+    /// The URL a signal's requests go to, `None` when that signal is not exported, or why
+    /// the endpoint cannot be used.
+    fn signal_uri(&self, signal: Signal) -> Result<Option<Uri>, String> {
+        let (specific, path) = match signal {
+            Signal::Metrics => (&self.metrics_endpoint, "/v1/metrics"),
+            Signal::Spans => (&self.traces_endpoint, "/v1/traces"),
+        };
+        match (specific, &self.endpoint, self.protocol) {
+            (Some(endpoint), _, _) => check_endpoint(endpoint, "").map(Some),
+            (None, Some(endpoint), OtlpProtocol::HttpProtobuf) => {
+                check_endpoint(endpoint, path).map(Some)
+            }
+            (None, Some(endpoint), OtlpProtocol::Grpc) => check_endpoint(endpoint, "").map(Some),
+            (None, None, _) => Ok(None),
         }
-        if !self.endpoint.starts_with("http://") {
-            return Err(format!(
-                "OTLP endpoint {:?} must start with http:// (e.g. http://otel-collector:4318)",
-                self.endpoint
-            ));
-        }
-        let endpoint = self.endpoint.trim_end_matches('/');
-        let uri = Uri::from_str(&format!("{endpoint}{path}"))
-            .map_err(|error| format!("OTLP endpoint {:?} is not a URL: {error}", self.endpoint))?;
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(format!("OTLP endpoint {:?} has no host", self.endpoint));
-        }
-        Ok(uri)
     }
 
     /// The configured headers, checked.
@@ -146,6 +204,132 @@ impl OtlpConfig {
         }
         Ok(headers)
     }
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            protocol: OtlpProtocol::default(),
+            compression: OtlpCompression::default(),
+            endpoint: None,
+            metrics_endpoint: None,
+            traces_endpoint: None,
+            headers: Vec::new(),
+            queue_batches: 1_024,
+            max_attempts: 6,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `endpoint` with `path` appended, as a URI, or why it cannot be used.
+fn check_endpoint(endpoint: &str, path: &str) -> Result<Uri, String> {
+    if endpoint.starts_with("https://") {
+        return Err(format!(
+            "OTLP endpoint {endpoint:?}: https is not supported yet; send to an OpenTelemetry \
+             Collector over http (in the cluster, or beside the collector) and let it forward \
+             over TLS"
+        ));
+    }
+    if !endpoint.starts_with("http://") {
+        return Err(format!(
+            "OTLP endpoint {endpoint:?} must start with http:// (e.g. http://otel-collector:4318)"
+        ));
+    }
+    let base = if path.is_empty() {
+        endpoint
+    } else {
+        endpoint.trim_end_matches('/')
+    };
+    let uri = Uri::from_str(&format!("{base}{path}"))
+        .map_err(|error| format!("OTLP endpoint {endpoint:?} is not a URL: {error}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("OTLP endpoint {endpoint:?} has no host"));
+    }
+    Ok(uri)
+}
+
+/// The export settings as given on the command line, each `None` when its flag is absent;
+/// [`OtlpSettings::resolve`] fills them from the `OTEL_EXPORTER_OTLP_*` variables.
+#[derive(Clone, Debug, Default)]
+pub struct OtlpSettings {
+    pub endpoint: Option<String>,
+    pub metrics_endpoint: Option<String>,
+    pub traces_endpoint: Option<String>,
+    pub protocol: Option<String>,
+    pub compression: Option<String>,
+    /// Milliseconds (as the variable), or a duration such as `10s`.
+    pub timeout: Option<String>,
+    /// `KEY=VALUE` each (or comma-separated lists of them).
+    pub headers: Vec<String>,
+}
+
+impl OtlpSettings {
+    /// The export configuration, `None` when no endpoint is set (no export). A flag wins
+    /// over its variable, and a signal's own endpoint (flag, then variable) over the
+    /// generic one (flag, then variable), as the OTLP exporter specification says; `env`
+    /// looks a variable up (`std::env::var` in the binary, a table in tests).
+    pub fn resolve(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<OtlpConfig>, String> {
+        // An empty variable counts as unset, as in the OpenTelemetry SDKs.
+        let or_env = |flag: Option<String>, name: &str| {
+            flag.or_else(|| env(name).filter(|value| !value.trim().is_empty()))
+        };
+        let endpoint = or_env(self.endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let metrics_endpoint = or_env(self.metrics_endpoint, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT");
+        let traces_endpoint = or_env(self.traces_endpoint, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+        if endpoint.is_none() && metrics_endpoint.is_none() && traces_endpoint.is_none() {
+            return Ok(None);
+        }
+        let protocol = or_env(self.protocol, "OTEL_EXPORTER_OTLP_PROTOCOL")
+            .map(|text| text.parse())
+            .transpose()?
+            .unwrap_or_default();
+        let compression = or_env(self.compression, "OTEL_EXPORTER_OTLP_COMPRESSION")
+            .map(|text| text.parse())
+            .transpose()?
+            .unwrap_or_default();
+        let mut config = OtlpConfig {
+            protocol,
+            compression,
+            endpoint,
+            metrics_endpoint,
+            traces_endpoint,
+            ..OtlpConfig::default()
+        };
+        if let Some(timeout) = or_env(self.timeout, "OTEL_EXPORTER_OTLP_TIMEOUT") {
+            config.timeout = parse_timeout(&timeout)?;
+        }
+        let headers = if self.headers.is_empty() {
+            env("OTEL_EXPORTER_OTLP_HEADERS").unwrap_or_default()
+        } else {
+            self.headers.join(",")
+        };
+        config.headers = parse_headers(&headers)?;
+        Ok(Some(config))
+    }
+}
+
+/// A request timeout: milliseconds (`OTEL_EXPORTER_OTLP_TIMEOUT`'s unit), or a duration
+/// with its unit (`10s`).
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let timeout = match text.parse::<u64>() {
+        Ok(millis) => Duration::from_millis(millis),
+        Err(_) => humantime::parse_duration(text).map_err(|error| {
+            format!(
+                "OTLP timeout {text:?} is neither milliseconds nor a duration like 10s: {error}"
+            )
+        })?,
+    };
+    if timeout.is_zero() {
+        return Err("OTLP timeout must be more than 0".to_owned());
+    }
+    Ok(timeout)
 }
 
 /// Parses `KEY=VALUE` (a `--otlp-header`), and `k1=v1,k2=v2` lists (as in
@@ -167,6 +351,10 @@ pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
 pub struct OtlpExporter {
     batches: mpsc::Sender<Batch>,
     stats: Arc<CollectorStats>,
+    /// Whether metrics, and spans, have an endpoint: a signal without one is not exported
+    /// (the user's choice, so nothing is counted as dropped).
+    exports_metrics: bool,
+    exports_spans: bool,
 }
 
 /// What a batch carries: metrics (aggregates) or spans (exemplars).
@@ -185,63 +373,108 @@ impl Signal {
     }
 }
 
-/// One request's worth, encoded.
+/// One request's worth.
 #[derive(Debug)]
 struct Batch {
-    signal: Signal,
-    body: Bytes,
+    payload: Payload,
     /// Data points or spans in it.
     items: u64,
+}
+
+#[derive(Debug)]
+enum Payload {
+    Metrics(ExportMetricsServiceRequest),
+    Spans(ExportTraceServiceRequest),
+}
+
+impl Batch {
+    fn signal(&self) -> Signal {
+        match self.payload {
+            Payload::Metrics(_) => Signal::Metrics,
+            Payload::Spans(_) => Signal::Spans,
+        }
+    }
+
+    /// The protobuf body of an OTLP/HTTP request.
+    fn encode(&self) -> Vec<u8> {
+        match &self.payload {
+            Payload::Metrics(request) => request.encode_to_vec(),
+            Payload::Spans(request) => request.encode_to_vec(),
+        }
+    }
 }
 
 impl OtlpExporter {
     /// Checks `config` and starts the export task (on the current Tokio runtime).
     pub fn start(config: OtlpConfig, stats: Arc<CollectorStats>) -> Result<Self, String> {
-        let metrics_uri = config.uri("/v1/metrics")?;
-        let traces_uri = config.uri("/v1/traces")?;
+        let metrics_uri = config.signal_uri(Signal::Metrics)?;
+        let traces_uri = config.signal_uri(Signal::Spans)?;
+        if metrics_uri.is_none() && traces_uri.is_none() {
+            return Err("OTLP export has no endpoint: set --otlp-endpoint (or \
+                        --otlp-metrics-endpoint, --otlp-traces-endpoint)"
+                .to_owned());
+        }
         let headers = config.header_map()?;
+        let destination = |uri: Option<Uri>| match config.protocol {
+            OtlpProtocol::HttpProtobuf => uri.map(Destination::Http),
+            // Connected at the first request, and again after a failure, so a receiver
+            // that starts after the collector is no error.
+            OtlpProtocol::Grpc => uri.map(|uri| {
+                Destination::Grpc(
+                    Endpoint::from(uri)
+                        .connect_timeout(config.timeout)
+                        .timeout(config.timeout)
+                        .connect_lazy(),
+                )
+            }),
+        };
+        let (exports_metrics, exports_spans) = (metrics_uri.is_some(), traces_uri.is_some());
         let (batches, receiver) = mpsc::channel(config.queue_batches.max(1));
         let sender = Sender {
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-            metrics_uri,
-            traces_uri,
+            metrics: destination(metrics_uri),
+            traces: destination(traces_uri),
+            metadata: MetadataMap::from_headers(headers.clone()),
             headers,
             config,
             stats: stats.clone(),
         };
         tokio::spawn(sender.run(receiver));
-        Ok(Self { batches, stats })
+        Ok(Self {
+            batches,
+            stats,
+            exports_metrics,
+            exports_spans,
+        })
     }
 
     /// Queues `aggregates` for export as metrics.
     pub fn export(&self, aggregates: Vec<Aggregate>) {
-        if aggregates.is_empty() {
+        if aggregates.is_empty() || !self.exports_metrics {
             return;
         }
         self.queue(Batch {
-            signal: Signal::Metrics,
             items: points_of(&aggregates),
-            body: Bytes::from(request_of(&aggregates).encode_to_vec()),
+            payload: Payload::Metrics(request_of(&aggregates)),
         });
     }
 
     /// Queues the exemplars of `window` (its slow, failed or sampled requests) for export
     /// as spans.
     pub fn export_exemplars(&self, window: &LatencyWindow) {
-        if window.exemplars.is_empty() {
+        if window.exemplars.is_empty() || !self.exports_spans {
             return;
         }
         self.queue(Batch {
-            signal: Signal::Spans,
             items: window.exemplars.len() as u64,
-            body: Bytes::from(spans_of(window).encode_to_vec()),
+            payload: Payload::Spans(spans_of(window)),
         });
     }
 
     /// Queues `batch`, or counts its items as dropped when the queue is full (the receiver
     /// has been failing for a long time).
     fn queue(&self, batch: Batch) {
-        let (signal, items) = (batch.signal, batch.items);
+        let (signal, items) = (batch.signal(), batch.items);
         match self.batches.try_send(batch) {
             Ok(()) => {
                 self.stats.otlp_queued.fetch_add(1, Ordering::Relaxed);
@@ -298,9 +531,12 @@ fn points_of(aggregates: &[Aggregate]) -> u64 {
 
 struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
-    metrics_uri: Uri,
-    traces_uri: Uri,
+    /// Where each signal goes; `None`: not exported.
+    metrics: Option<Destination>,
+    traces: Option<Destination>,
     headers: HeaderMap,
+    /// The headers as gRPC metadata.
+    metadata: MetadataMap,
     config: OtlpConfig,
     stats: Arc<CollectorStats>,
 }
@@ -330,46 +566,70 @@ impl Sender {
 
     /// Sends one batch, retrying what can be retried; counts how it ended.
     async fn deliver(&self, batch: Batch) {
-        let uri = match batch.signal {
-            Signal::Metrics => &self.metrics_uri,
-            Signal::Spans => &self.traces_uri,
+        let signal = batch.signal();
+        let destination = match signal {
+            Signal::Metrics => &self.metrics,
+            Signal::Spans => &self.traces,
+        };
+        let Some(destination) = destination else {
+            // Unreachable: the exporter queues no batch for a signal without an endpoint.
+            return;
+        };
+        let target = destination.to_string();
+        // Encoded (and compressed) once for all attempts.
+        let body = match destination {
+            Destination::Http(_) => match http_body(&batch, self.config.compression) {
+                Ok(body) => body,
+                Err(error) => {
+                    self.stats.otlp_failures.fetch_add(1, Ordering::Relaxed);
+                    self.drop_batch(&target, &batch, &format!("compressing: {error}"));
+                    return;
+                }
+            },
+            Destination::Grpc(_) => Bytes::new(),
         };
         let mut backoff = self.config.initial_backoff;
         for attempt in 1..=self.config.max_attempts.max(1) {
-            let post = self.post(uri, batch.signal, batch.body.clone());
-            let outcome = match tokio::time::timeout(self.config.timeout, post).await {
-                Ok(outcome) => outcome,
-                Err(_) => Attempt::Retry {
-                    reason: format!(
-                        "no answer within {}",
-                        humantime::format_duration(self.config.timeout)
-                    ),
-                    after: None,
-                },
+            let outcome = match destination {
+                Destination::Http(uri) => {
+                    let post = self.post(uri, signal, body.clone());
+                    tokio::time::timeout(self.config.timeout, post).await
+                }
+                Destination::Grpc(channel) => {
+                    let call = self.call(channel.clone(), &batch);
+                    tokio::time::timeout(self.config.timeout, call).await
+                }
             };
+            let outcome = outcome.unwrap_or_else(|_| Attempt::Retry {
+                reason: format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.config.timeout)
+                ),
+                after: None,
+            });
             match outcome {
                 Attempt::Sent { rejected, message } => {
                     let rejected = rejected.min(batch.items);
                     self.stats
-                        .otlp_delivered(batch.signal, batch.items - rejected, rejected);
+                        .otlp_delivered(signal, batch.items - rejected, rejected);
                     if rejected > 0 {
                         tracing::warn!(
                             rejected, %message,
-                            "the OTLP receiver rejected {}", batch.signal.items()
+                            "the OTLP receiver rejected {}", signal.items()
                         );
                     }
                     return;
                 }
                 Attempt::Fail { reason } => {
                     self.stats.otlp_failures.fetch_add(1, Ordering::Relaxed);
-                    self.drop_batch(uri, &batch, &reason);
+                    self.drop_batch(&target, &batch, &reason);
                     return;
                 }
                 Attempt::Retry { reason, after } => {
                     self.stats.otlp_failures.fetch_add(1, Ordering::Relaxed);
                     if attempt == self.config.max_attempts.max(1) {
                         self.drop_batch(
-                            uri,
+                            &target,
                             &batch,
                             &format!("{reason} (gave up after {attempt} attempts)"),
                         );
@@ -377,7 +637,7 @@ impl Sender {
                     }
                     let wait = after.unwrap_or(backoff).min(self.config.max_backoff);
                     tracing::warn!(
-                        %uri, attempt, %reason,
+                        %target, attempt, %reason,
                         "OTLP export failed; retrying in {}", humantime::format_duration(wait)
                     );
                     tokio::time::sleep(wait).await;
@@ -387,12 +647,65 @@ impl Sender {
         }
     }
 
-    fn drop_batch(&self, uri: &Uri, batch: &Batch, reason: &str) {
-        self.stats.otlp_dropped(batch.signal, batch.items);
+    fn drop_batch(&self, target: &str, batch: &Batch, reason: &str) {
+        self.stats.otlp_dropped(batch.signal(), batch.items);
         tracing::error!(
-            %uri, items = batch.items, %reason,
-            "OTLP export failed: {} dropped", batch.signal.items()
+            %target, items = batch.items, %reason,
+            "OTLP export failed: {} dropped", batch.signal().items()
         );
+    }
+
+    /// One OTLP/gRPC export call.
+    async fn call(&self, channel: Channel, batch: &Batch) -> Attempt {
+        let gzip = self.config.compression == OtlpCompression::Gzip;
+        let answer = match &batch.payload {
+            Payload::Metrics(request) => {
+                let mut client = MetricsServiceClient::new(channel);
+                if gzip {
+                    client = client.send_compressed(CompressionEncoding::Gzip);
+                }
+                client
+                    .export(self.grpc_request(request.clone()))
+                    .await
+                    .map(|answer| {
+                        answer
+                            .into_inner()
+                            .partial_success
+                            .map(|partial| (partial.rejected_data_points, partial.error_message))
+                    })
+            }
+            Payload::Spans(request) => {
+                let mut client = TraceServiceClient::new(channel);
+                if gzip {
+                    client = client.send_compressed(CompressionEncoding::Gzip);
+                }
+                client
+                    .export(self.grpc_request(request.clone()))
+                    .await
+                    .map(|answer| {
+                        answer
+                            .into_inner()
+                            .partial_success
+                            .map(|partial| (partial.rejected_spans, partial.error_message))
+                    })
+            }
+        };
+        match answer {
+            Ok(partial) => {
+                let (rejected, message) = partial.unwrap_or_default();
+                Attempt::Sent {
+                    rejected: u64::try_from(rejected).unwrap_or(0),
+                    message,
+                }
+            }
+            Err(status) => grpc_failure(&status),
+        }
+    }
+
+    fn grpc_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        *request.metadata_mut() = self.metadata.clone();
+        request
     }
 
     async fn post(&self, uri: &Uri, signal: Signal, body: Bytes) -> Attempt {
@@ -408,6 +721,9 @@ impl Sender {
             header::USER_AGENT,
             HeaderValue::from_static(concat!("trazor-collector/", env!("CARGO_PKG_VERSION"))),
         );
+        if self.config.compression == OtlpCompression::Gzip {
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         headers.extend(self.headers.clone());
         let response = match self.client.request(request).await {
             Ok(response) => response,
@@ -469,6 +785,102 @@ impl Sender {
             Attempt::Fail { reason }
         }
     }
+}
+
+/// An OTLP/HTTP body: the protobuf, gzipped when so configured.
+fn http_body(batch: &Batch, compression: OtlpCompression) -> std::io::Result<Bytes> {
+    let protobuf = batch.encode();
+    match compression {
+        OtlpCompression::None => Ok(Bytes::from(protobuf)),
+        OtlpCompression::Gzip => {
+            let mut encoder = flate2::write::GzEncoder::new(
+                Vec::with_capacity(protobuf.len() / 2),
+                flate2::Compression::default(),
+            );
+            encoder.write_all(&protobuf)?;
+            encoder.finish().map(Bytes::from)
+        }
+    }
+}
+
+/// Where one signal's requests go.
+enum Destination {
+    Http(Uri),
+    Grpc(Channel),
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http(uri) => write!(formatter, "{uri}"),
+            Self::Grpc(_) => formatter.write_str("the OTLP/gRPC endpoint"),
+        }
+    }
+}
+
+/// How a failed gRPC export ends, as the OTLP specification says: these codes are
+/// transient and retried (`RESOURCE_EXHAUSTED` only when the server says, with a
+/// `RetryInfo`, that a later try can succeed); the others fail at once. A `RetryInfo`
+/// delay is waited before the retry.
+fn grpc_failure(status: &tonic::Status) -> Attempt {
+    let reason = format!("gRPC {:?}: {}", status.code(), status.message());
+    let after = retry_delay(status);
+    match status.code() {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::OutOfRange
+        | Code::DataLoss => Attempt::Retry { reason, after },
+        Code::ResourceExhausted if after.is_some() => Attempt::Retry { reason, after },
+        _ => Attempt::Fail { reason },
+    }
+}
+
+/// The delay of a `google.rpc.RetryInfo` in the status details, if there is one.
+fn retry_delay(status: &tonic::Status) -> Option<Duration> {
+    const RETRY_INFO: &str = "type.googleapis.com/google.rpc.RetryInfo";
+    let details = RpcStatus::decode(status.details()).ok()?;
+    let info = details
+        .details
+        .iter()
+        .find(|detail| detail.type_url == RETRY_INFO)?;
+    let delay = RetryInfo::decode(info.value.as_slice()).ok()?.retry_delay?;
+    Some(Duration::new(
+        u64::try_from(delay.seconds).ok()?,
+        u32::try_from(delay.nanos).ok()?,
+    ))
+}
+
+/// `google.rpc.Status`, `google.protobuf.Any`, `google.rpc.RetryInfo` and
+/// `google.protobuf.Duration`: the few fields read from a gRPC error's details (declared
+/// here rather than pulling in a crate of all Google's RPC types).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<RpcAny>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<RpcDuration>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
 }
 
 /// The causes behind a client error (the top one alone says "client error (Connect)").
@@ -1103,9 +1515,12 @@ mod tests {
     #[test]
     fn endpoints_are_checked_with_clear_errors() {
         let uri = OtlpConfig::new("http://otel-collector:4318/")
-            .uri("/v1/metrics")
+            .signal_uri(Signal::Metrics)
             .unwrap();
-        assert_eq!(uri.to_string(), "http://otel-collector:4318/v1/metrics");
+        assert_eq!(
+            uri.unwrap().to_string(),
+            "http://otel-collector:4318/v1/metrics"
+        );
         for (endpoint, says) in [
             ("https://otel:4318", "https is not supported yet"),
             ("otel:4318", "must start with http://"),
@@ -1113,8 +1528,289 @@ mod tests {
             ("HTTP://otel:4318", "must start with http://"),
             ("http://exa mple", "not a URL"),
         ] {
-            let error = OtlpConfig::new(endpoint).uri("/v1/metrics").unwrap_err();
+            let error = OtlpConfig::new(endpoint)
+                .signal_uri(Signal::Metrics)
+                .unwrap_err();
             assert!(error.contains(says), "{endpoint}: {error}");
+        }
+    }
+
+    /// The URLs each signal goes to.
+    fn uris(config: &OtlpConfig) -> (Option<String>, Option<String>) {
+        let uri = |signal| {
+            config
+                .signal_uri(signal)
+                .unwrap()
+                .map(|uri: Uri| uri.to_string())
+        };
+        (uri(Signal::Metrics), uri(Signal::Spans))
+    }
+
+    #[test]
+    fn signal_endpoints_are_used_as_they_are_and_the_generic_one_gets_the_path() {
+        let both = |metrics: &str, traces: &str| (Some(metrics.into()), Some(traces.into()));
+        let mut config = OtlpConfig::new("http://otel:4318");
+        assert_eq!(
+            uris(&config),
+            both("http://otel:4318/v1/metrics", "http://otel:4318/v1/traces")
+        );
+        config.traces_endpoint = Some("http://tempo:4318/v1/traces".into());
+        config.metrics_endpoint = Some("http://mimir:9009/otlp/v1/metrics".into());
+        assert_eq!(
+            uris(&config),
+            both(
+                "http://mimir:9009/otlp/v1/metrics",
+                "http://tempo:4318/v1/traces"
+            )
+        );
+        // One signal only.
+        let config = OtlpConfig {
+            traces_endpoint: Some("http://tempo:4318/v1/traces".into()),
+            ..OtlpConfig::default()
+        };
+        assert_eq!(
+            uris(&config),
+            (None, Some("http://tempo:4318/v1/traces".into()))
+        );
+        // gRPC: no path, whatever the endpoint.
+        let config = OtlpConfig {
+            protocol: OtlpProtocol::Grpc,
+            ..OtlpConfig::new("http://otel:4317")
+        };
+        assert_eq!(
+            uris(&config),
+            both("http://otel:4317/", "http://otel:4317/")
+        );
+    }
+
+    /// Resolves `flags` against the variables `env`.
+    fn resolve(flags: OtlpSettings, env: &[(&str, &str)]) -> Result<Option<OtlpConfig>, String> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        flags.resolve(|name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let config = resolve(
+            OtlpSettings::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317"),
+                ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://mimir:4317"),
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://tempo:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-scope-orgid=t1,api-key=k"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(config.endpoint.as_deref(), Some("http://otel:4317"));
+        assert_eq!(
+            config.metrics_endpoint.as_deref(),
+            Some("http://mimir:4317")
+        );
+        assert_eq!(config.traces_endpoint.as_deref(), Some("http://tempo:4317"));
+        assert_eq!(config.protocol, OtlpProtocol::Grpc);
+        assert_eq!(config.compression, OtlpCompression::Gzip);
+        assert_eq!(config.timeout, Duration::from_millis(2_500));
+        assert_eq!(
+            config.headers,
+            vec![
+                ("x-scope-orgid".to_owned(), "t1".to_owned()),
+                ("api-key".to_owned(), "k".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_without_variables_and_no_export_without_an_endpoint() {
+        assert!(resolve(OtlpSettings::default(), &[]).unwrap().is_none());
+        // Set but empty is unset.
+        assert!(
+            resolve(
+                OtlpSettings::default(),
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "")]
+            )
+            .unwrap()
+            .is_none()
+        );
+        let config = resolve(
+            OtlpSettings {
+                endpoint: Some("http://otel:4318".into()),
+                ..OtlpSettings::default()
+            },
+            &[],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(config.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(config.compression, OtlpCompression::None);
+        assert_eq!(config.timeout, Duration::from_secs(10));
+        assert!(config.headers.is_empty());
+    }
+
+    #[test]
+    fn a_flag_wins_over_its_variable_and_a_signal_endpoint_over_the_generic_one() {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env-generic:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://env-tempo:4318/v1/traces",
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "100"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "from=env"),
+        ];
+        let flags = OtlpSettings {
+            endpoint: Some("http://flag-generic:4318".into()),
+            metrics_endpoint: None,
+            traces_endpoint: None,
+            protocol: Some("http/protobuf".into()),
+            compression: Some("none".into()),
+            timeout: Some("3s".into()),
+            headers: vec!["from=flag".into()],
+        };
+        let config = resolve(flags.clone(), &env).unwrap().unwrap();
+        assert_eq!(config.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(config.compression, OtlpCompression::None);
+        assert_eq!(config.timeout, Duration::from_secs(3));
+        assert_eq!(config.headers, vec![("from".to_owned(), "flag".to_owned())]);
+        // The traces variable beats the generic flag; metrics fall back to the generic flag.
+        assert_eq!(
+            uris(&config),
+            (
+                Some("http://flag-generic:4318/v1/metrics".into()),
+                Some("http://env-tempo:4318/v1/traces".into())
+            )
+        );
+        // The traces flag beats the traces variable.
+        let config = resolve(
+            OtlpSettings {
+                traces_endpoint: Some("http://flag-tempo:4318/v1/traces".into()),
+                ..flags
+            },
+            &env,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            uris(&config).1.as_deref(),
+            Some("http://flag-tempo:4318/v1/traces")
+        );
+    }
+
+    #[test]
+    fn bad_settings_say_what_is_allowed() {
+        for (name, value, says) in [
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "http/json",
+                "use http/protobuf or grpc",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "udp",
+                "not one of grpc, http/protobuf",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_COMPRESSION",
+                "zstd",
+                "not one of gzip, none",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+                "soon",
+                "neither milliseconds nor a duration",
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "0", "more than 0"),
+        ] {
+            let error = resolve(
+                OtlpSettings::default(),
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318"),
+                    (name, value),
+                ],
+            )
+            .unwrap_err();
+            assert!(error.contains(says), "{name}={value}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_gzip_body_is_the_protobuf_gzipped() {
+        let aggregates = vec![Aggregate::of_window(&window(
+            "/cart/{id}",
+            pod_source("p", "c", None),
+        ))];
+        let batch = Batch {
+            items: points_of(&aggregates),
+            payload: Payload::Metrics(request_of(&aggregates)),
+        };
+        let plain = http_body(&batch, OtlpCompression::None).unwrap();
+        assert_eq!(plain, batch.encode());
+        let gzipped = http_body(&batch, OtlpCompression::Gzip).unwrap();
+        assert_eq!(&gzipped[..2], [0x1f, 0x8b], "no gzip magic");
+        let mut unzipped = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&gzipped[..]),
+            &mut unzipped,
+        )
+        .unwrap();
+        assert_eq!(unzipped, plain);
+    }
+
+    #[test]
+    fn grpc_codes_are_retried_as_the_otlp_specification_says() {
+        let retried =
+            |status: tonic::Status| matches!(grpc_failure(&status), Attempt::Retry { .. });
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::Cancelled,
+            Code::OutOfRange,
+            Code::DataLoss,
+        ] {
+            assert!(retried(tonic::Status::new(code, "x")), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::Unimplemented,
+            Code::Internal,
+            // Without a RetryInfo the server has not said a retry can succeed.
+            Code::ResourceExhausted,
+        ] {
+            assert!(!retried(tonic::Status::new(code, "x")), "{code:?}");
+        }
+        // With one, it is retried after the delay it gives.
+        let details = RpcStatus {
+            details: vec![RpcAny {
+                type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                value: RetryInfo {
+                    retry_delay: Some(RpcDuration {
+                        seconds: 2,
+                        nanos: 500_000_000,
+                    }),
+                }
+                .encode_to_vec(),
+            }],
+        };
+        let status = tonic::Status::with_details(
+            Code::ResourceExhausted,
+            "slow down",
+            Bytes::from(details.encode_to_vec()),
+        );
+        match grpc_failure(&status) {
+            Attempt::Retry { after, .. } => assert_eq!(after, Some(Duration::from_millis(2_500))),
+            _ => panic!("RESOURCE_EXHAUSTED with RetryInfo is not retried"),
         }
     }
 

@@ -123,6 +123,13 @@ impl Receiver {
         (item["span"].clone(), attributes(&item["resource"]))
     }
 
+    /// Keeps every item printed so far in `pending`.
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.pending.push_back(serde_json::from_str(&line).unwrap());
+        }
+    }
+
     /// The first item, read before or within 20 s, that `wanted` picks; the others stay for
     /// later calls.
     fn next(
@@ -630,4 +637,96 @@ async fn exemplars_reach_a_real_otlp_receiver_as_spans() {
         assert_eq!(attributes["http.route"]["string_value"], "/cart/{id}");
     }
     metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_endpoints_send_metrics_and_spans_to_different_receivers_as_they_are() {
+    // Metrics to Rotel, spans to oteltap, each endpoint with its path as given (an
+    // appended /v1/... would be a path neither serves).
+    let rotel = common::rotel::Rotel::start();
+    let mut receiver = Receiver::start();
+    let (grpc, stats) = collector(OtlpConfig {
+        metrics_endpoint: Some(format!("http://127.0.0.1:{}/v1/metrics", rotel.http_port)),
+        traces_endpoint: Some(format!("http://127.0.0.1:{}/v1/traces", receiver.port)),
+        ..OtlpConfig::default()
+    })
+    .await;
+    let end = window_end();
+    let mut message = pod_window(1, "checkout-1", end, &[(1_400, 4)], &[0, 0, 4]);
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("not a window");
+    };
+    window.exemplars = vec![Exemplar {
+        start_unix_nanos: end - 500_000_000,
+        duration_nanos: 900_000_000,
+        method: "GET".into(),
+        status_code: 200,
+        path: "/cart/7".into(),
+        tid: 1,
+    }];
+    send(&grpc, "agent-a", vec![message]).await;
+    let (span, resource) = receiver.span();
+    assert_eq!(span["name"], "GET /cart/{id}");
+    assert_eq!(resource["service.name"], "checkout");
+    let metrics = rotel
+        .wait_for("checkout metrics", |block| {
+            block.signal == "metrics"
+                && block.attribute("service.name") == Some("checkout")
+                && block.counts.contains(&4)
+        })
+        .await;
+    assert!(metrics.names.iter().any(|name| name == DURATION_METRIC));
+    metrics_once(&stats, "trazor_collector_otlp_points_exported_total 2").await;
+    let counters = metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 1").await;
+    assert_line(&counters, "trazor_collector_otlp_failures_total 0");
+    // Each signal went to its own receiver only.
+    receiver.drain();
+    assert!(rotel.blocks().iter().all(|block| block.signal == "metrics"));
+    assert!(
+        receiver.pending.iter().all(|item| item["metric"].is_null()),
+        "{:?}",
+        receiver.pending
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_a_traces_endpoint_metrics_are_not_exported_nor_counted_as_dropped() {
+    let mut receiver = Receiver::start();
+    let (grpc, stats) = collector(OtlpConfig {
+        traces_endpoint: Some(format!("http://127.0.0.1:{}/v1/traces", receiver.port)),
+        ..OtlpConfig::default()
+    })
+    .await;
+    let end = window_end();
+    let mut message = pod_window(1, "checkout-1", end, &[(1_400, 4)], &[0, 0, 4]);
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("not a window");
+    };
+    window.exemplars = vec![Exemplar {
+        start_unix_nanos: end - 500_000_000,
+        duration_nanos: 900_000_000,
+        method: "GET".into(),
+        status_code: 200,
+        path: "/cart/7".into(),
+        tid: 1,
+    }];
+    send(&grpc, "agent-a", vec![message]).await;
+    receiver.span();
+    metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 1").await;
+    // Past the aggregate's close (300 ms after the window's end), and then some.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    tokio::time::sleep(Duration::from_nanos(end.saturating_sub(now)) + Duration::from_millis(800))
+        .await;
+    receiver.drain();
+    let counters = stats.render();
+    assert_line(&counters, "trazor_collector_otlp_points_exported_total 0");
+    assert_line(&counters, "trazor_collector_otlp_points_dropped_total 0");
+    assert!(
+        receiver.pending.iter().all(|item| item["metric"].is_null()),
+        "{:?}",
+        receiver.pending
+    );
 }

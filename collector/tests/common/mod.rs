@@ -3,6 +3,9 @@
 // Each test crate uses its own subset.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod rotel;
+pub mod rotel_log;
+
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;

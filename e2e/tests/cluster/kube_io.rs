@@ -235,22 +235,7 @@ pub async fn logs_since(
 }
 
 /// Removes terminal colour escapes (the components log with them).
-pub fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for next in chars.by_ref() {
-                if next.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+pub use crate::otlp::strip_ansi;
 
 /// `GET path` on a pod's port, through the API server's port-forward; returns status and body.
 pub async fn http_get(

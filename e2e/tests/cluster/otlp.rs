@@ -15,25 +15,11 @@ use tokio::{
     process::{Child, Command},
 };
 
-/// One `ResourceMetrics` or `ResourceSpans` block as Rotel printed it.
-#[derive(Clone, Debug, Default)]
-pub struct ResourceBlock {
-    /// "metrics" or "spans".
-    pub signal: &'static str,
-    /// Resource attributes, `key` → printed value (`Str(x)` → `x`).
-    pub resource: Vec<(String, String)>,
-    /// Metric names, or span names.
-    pub names: Vec<String>,
-}
+// The log parser, shared with the collector's OTLP tests.
+#[path = "../../../collector/tests/common/rotel_log.rs"]
+mod rotel_log;
 
-impl ResourceBlock {
-    pub fn attribute(&self, key: &str) -> Option<&str> {
-        self.resource
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
+pub use rotel_log::{ResourceBlock, strip_ansi};
 
 /// A running Rotel; killed on drop.
 pub struct OtlpReceiver {
@@ -117,7 +103,7 @@ impl OtlpReceiver {
                     lines
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .push(crate::kube_io::strip_ansi(&line));
+                        .push(strip_ansi(&line));
                 }
             });
         }
@@ -155,71 +141,10 @@ impl OtlpReceiver {
     }
 }
 
-/// Parses Rotel's detailed debug log (the OpenTelemetry Collector debug exporter's layout):
-///
-/// ```text
-/// ResourceMetrics #0
-/// Resource attributes:
-///      -> k8s.pod.name: Str(p1)
-/// ...
-/// Descriptor:
-///      -> Name: trazor.http.request.duration
-/// ResourceSpans #0
-/// Resource attributes:
-///      -> service.name: Str(checkout)
-/// ...
-///     Name           : GET /
-/// ```
+/// Every resource block in Rotel's log `lines`; an error when Rotel logged errors and
+/// printed nothing it received.
 pub fn parse_debug_log(lines: &[String]) -> Result<Vec<ResourceBlock>> {
-    let mut blocks: Vec<ResourceBlock> = Vec::new();
-    let mut in_resource = false;
-    let mut in_descriptor = false;
-    for line in lines {
-        let trimmed = line.trim();
-        if trimmed.starts_with("ResourceMetrics #") || trimmed.starts_with("ResourceSpans #") {
-            blocks.push(ResourceBlock {
-                signal: if trimmed.starts_with("ResourceMetrics") {
-                    "metrics"
-                } else {
-                    "spans"
-                },
-                ..ResourceBlock::default()
-            });
-            in_resource = false;
-            in_descriptor = false;
-            continue;
-        }
-        let Some(block) = blocks.last_mut() else {
-            continue;
-        };
-        if trimmed == "Resource attributes:" {
-            in_resource = true;
-            continue;
-        }
-        if trimmed == "Descriptor:" {
-            in_descriptor = true;
-            continue;
-        }
-        if let Some(entry) = trimmed.strip_prefix("-> ") {
-            let Some((key, value)) = entry.split_once(": ") else {
-                continue;
-            };
-            if in_resource {
-                block.resource.push((key.to_owned(), printed_value(value)));
-            } else if in_descriptor && key == "Name" {
-                block.names.push(value.to_owned());
-                in_descriptor = false;
-            }
-            continue;
-        }
-        in_resource = false;
-        if block.signal == "spans"
-            && let Some(name) = trimmed.strip_prefix("Name")
-            && let Some((_, name)) = name.split_once(':')
-        {
-            block.names.push(name.trim().to_owned());
-        }
-    }
+    let blocks = rotel_log::parse_debug_log(lines);
     if lines.iter().any(|line| line.contains("ERROR")) && blocks.is_empty() {
         bail!(
             "Rotel reported errors: {}",
@@ -232,13 +157,4 @@ pub fn parse_debug_log(lines: &[String]) -> Result<Vec<ResourceBlock>> {
         );
     }
     Ok(blocks)
-}
-
-/// `Str(x)` → `x`; `Int(3)` → `3`.
-fn printed_value(value: &str) -> String {
-    value
-        .split_once('(')
-        .and_then(|(_, rest)| rest.strip_suffix(')'))
-        .unwrap_or(value)
-        .to_owned()
 }

@@ -1,0 +1,244 @@
+//! OTLP/gRPC export, and gzip over gRPC and HTTP, against Rotel, a third-party
+//! OpenTelemetry collector that scripts/setup.sh installs (no Rotel: these tests fail and
+//! say so). The retry rules for gRPC status codes are checked against a gRPC server here
+//! that answers every export with a chosen error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{pod_window, rotel::Rotel, send, start_collector, window_end};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    metrics_service_server::{MetricsService, MetricsServiceServer},
+};
+use trazor_collector::{
+    otlp::{DURATION_METRIC, OtlpCompression, OtlpConfig, OtlpProtocol, RESPONSES_METRIC},
+    stats::CollectorStats,
+};
+use trazor_proto::v1::{AgentMessage, Exemplar, agent_message};
+
+mod common;
+
+/// A collector exporting to `otlp`: its gRPC ingest address and counters.
+async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
+    let running = start_collector(Some(otlp)).await;
+    (running.grpc, running.stats)
+}
+
+/// The collector's metrics once they contain `line` (within 10 s).
+async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = stats.render();
+        if metrics.lines().any(|metric| metric == line) {
+            return metrics;
+        }
+        assert!(Instant::now() < deadline, "never {line:?}:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_line(metrics: &str, line: &str) {
+    assert!(
+        metrics.lines().any(|metric| metric == line),
+        "no {line:?} in:\n{metrics}"
+    );
+}
+
+/// A window of Deployment shop/checkout's pod `pod` holding `count` requests (in one
+/// bucket), with two exemplars: a 503 and a slow 200.
+fn checkout_window(sequence: u64, pod: &str, end: u64, count: u64) -> AgentMessage {
+    let mut message = pod_window(sequence, pod, end, &[(1_400, count)], &[0, 0, count]);
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("pod_window made no window");
+    };
+    let start = end - 500_000_000;
+    window.exemplars = vec![
+        Exemplar {
+            start_unix_nanos: start,
+            duration_nanos: 2_000_000,
+            method: "GET".into(),
+            status_code: 503,
+            path: "/cart/42".into(),
+            tid: 1,
+        },
+        Exemplar {
+            start_unix_nanos: start + 1_000,
+            duration_nanos: 900_000_000,
+            method: "GET".into(),
+            status_code: 200,
+            path: "/cart/7".into(),
+            tid: 2,
+        },
+    ];
+    message
+}
+
+/// Checks that Rotel printed Deployment shop/checkout's metrics, with a histogram point
+/// of `count` requests, and its two spans.
+async fn assert_checkout_arrived(rotel: &Rotel, count: u64) {
+    let metrics = rotel
+        .wait_for(
+            &format!("checkout metrics with a count of {count}"),
+            |block| {
+                block.signal == "metrics"
+                    && block.attribute("service.name") == Some("checkout")
+                    && block.counts.contains(&count)
+            },
+        )
+        .await;
+    assert_eq!(metrics.attribute("service.namespace"), Some("shop"));
+    assert_eq!(metrics.attribute("k8s.deployment.name"), Some("checkout"));
+    assert!(
+        metrics.names.iter().any(|name| name == DURATION_METRIC)
+            && metrics.names.iter().any(|name| name == RESPONSES_METRIC),
+        "{metrics:?}"
+    );
+    let spans = rotel
+        .wait_for("checkout spans", |block| {
+            block.signal == "spans" && block.attribute("service.name") == Some("checkout")
+        })
+        .await;
+    assert_eq!(
+        spans.names,
+        ["GET /cart/{id}", "GET /cart/{id}"],
+        "{spans:?}"
+    );
+    assert_eq!(spans.attribute("k8s.deployment.name"), Some("checkout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_spans_reach_rotel_over_grpc() {
+    let rotel = Rotel::start();
+    let (grpc, stats) = collector(OtlpConfig {
+        protocol: OtlpProtocol::Grpc,
+        ..OtlpConfig::new(format!("http://127.0.0.1:{}", rotel.grpc_port))
+    })
+    .await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![checkout_window(1, "checkout-1", window_end(), 5)],
+    )
+    .await;
+    assert_checkout_arrived(&rotel, 5).await;
+    // One histogram point and one status-class point; two spans; nothing failed.
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 2").await;
+    assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
+    metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_reaches_rotel_over_grpc_and_over_http() {
+    let rotel = Rotel::start();
+    let (over_grpc, grpc_stats) = collector(OtlpConfig {
+        protocol: OtlpProtocol::Grpc,
+        compression: OtlpCompression::Gzip,
+        ..OtlpConfig::new(format!("http://127.0.0.1:{}", rotel.grpc_port))
+    })
+    .await;
+    let (over_http, http_stats) = collector(OtlpConfig {
+        compression: OtlpCompression::Gzip,
+        ..OtlpConfig::new(format!("http://127.0.0.1:{}", rotel.http_port))
+    })
+    .await;
+    // Told apart by their counts.
+    send(
+        &over_grpc,
+        "agent-a",
+        vec![checkout_window(1, "checkout-1", window_end(), 3)],
+    )
+    .await;
+    assert_checkout_arrived(&rotel, 3).await;
+    send(
+        &over_http,
+        "agent-b",
+        vec![checkout_window(1, "checkout-2", window_end(), 7)],
+    )
+    .await;
+    assert_checkout_arrived(&rotel, 7).await;
+    for stats in [grpc_stats, http_stats] {
+        let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 2").await;
+        assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
+        metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 2").await;
+    }
+}
+
+/// A metrics service that answers every export with `code`, counting the calls.
+struct FailingReceiver {
+    code: tonic::Code,
+    calls: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for FailingReceiver {
+    async fn export(
+        &self,
+        _request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        Err(tonic::Status::new(self.code, "refused by the test"))
+    }
+}
+
+/// Exports one window to a gRPC receiver answering `code`; the calls it received, and the
+/// collector's metrics once the batch is dropped.
+async fn export_to_failing_receiver(code: tonic::Code) -> (u64, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let service = MetricsServiceServer::new(FailingReceiver {
+        code,
+        calls: calls.clone(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let (grpc, stats) = collector(OtlpConfig {
+        protocol: OtlpProtocol::Grpc,
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(50),
+        ..OtlpConfig::new(format!("http://{address}"))
+    })
+    .await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![pod_window(
+            1,
+            "checkout-1",
+            window_end(),
+            &[(1_400, 3)],
+            &[],
+        )],
+    )
+    .await;
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_dropped_total 1").await;
+    // Room for a retry that should not happen.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (calls.load(Ordering::Relaxed), metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_receiver_that_refuses_the_request_is_not_retried() {
+    let (calls, metrics) = export_to_failing_receiver(tonic::Code::InvalidArgument).await;
+    assert_eq!(calls, 1, "INVALID_ARGUMENT was retried");
+    assert_line(&metrics, "trazor_collector_otlp_failures_total 1");
+    assert_line(&metrics, "trazor_collector_otlp_points_exported_total 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_grpc_receiver_is_retried_then_its_points_are_dropped() {
+    let (calls, metrics) = export_to_failing_receiver(tonic::Code::Unavailable).await;
+    assert_eq!(calls, 3, "UNAVAILABLE was not tried three times");
+    assert_line(&metrics, "trazor_collector_otlp_failures_total 3");
+    assert_line(&metrics, "trazor_collector_otlp_points_exported_total 0");
+}
