@@ -703,10 +703,11 @@ async fn http_shapes_are_counted_and_timed_as_documented() {
 
     // Split request: timed from the read that brought its first bytes, so the 30 ms the
     // client took to send the rest are in it (less however late the server thread woke up
-    // for the first part), and the server's own log agrees.
+    // for the first part: 3.7 ms seen on a busy 2-core machine, hence 20 ms, still far from
+    // the 5 ms a timing from the last part would give), and the server's own log agrees.
     let windows = capture.windows(split_request.pid(), Direction::Server);
     assert_eq!(capture.count(split_request.pid(), Direction::Server), 10);
-    assert!(min_nanos(&windows) >= 33 * MS, "{windows:?}");
+    assert!(min_nanos(&windows) >= 20 * MS, "{windows:?}");
     check_against_truth(&capture, "split-request", &split_request, 10);
 
     // Split response: ends when the status line's write returns; the body's write 30 ms
