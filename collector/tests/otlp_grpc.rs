@@ -1,7 +1,7 @@
 //! OTLP/gRPC export, and gzip over gRPC and HTTP, against Rotel, a third-party
 //! OpenTelemetry collector that scripts/setup.sh installs (no Rotel: these tests fail and
-//! say so). The retry rules for gRPC status codes are checked against a gRPC server here
-//! that answers every export with a chosen error.
+//! say so). The retry rules for gRPC status codes, the timeout, and the metadata a request
+//! carries are checked against gRPC servers here that answer as each test needs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -170,6 +170,126 @@ async fn gzip_reaches_rotel_over_grpc_and_over_http() {
     }
 }
 
+/// Each request a `RecordingReceiver` received: when, and its metadata.
+type Received = Arc<std::sync::Mutex<Vec<(Instant, tonic::metadata::MetadataMap)>>>;
+
+/// A metrics service that accepts every export after `delay`, keeping each request's
+/// arrival and metadata.
+struct RecordingReceiver {
+    delay: Duration,
+    received: Received,
+}
+
+#[tonic::async_trait]
+impl MetricsService for RecordingReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.received
+            .lock()
+            .unwrap()
+            .push((Instant::now(), request.metadata().clone()));
+        tokio::time::sleep(self.delay).await;
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+/// Serves `service` on a free port of 127.0.0.1; its address.
+async fn serve<S: MetricsService>(service: MetricsServiceServer<S>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_requests_carry_the_headers_as_metadata_and_say_they_are_gzipped() {
+    let received = Received::default();
+    // A server that does not accept gzip would answer UNIMPLEMENTED.
+    let address = serve(
+        MetricsServiceServer::new(RecordingReceiver {
+            delay: Duration::ZERO,
+            received: received.clone(),
+        })
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+    )
+    .await;
+    let (grpc, stats) = collector(OtlpConfig {
+        protocol: OtlpProtocol::Grpc,
+        compression: OtlpCompression::Gzip,
+        headers: vec![("X-Scope-OrgID".into(), "tenant-1".into())],
+        ..OtlpConfig::new(format!("http://{address}"))
+    })
+    .await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![pod_window(
+            1,
+            "checkout-1",
+            window_end(),
+            &[(1_400, 3)],
+            &[],
+        )],
+    )
+    .await;
+    metrics_once(&stats, "trazor_collector_otlp_points_exported_total 1").await;
+    let received = received.lock().unwrap();
+    let [(_, request)] = received.as_slice() else {
+        panic!("{} requests, not one", received.len());
+    };
+    assert_eq!(request.get("x-scope-orgid").unwrap(), "tenant-1");
+    assert_eq!(request.get("grpc-encoding").unwrap(), "gzip");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_receiver_slower_than_the_timeout_is_retried_then_dropped() {
+    let received = Received::default();
+    let address = serve(MetricsServiceServer::new(RecordingReceiver {
+        delay: Duration::from_secs(5),
+        received: received.clone(),
+    }))
+    .await;
+    let (grpc, stats) = collector(OtlpConfig {
+        protocol: OtlpProtocol::Grpc,
+        timeout: Duration::from_millis(200),
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(50),
+        ..OtlpConfig::new(format!("http://{address}"))
+    })
+    .await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![pod_window(
+            1,
+            "checkout-1",
+            window_end(),
+            &[(1_400, 3)],
+            &[],
+        )],
+    )
+    .await;
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_dropped_total 1").await;
+    assert_line(&metrics, "trazor_collector_otlp_failures_total 2");
+    let received = received.lock().unwrap();
+    let [(first, _), (second, _)] = received.as_slice() else {
+        panic!("{} requests, not two", received.len());
+    };
+    // The retry came after the 200 ms timeout and 50 ms backoff, not after the
+    // receiver's 5 s.
+    let gap = second.duration_since(*first);
+    assert!(
+        gap < Duration::from_secs(2),
+        "the retry came {gap:?} after the first try"
+    );
+}
+
 /// A metrics service that answers every export with `code`, counting the calls.
 struct FailingReceiver {
     code: tonic::Code,
@@ -190,18 +310,12 @@ impl MetricsService for FailingReceiver {
 /// Exports one window to a gRPC receiver answering `code`; the calls it received, and the
 /// collector's metrics once the batch is dropped.
 async fn export_to_failing_receiver(code: tonic::Code) -> (u64, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
     let calls = Arc::new(AtomicU64::new(0));
-    let service = MetricsServiceServer::new(FailingReceiver {
+    let address = serve(MetricsServiceServer::new(FailingReceiver {
         code,
         calls: calls.clone(),
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    }))
+    .await;
     let (grpc, stats) = collector(OtlpConfig {
         protocol: OtlpProtocol::Grpc,
         max_attempts: 3,
