@@ -420,12 +420,11 @@ impl OtlpExporter {
             // Connected at the first request, and again after a failure, so a receiver
             // that starts after the collector is no error.
             OtlpProtocol::Grpc => uri.map(|uri| {
-                Destination::Grpc(
-                    Endpoint::from(uri)
-                        .connect_timeout(config.timeout)
-                        .timeout(config.timeout)
-                        .connect_lazy(),
-                )
+                let channel = Endpoint::from(uri.clone())
+                    .connect_timeout(config.timeout)
+                    .timeout(config.timeout)
+                    .connect_lazy();
+                Destination::Grpc(uri, channel)
             }),
         };
         let (exports_metrics, exports_spans) = (metrics_uri.is_some(), traces_uri.is_some());
@@ -586,7 +585,7 @@ impl Sender {
                     return;
                 }
             },
-            Destination::Grpc(_) => Bytes::new(),
+            Destination::Grpc(..) => Bytes::new(),
         };
         let mut backoff = self.config.initial_backoff;
         for attempt in 1..=self.config.max_attempts.max(1) {
@@ -595,7 +594,7 @@ impl Sender {
                     let post = self.post(uri, signal, body.clone());
                     tokio::time::timeout(self.config.timeout, post).await
                 }
-                Destination::Grpc(channel) => {
+                Destination::Grpc(_, channel) => {
                     let call = self.call(channel.clone(), &batch);
                     tokio::time::timeout(self.config.timeout, call).await
                 }
@@ -806,14 +805,15 @@ fn http_body(batch: &Batch, compression: OtlpCompression) -> std::io::Result<Byt
 /// Where one signal's requests go.
 enum Destination {
     Http(Uri),
-    Grpc(Channel),
+    /// The endpoint (for logs) and its channel.
+    Grpc(Uri, Channel),
 }
 
 impl std::fmt::Display for Destination {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Http(uri) => write!(formatter, "{uri}"),
-            Self::Grpc(_) => formatter.write_str("the OTLP/gRPC endpoint"),
+            Self::Grpc(uri, _) => write!(formatter, "{uri} (gRPC)"),
         }
     }
 }
