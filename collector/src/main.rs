@@ -94,6 +94,18 @@ struct Flags {
     /// [env: OTEL_EXPORTER_OTLP_HEADERS]
     #[arg(long, value_delimiter = ',')]
     otlp_header: Vec<String>,
+    /// CA certificates (PEM) an https:// OTLP endpoint's certificate must be signed by,
+    /// instead of the system roots. [env: OTEL_EXPORTER_OTLP_CERTIFICATE]
+    #[arg(long)]
+    otlp_certificate: Option<String>,
+    /// Client certificate (PEM) for mutual TLS with the OTLP endpoint; with
+    /// --otlp-client-key. [env: OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE]
+    #[arg(long)]
+    otlp_client_certificate: Option<String>,
+    /// Private key (PEM) of --otlp-client-certificate.
+    /// [env: OTEL_EXPORTER_OTLP_CLIENT_KEY]
+    #[arg(long)]
+    otlp_client_key: Option<String>,
     /// Log filter, e.g. `info` or `trazor_collector=debug`.
     #[arg(long, env = "TRAZOR_LOG", default_value = "info")]
     log: String,
@@ -137,6 +149,9 @@ async fn main() -> ExitCode {
         compression: flags.otlp_compression,
         timeout: flags.otlp_timeout,
         headers: flags.otlp_header,
+        certificate: flags.otlp_certificate,
+        client_certificate: flags.otlp_client_certificate,
+        client_key: flags.otlp_client_key,
     }
     .resolve(|name| std::env::var(name).ok());
     let otlp = match otlp {

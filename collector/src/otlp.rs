@@ -30,12 +30,18 @@
 //! or spans); one batch is one request. A failed request (connection error, timeout, 429,
 //! 502, 503, 504) is retried with exponential backoff, honouring `Retry-After`, then
 //! dropped and counted; any other error status is dropped at once and counted. Over gRPC,
-//! the codes the OTLP specification calls transient are retried (`grpc_failure`). Points
-//! and spans the receiver rejects (a partial success) are counted too.
+//! the codes the OTLP specification calls transient are retried (`grpc_failure`). A failed
+//! TLS handshake is not retried over either (`tls_failure`): a certificate does not fix
+//! itself. Points and spans the receiver rejects (a partial success) are counted too.
+//!
+//! TLS: `https://` endpoints are checked against the system roots or the CA given
+//! (`--otlp-certificate`), with an optional client certificate; the files are read and
+//! checked at start (`TlsFiles`).
 
 use std::{
     collections::HashMap,
     io::Write as _,
+    path::PathBuf,
     str::FromStr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -44,6 +50,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -71,12 +78,13 @@ use opentelemetry_proto::tonic::{
     },
 };
 use prost::Message as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use tokio::sync::mpsc;
 use tonic::{
     Code,
     codec::CompressionEncoding,
     metadata::MetadataMap,
-    transport::{Channel, Endpoint},
+    transport::{Channel, ClientTlsConfig, Endpoint},
 };
 use trazor_proto::v1::{Direction, LatencyWindow};
 
@@ -164,6 +172,13 @@ pub struct OtlpConfig {
     pub max_backoff: Duration,
     /// Longest one request may take.
     pub timeout: Duration,
+    /// CA certificates (PEM file) an https endpoint must present a certificate from;
+    /// `None`: the system roots.
+    pub certificate: Option<PathBuf>,
+    /// Client certificate chain and its key (PEM files), for receivers that require
+    /// mutual TLS.
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 impl OtlpConfig {
@@ -220,22 +235,19 @@ impl Default for OtlpConfig {
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
+            certificate: None,
+            client_certificate: None,
+            client_key: None,
         }
     }
 }
 
 /// `endpoint` with `path` appended, as a URI, or why it cannot be used.
 fn check_endpoint(endpoint: &str, path: &str) -> Result<Uri, String> {
-    if endpoint.starts_with("https://") {
+    if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
         return Err(format!(
-            "OTLP endpoint {endpoint:?}: https is not supported yet; send to an OpenTelemetry \
-             Collector over http (in the cluster, or beside the collector) and let it forward \
-             over TLS"
-        ));
-    }
-    if !endpoint.starts_with("http://") {
-        return Err(format!(
-            "OTLP endpoint {endpoint:?} must start with http:// (e.g. http://otel-collector:4318)"
+            "OTLP endpoint {endpoint:?} must start with http:// or https:// (e.g. \
+             http://otel-collector:4318)"
         ));
     }
     let base = if path.is_empty() {
@@ -264,6 +276,10 @@ pub struct OtlpSettings {
     pub timeout: Option<String>,
     /// `KEY=VALUE` each (or comma-separated lists of them).
     pub headers: Vec<String>,
+    /// Paths of PEM files: the CA, the client certificate and its key.
+    pub certificate: Option<String>,
+    pub client_certificate: Option<String>,
+    pub client_key: Option<String>,
 }
 
 impl OtlpSettings {
@@ -310,6 +326,15 @@ impl OtlpSettings {
             self.headers.join(",")
         };
         config.headers = parse_headers(&headers)?;
+        config.certificate =
+            or_env(self.certificate, "OTEL_EXPORTER_OTLP_CERTIFICATE").map(PathBuf::from);
+        config.client_certificate = or_env(
+            self.client_certificate,
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        )
+        .map(PathBuf::from);
+        config.client_key =
+            or_env(self.client_key, "OTEL_EXPORTER_OTLP_CLIENT_KEY").map(PathBuf::from);
         Ok(Some(config))
     }
 }
@@ -415,24 +440,41 @@ impl OtlpExporter {
                 .to_owned());
         }
         let headers = config.header_map()?;
-        let destination = |uri: Option<Uri>| match config.protocol {
-            OtlpProtocol::HttpProtobuf => uri.map(Destination::Http),
-            // Connected at the first request, and again after a failure, so a receiver
-            // that starts after the collector is no error.
-            OtlpProtocol::Grpc => uri.map(|uri| {
-                let channel = Endpoint::from(uri.clone())
-                    .connect_timeout(config.timeout)
-                    .timeout(config.timeout)
-                    .connect_lazy();
-                Destination::Grpc(uri, channel)
-            }),
+        let uris = [&metrics_uri, &traces_uri];
+        let tls = TlsFiles::load(&config, uris.into_iter().flatten())?;
+        let destination = |uri: Option<Uri>| -> Result<Option<Destination>, String> {
+            let Some(uri) = uri else { return Ok(None) };
+            match config.protocol {
+                OtlpProtocol::HttpProtobuf => Ok(Some(Destination::Http(uri))),
+                // Connected at the first request, and again after a failure, so a receiver
+                // that starts after the collector is no error.
+                OtlpProtocol::Grpc => {
+                    let mut endpoint = Endpoint::from(uri.clone())
+                        .connect_timeout(config.timeout)
+                        .timeout(config.timeout);
+                    if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                        endpoint = endpoint.tls_config(tls.tonic()).map_err(|error| {
+                            format!("OTLP endpoint {uri}: TLS settings: {error}")
+                        })?;
+                    }
+                    Ok(Some(Destination::Grpc(uri, endpoint.connect_lazy())))
+                }
+            }
         };
         let (exports_metrics, exports_spans) = (metrics_uri.is_some(), traces_uri.is_some());
         let (batches, receiver) = mpsc::channel(config.queue_batches.max(1));
+        let mut http = HttpConnector::new();
+        // Lets https:// through to the TLS layer (HttpConnector refuses it by default).
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.rustls()?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let sender = Sender {
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-            metrics: destination(metrics_uri),
-            traces: destination(traces_uri),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            metrics: destination(metrics_uri)?,
+            traces: destination(traces_uri)?,
             metadata: MetadataMap::from_headers(headers.clone()),
             headers,
             config,
@@ -529,7 +571,7 @@ fn points_of(aggregates: &[Aggregate]) -> u64 {
 }
 
 struct Sender {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// Where each signal goes; `None`: not exported.
     metrics: Option<Destination>,
     traces: Option<Destination>,
@@ -726,6 +768,13 @@ impl Sender {
         headers.extend(self.headers.clone());
         let response = match self.client.request(request).await {
             Ok(response) => response,
+            // A certificate refused, by us or by the receiver, stays refused until someone
+            // changes one: retrying would only delay the drop.
+            Err(error) if tls_failure(&error).is_some() => {
+                return Attempt::Fail {
+                    reason: format!("TLS: {} ({})", error_chain(&error), TLS_ADVICE),
+                };
+            }
             Err(error) => {
                 return Attempt::Retry {
                     reason: format!("{error} ({})", error_chain(&error)),
@@ -786,6 +835,199 @@ impl Sender {
     }
 }
 
+/// What to check when a TLS handshake fails.
+const TLS_ADVICE: &str = "check that --otlp-certificate is the CA that signed the \
+                          receiver's certificate, that the endpoint's host name is in that \
+                          certificate, and, if the receiver requires client certificates, \
+                          --otlp-client-certificate and --otlp-client-key";
+
+/// The TLS error in `error`'s chain, if any. tokio-rustls wraps rustls errors in an
+/// `io::Error` (and hyper-rustls wraps that in another), and an `io::Error`'s `source()`
+/// skips the error it wraps, so the chain goes through `get_ref` there.
+fn tls_failure<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        next = match error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
+    }
+    None
+}
+
+/// The TLS files, read and checked once at start.
+struct TlsFiles {
+    /// Whether an endpoint is https (the system roots are then needed without a CA).
+    https: bool,
+    /// The CA's PEM and its certificates; `None`: the system roots.
+    ca: Option<(Vec<u8>, Vec<CertificateDer<'static>>)>,
+    /// The client certificate's and key's PEM, and what they hold.
+    identity: Option<ClientIdentity>,
+}
+
+struct ClientIdentity {
+    certificate_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl TlsFiles {
+    /// Reads the configured files, refusing what could only fail later: TLS settings with
+    /// a plain http:// endpoint, a key without its certificate (or the reverse), a file
+    /// that cannot be read or holds no PEM certificate or key.
+    fn load<'a>(config: &OtlpConfig, uris: impl Iterator<Item = &'a Uri>) -> Result<Self, String> {
+        let any_tls_setting = config.certificate.is_some()
+            || config.client_certificate.is_some()
+            || config.client_key.is_some();
+        let mut https = false;
+        for uri in uris {
+            let is_https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+            https |= is_https;
+            if any_tls_setting && !is_https {
+                return Err(format!(
+                    "OTLP endpoint {uri} is plain http:// but a TLS certificate or key is \
+                     set: use an https:// endpoint, or remove the \
+                     --otlp-certificate/--otlp-client-* settings (and the \
+                     OTEL_EXPORTER_OTLP_*CERTIFICATE/_CLIENT_KEY variables)"
+                ));
+            }
+        }
+        let read = |what: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|error| {
+                format!(
+                    "cannot read the OTLP {what} {}: {error}; give a readable PEM file",
+                    path.display()
+                )
+            })
+        };
+        let certificates = |what: &str, path: &PathBuf, pem: &[u8]| {
+            let certificates = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| {
+                    format!("OTLP {what} {} is not valid PEM: {error}", path.display())
+                })?;
+            if certificates.is_empty() {
+                return Err(format!(
+                    "OTLP {what} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                    path.display()
+                ));
+            }
+            Ok(certificates)
+        };
+        let ca = match &config.certificate {
+            Some(path) => {
+                let pem = read("CA certificate", path)?;
+                let certificates = certificates("CA certificate", path, &pem)?;
+                Some((pem, certificates))
+            }
+            None => None,
+        };
+        let identity = match (&config.client_certificate, &config.client_key) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(
+                    "--otlp-client-certificate needs its key: set --otlp-client-key \
+                            (or OTEL_EXPORTER_OTLP_CLIENT_KEY)"
+                        .to_owned(),
+                );
+            }
+            (None, Some(_)) => {
+                return Err("--otlp-client-key needs its certificate: set \
+                            --otlp-client-certificate (or OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE)"
+                    .to_owned());
+            }
+            (Some(certificate_path), Some(key_path)) => {
+                let certificate_pem = read("client certificate", certificate_path)?;
+                let chain = certificates("client certificate", certificate_path, &certificate_pem)?;
+                let key_pem = read("client key", key_path)?;
+                let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|error| {
+                    format!(
+                        "OTLP client key {} holds no usable PEM private key: {error}",
+                        key_path.display()
+                    )
+                })?;
+                Some(ClientIdentity {
+                    certificate_pem,
+                    key_pem,
+                    chain,
+                    key,
+                })
+            }
+        };
+        Ok(Self {
+            https,
+            ca,
+            identity,
+        })
+    }
+
+    /// The rustls configuration of the OTLP/HTTP client.
+    fn rustls(&self) -> Result<rustls::ClientConfig, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca {
+            Some((_, certificates)) => {
+                for certificate in certificates {
+                    roots.add(certificate.clone()).map_err(|error| {
+                        format!("OTLP CA certificate (--otlp-certificate) is unusable: {error}")
+                    })?;
+                }
+            }
+            None => {
+                // Unreadable system certificates are skipped, as by every TLS client.
+                let native = rustls_native_certs::load_native_certs();
+                let (usable, _) = roots.add_parsable_certificates(native.certs);
+                // The collector's image (FROM scratch) has no CA bundle: without this check
+                // every https request would fail its handshake, far from the cause.
+                if usable == 0 && self.https {
+                    return Err("an OTLP endpoint is https:// but this system has no root \
+                                certificates (the collector's image has none): give the \
+                                endpoint's CA with --otlp-certificate (or \
+                                OTEL_EXPORTER_OTLP_CERTIFICATE; in the chart, \
+                                collector.otlp.tls.secret)"
+                        .to_owned());
+                }
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS for OTLP: {error}"))?
+        .with_root_certificates(roots);
+        match &self.identity {
+            Some(identity) => builder
+                .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+                .map_err(|error| {
+                    format!("OTLP client certificate and key do not make a usable pair: {error}")
+                }),
+            None => Ok(builder.with_no_client_auth()),
+        }
+    }
+
+    /// The same for OTLP/gRPC (tonic builds its own rustls configuration).
+    fn tonic(&self) -> ClientTlsConfig {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca {
+            Some((pem, _)) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            None => tls.with_native_roots(),
+        };
+        if let Some(identity) = &self.identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &identity.certificate_pem,
+                &identity.key_pem,
+            ));
+        }
+        tls
+    }
+}
+
 /// An OTLP/HTTP body: the protobuf, gzipped when so configured.
 fn http_body(batch: &Batch, compression: OtlpCompression) -> std::io::Result<Bytes> {
     let protobuf = batch.encode();
@@ -823,6 +1065,12 @@ impl std::fmt::Display for Destination {
 /// `RetryInfo`, that a later try can succeed); the others fail at once. A `RetryInfo`
 /// delay is waited before the retry.
 fn grpc_failure(status: &tonic::Status) -> Attempt {
+    // As over HTTP: a refused certificate is not transient.
+    if tls_failure(status).is_some() {
+        return Attempt::Fail {
+            reason: format!("TLS: {} ({})", error_chain(status), TLS_ADVICE),
+        };
+    }
     let reason = format!("gRPC {:?}: {}", status.code(), status.message());
     let after = retry_delay(status);
     match status.code() {
@@ -1522,7 +1770,6 @@ mod tests {
             "http://otel-collector:4318/v1/metrics"
         );
         for (endpoint, says) in [
-            ("https://otel:4318", "https is not supported yet"),
             ("otel:4318", "must start with http://"),
             ("http://", "not a URL"),
             ("HTTP://otel:4318", "must start with http://"),
@@ -1533,6 +1780,94 @@ mod tests {
                 .unwrap_err();
             assert!(error.contains(says), "{endpoint}: {error}");
         }
+    }
+
+    #[test]
+    fn https_endpoints_keep_their_scheme() {
+        let uri = OtlpConfig::new("https://otel:4318").signal_uri(Signal::Spans);
+        assert_eq!(
+            uri.unwrap().unwrap().to_string(),
+            "https://otel:4318/v1/traces"
+        );
+    }
+
+    #[test]
+    fn tls_variables_are_read_and_flags_win() {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel:4318"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/tls/ca.crt"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/tls/tls.crt"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/tls/tls.key"),
+        ];
+        let config = resolve(OtlpSettings::default(), &env).unwrap().unwrap();
+        assert_eq!(config.certificate, Some(PathBuf::from("/tls/ca.crt")));
+        assert_eq!(
+            config.client_certificate,
+            Some(PathBuf::from("/tls/tls.crt"))
+        );
+        assert_eq!(config.client_key, Some(PathBuf::from("/tls/tls.key")));
+        let flags = OtlpSettings {
+            certificate: Some("/flag/ca.pem".into()),
+            ..OtlpSettings::default()
+        };
+        let config = resolve(flags, &env).unwrap().unwrap();
+        assert_eq!(config.certificate, Some(PathBuf::from("/flag/ca.pem")));
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_work_are_refused_at_start() {
+        let directory =
+            std::env::temp_dir().join(format!("trazor-otlp-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let not_pem = directory.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let missing = directory.join("missing.pem");
+        let load = |config: OtlpConfig| {
+            let uris = [config.signal_uri(Signal::Metrics).unwrap()];
+            TlsFiles::load(&config, uris.iter().flatten()).map(|_| ())
+        };
+        let https = || OtlpConfig::new("https://otel:4318");
+        for (config, says) in [
+            (
+                OtlpConfig {
+                    certificate: Some(not_pem.clone()),
+                    ..OtlpConfig::new("http://otel:4318")
+                },
+                "is plain http:// but a TLS certificate or key is set: use an https:// endpoint",
+            ),
+            (
+                OtlpConfig {
+                    certificate: Some(missing.clone()),
+                    ..https()
+                },
+                "cannot read the OTLP CA certificate",
+            ),
+            (
+                OtlpConfig {
+                    certificate: Some(not_pem.clone()),
+                    ..https()
+                },
+                "holds no PEM certificate",
+            ),
+            (
+                OtlpConfig {
+                    client_key: Some(not_pem.clone()),
+                    ..https()
+                },
+                "--otlp-client-key needs its certificate",
+            ),
+            (
+                OtlpConfig {
+                    client_certificate: Some(not_pem.clone()),
+                    ..https()
+                },
+                "--otlp-client-certificate needs its key",
+            ),
+        ] {
+            let error = load(config).unwrap_err();
+            assert!(error.contains(says), "{error}");
+        }
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 
     /// The URLs each signal goes to.
@@ -1674,6 +2009,7 @@ mod tests {
             compression: Some("none".into()),
             timeout: Some("3s".into()),
             headers: vec!["from=flag".into()],
+            ..OtlpSettings::default()
         };
         let config = resolve(flags.clone(), &env).unwrap().unwrap();
         assert_eq!(config.protocol, OtlpProtocol::HttpProtobuf);
