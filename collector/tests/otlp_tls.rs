@@ -366,9 +366,10 @@ async fn an_mtls_receiver_refuses_a_collector_without_a_client_certificate() {
             OtlpProtocol::Grpc => serve_grpcs(&pki).await,
         };
         let config = OtlpConfig {
-            // Whether the receiver's refusal reaches the collector as a TLS alert or as a
-            // closed connection depends on timing (TLS 1.3 checks the client certificate
-            // after the client's handshake is done); either way nothing may get through.
+            // Whether the receiver's refusal reaches the collector as a TLS alert (not
+            // retried) or as a closed connection (retried) depends on timing: TLS 1.3 checks
+            // the client certificate after the client's handshake is done. Both were seen
+            // here; either way nothing may get through.
             max_attempts: 2,
             initial_backoff: Duration::from_millis(50),
             ..tls_config(protocol, address, &pki, false)
