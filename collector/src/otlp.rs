@@ -179,9 +179,38 @@ pub struct OtlpConfig {
     /// mutual TLS.
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// Each signal's own TLS files (`OTEL_EXPORTER_OTLP_{METRICS,TRACES}_CERTIFICATE`,
+    /// `_CLIENT_CERTIFICATE`, `_CLIENT_KEY`), each winning over the generic one.
+    pub metrics_tls: TlsPaths,
+    pub traces_tls: TlsPaths,
+}
+
+/// Paths of one signal's TLS files; `None`: the generic setting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub certificate: Option<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 impl OtlpConfig {
+    /// A signal's TLS files: its own, else the generic ones, file by file (as each
+    /// variable is on its own in the OTLP exporter specification).
+    fn signal_tls(&self, signal: Signal) -> TlsPaths {
+        let specific = match signal {
+            Signal::Metrics => &self.metrics_tls,
+            Signal::Spans => &self.traces_tls,
+        };
+        TlsPaths {
+            certificate: specific.certificate.clone().or(self.certificate.clone()),
+            client_certificate: specific
+                .client_certificate
+                .clone()
+                .or(self.client_certificate.clone()),
+            client_key: specific.client_key.clone().or(self.client_key.clone()),
+        }
+    }
+
     /// Both signals to `endpoint` over OTLP/HTTP, uncompressed.
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
@@ -238,6 +267,8 @@ impl Default for OtlpConfig {
             certificate: None,
             client_certificate: None,
             client_key: None,
+            metrics_tls: TlsPaths::default(),
+            traces_tls: TlsPaths::default(),
         }
     }
 }
@@ -335,6 +366,19 @@ impl OtlpSettings {
         .map(PathBuf::from);
         config.client_key =
             or_env(self.client_key, "OTEL_EXPORTER_OTLP_CLIENT_KEY").map(PathBuf::from);
+        // Variables only: a flag per signal and file would be six more flags for a rare need.
+        let signal_tls = |signal: &str| {
+            let path = |file: &str| {
+                or_env(None, &format!("OTEL_EXPORTER_OTLP_{signal}_{file}")).map(PathBuf::from)
+            };
+            TlsPaths {
+                certificate: path("CERTIFICATE"),
+                client_certificate: path("CLIENT_CERTIFICATE"),
+                client_key: path("CLIENT_KEY"),
+            }
+        };
+        config.metrics_tls = signal_tls("METRICS");
+        config.traces_tls = signal_tls("TRACES");
         Ok(Some(config))
     }
 }
@@ -440,41 +484,44 @@ impl OtlpExporter {
                 .to_owned());
         }
         let headers = config.header_map()?;
-        let uris = [&metrics_uri, &traces_uri];
-        let tls = TlsFiles::load(&config, uris.into_iter().flatten())?;
-        let destination = |uri: Option<Uri>| -> Result<Option<Destination>, String> {
-            let Some(uri) = uri else { return Ok(None) };
-            match config.protocol {
-                OtlpProtocol::HttpProtobuf => Ok(Some(Destination::Http(uri))),
-                // Connected at the first request, and again after a failure, so a receiver
-                // that starts after the collector is no error.
-                OtlpProtocol::Grpc => {
-                    let mut endpoint = Endpoint::from(uri.clone())
-                        .connect_timeout(config.timeout)
-                        .timeout(config.timeout);
-                    if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-                        endpoint = endpoint.tls_config(tls.tonic()).map_err(|error| {
-                            format!("OTLP endpoint {uri}: TLS settings: {error}")
-                        })?;
+        let destination =
+            |signal: Signal, uri: Option<Uri>| -> Result<Option<Destination>, String> {
+                let Some(uri) = uri else { return Ok(None) };
+                let tls = TlsFiles::load(&config.signal_tls(signal), &uri)?;
+                match config.protocol {
+                    OtlpProtocol::HttpProtobuf => {
+                        let mut http = HttpConnector::new();
+                        // Lets https:// through to the TLS layer (HttpConnector refuses it by
+                        // default).
+                        http.enforce_http(false);
+                        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                            .with_tls_config(tls.rustls()?)
+                            .https_or_http()
+                            .enable_http1()
+                            .wrap_connector(http);
+                        let client = Client::builder(TokioExecutor::new()).build(connector);
+                        Ok(Some(Destination::Http(uri, Box::new(client))))
                     }
-                    Ok(Some(Destination::Grpc(uri, endpoint.connect_lazy())))
+                    // Connected at the first request, and again after a failure, so a receiver
+                    // that starts after the collector is no error.
+                    OtlpProtocol::Grpc => {
+                        let mut endpoint = Endpoint::from(uri.clone())
+                            .connect_timeout(config.timeout)
+                            .timeout(config.timeout);
+                        if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                            endpoint = endpoint.tls_config(tls.tonic()).map_err(|error| {
+                                format!("OTLP endpoint {uri}: TLS settings: {error}")
+                            })?;
+                        }
+                        Ok(Some(Destination::Grpc(uri, endpoint.connect_lazy())))
+                    }
                 }
-            }
-        };
+            };
         let (exports_metrics, exports_spans) = (metrics_uri.is_some(), traces_uri.is_some());
         let (batches, receiver) = mpsc::channel(config.queue_batches.max(1));
-        let mut http = HttpConnector::new();
-        // Lets https:// through to the TLS layer (HttpConnector refuses it by default).
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.rustls()?)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
         let sender = Sender {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            metrics: destination(metrics_uri)?,
-            traces: destination(traces_uri)?,
+            metrics: destination(Signal::Metrics, metrics_uri)?,
+            traces: destination(Signal::Spans, traces_uri)?,
             metadata: MetadataMap::from_headers(headers.clone()),
             headers,
             config,
@@ -571,7 +618,6 @@ fn points_of(aggregates: &[Aggregate]) -> u64 {
 }
 
 struct Sender {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// Where each signal goes; `None`: not exported.
     metrics: Option<Destination>,
     traces: Option<Destination>,
@@ -619,7 +665,7 @@ impl Sender {
         let target = destination.to_string();
         // Encoded (and compressed) once for all attempts.
         let body = match destination {
-            Destination::Http(_) => match http_body(&batch, self.config.compression) {
+            Destination::Http(..) => match http_body(&batch, self.config.compression) {
                 Ok(body) => body,
                 Err(error) => {
                     self.stats.otlp_failures.fetch_add(1, Ordering::Relaxed);
@@ -632,8 +678,8 @@ impl Sender {
         let mut backoff = self.config.initial_backoff;
         for attempt in 1..=self.config.max_attempts.max(1) {
             let outcome = match destination {
-                Destination::Http(uri) => {
-                    let post = self.post(uri, signal, body.clone());
+                Destination::Http(uri, client) => {
+                    let post = self.post(client, uri, signal, body.clone());
                     tokio::time::timeout(self.config.timeout, post).await
                 }
                 Destination::Grpc(_, channel) => {
@@ -749,7 +795,7 @@ impl Sender {
         request
     }
 
-    async fn post(&self, uri: &Uri, signal: Signal, body: Bytes) -> Attempt {
+    async fn post(&self, client: &HttpsClient, uri: &Uri, signal: Signal, body: Bytes) -> Attempt {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri.clone();
@@ -766,7 +812,7 @@ impl Sender {
             headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
         headers.extend(self.headers.clone());
-        let response = match self.client.request(request).await {
+        let response = match client.request(request).await {
             Ok(response) => response,
             // A certificate refused, by us or by the receiver, stays refused until someone
             // changes one: retrying would only delay the drop.
@@ -882,22 +928,17 @@ impl TlsFiles {
     /// Reads the configured files, refusing what could only fail later: TLS settings with
     /// a plain http:// endpoint, a key without its certificate (or the reverse), a file
     /// that cannot be read or holds no PEM certificate or key.
-    fn load<'a>(config: &OtlpConfig, uris: impl Iterator<Item = &'a Uri>) -> Result<Self, String> {
+    fn load(config: &TlsPaths, uri: &Uri) -> Result<Self, String> {
         let any_tls_setting = config.certificate.is_some()
             || config.client_certificate.is_some()
             || config.client_key.is_some();
-        let mut https = false;
-        for uri in uris {
-            let is_https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-            https |= is_https;
-            if any_tls_setting && !is_https {
-                return Err(format!(
-                    "OTLP endpoint {uri} is plain http:// but a TLS certificate or key is \
-                     set: use an https:// endpoint, or remove the \
-                     --otlp-certificate/--otlp-client-* settings (and the \
-                     OTEL_EXPORTER_OTLP_*CERTIFICATE/_CLIENT_KEY variables)"
-                ));
-            }
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        if any_tls_setting && !https {
+            return Err(format!(
+                "OTLP endpoint {uri} is plain http:// but a TLS certificate or key is set: use \
+                 an https:// endpoint, or remove the --otlp-certificate/--otlp-client-* \
+                 settings (and the OTEL_EXPORTER_OTLP_*CERTIFICATE/_CLIENT_KEY variables)"
+            ));
         }
         let read = |what: &str, path: &PathBuf| {
             std::fs::read(path).map_err(|error| {
@@ -1045,8 +1086,12 @@ fn http_body(batch: &Batch, compression: OtlpCompression) -> std::io::Result<Byt
 }
 
 /// Where one signal's requests go.
+/// The OTLP/HTTP client: plain http, or https with a signal's TLS settings.
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 enum Destination {
-    Http(Uri),
+    /// The URL and a client with that signal's TLS settings (boxed: a client is large).
+    Http(Uri, Box<HttpsClient>),
     /// The endpoint (for logs) and its channel.
     Grpc(Uri, Channel),
 }
@@ -1054,7 +1099,7 @@ enum Destination {
 impl std::fmt::Display for Destination {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Http(uri) => write!(formatter, "{uri}"),
+            Self::Http(uri, _) => write!(formatter, "{uri}"),
             Self::Grpc(uri, _) => write!(formatter, "{uri} (gRPC)"),
         }
     }
@@ -1815,6 +1860,36 @@ mod tests {
     }
 
     #[test]
+    fn a_signal_tls_variable_wins_over_the_generic_one_for_that_signal_alone() {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel:4318"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/generic/ca.crt"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/generic/tls.crt"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/generic/tls.key"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/tempo/ca.crt"),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE",
+                "/mimir/tls.crt",
+            ),
+            ("OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY", "/mimir/tls.key"),
+        ];
+        let config = resolve(OtlpSettings::default(), &env).unwrap().unwrap();
+        let paths = |ca: &str, certificate: &str, key: &str| TlsPaths {
+            certificate: Some(PathBuf::from(ca)),
+            client_certificate: Some(PathBuf::from(certificate)),
+            client_key: Some(PathBuf::from(key)),
+        };
+        assert_eq!(
+            config.signal_tls(Signal::Metrics),
+            paths("/generic/ca.crt", "/mimir/tls.crt", "/mimir/tls.key")
+        );
+        assert_eq!(
+            config.signal_tls(Signal::Spans),
+            paths("/tempo/ca.crt", "/generic/tls.crt", "/generic/tls.key")
+        );
+    }
+
+    #[test]
     fn tls_settings_that_cannot_work_are_refused_at_start() {
         let directory =
             std::env::temp_dir().join(format!("trazor-otlp-tls-{}", std::process::id()));
@@ -1823,8 +1898,8 @@ mod tests {
         std::fs::write(&not_pem, "hello").unwrap();
         let missing = directory.join("missing.pem");
         let load = |config: OtlpConfig| {
-            let uris = [config.signal_uri(Signal::Metrics).unwrap()];
-            TlsFiles::load(&config, uris.iter().flatten()).map(|_| ())
+            let uri = config.signal_uri(Signal::Metrics).unwrap().unwrap();
+            TlsFiles::load(&config.signal_tls(Signal::Metrics), &uri).map(|_| ())
         };
         let https = || OtlpConfig::new("https://otel:4318");
         for (config, says) in [

@@ -32,7 +32,7 @@ use prost::Message as _;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use trazor_collector::{
-    otlp::{DURATION_METRIC, OtlpConfig, OtlpProtocol},
+    otlp::{DURATION_METRIC, OtlpConfig, OtlpProtocol, TlsPaths},
     stats::CollectorStats,
 };
 use trazor_proto::v1::{AgentMessage, Exemplar, agent_message};
@@ -326,6 +326,49 @@ async fn an_mtls_receiver_gets_metrics_and_spans_over_http_and_grpc() {
     )
     .await;
     assert_delivered(&received);
+    std::fs::remove_dir_all(&directory).unwrap();
+}
+
+/// Metrics to one receiver and spans to another, each with its own CA and client
+/// certificate (as Mimir and Tempo behind different CAs): the traces settings
+/// (`OTEL_EXPORTER_OTLP_TRACES_*`) win over the generic ones for spans alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_signal_can_have_its_own_ca_and_client_certificate() {
+    let directory = directory("signals");
+    let mimir = make_pki(&directory, "mimir");
+    let tempo = make_pki(&directory, "tempo");
+    let (metrics_address, metrics_received) = serve_https(&mimir).await;
+    let (traces_address, traces_received) = serve_https(&tempo).await;
+    export(
+        OtlpConfig {
+            endpoint: None,
+            metrics_endpoint: Some(format!(
+                "https://localhost:{}/v1/metrics",
+                metrics_address.port()
+            )),
+            traces_endpoint: Some(format!(
+                "https://localhost:{}/v1/traces",
+                traces_address.port()
+            )),
+            certificate: Some(mimir.ca.clone()),
+            client_certificate: Some(mimir.client.0.clone()),
+            client_key: Some(mimir.client.1.clone()),
+            traces_tls: TlsPaths {
+                certificate: Some(tempo.ca.clone()),
+                client_certificate: Some(tempo.client.0.clone()),
+                client_key: Some(tempo.client.1.clone()),
+            },
+            ..OtlpConfig::default()
+        },
+        DELIVERED,
+    )
+    .await;
+    let metrics = metrics_received.lock().unwrap();
+    assert!(metrics.metrics.iter().any(|name| name == DURATION_METRIC));
+    assert!(metrics.spans.is_empty());
+    let traces = traces_received.lock().unwrap();
+    assert!(traces.metrics.is_empty());
+    assert_eq!(traces.spans, ["GET /cart/{id}", "GET /cart/{id}"]);
     std::fs::remove_dir_all(&directory).unwrap();
 }
 
