@@ -15,11 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{pod_window, send, start_collector, window_end};
-use trazor_collector::{
-    otlp::{DURATION_METRIC, OtlpConfig, RESPONSES_METRIC},
-    stats::CollectorStats,
-};
+use common::{assert_line, collector, metrics_once, pod_window, send, window_end};
+use trazor_collector::otlp::{DURATION_METRIC, OtlpConfig, RESPONSES_METRIC};
 use trazor_proto::v1::{AgentMessage, Exemplar, PodIdentity, Source, agent_message};
 
 mod common;
@@ -169,33 +166,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A collector exporting to `otlp`: its gRPC address and counters.
-async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
-    let running = start_collector(Some(otlp)).await;
-    (running.grpc, running.stats)
-}
-
-/// The collector's metrics once they contain `line` (within 10 s).
-async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = stats.render();
-        if metrics.lines().any(|metric| metric == line) {
-            return metrics;
-        }
-        assert!(Instant::now() < deadline, "never {line:?}:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Asserts that the collector's metrics text has `line` (a metric and its value).
-fn assert_line(metrics: &str, line: &str) {
-    assert!(
-        metrics.lines().any(|metric| metric == line),
-        "no {line:?} in:\n{metrics}"
-    );
 }
 
 /// A timestamp: a 64-bit integer, which protobuf's JSON mapping writes as a string (and

@@ -12,44 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{pod_window, rotel::Rotel, send, start_collector, window_end};
+use common::{assert_line, collector, metrics_once, pod_window, rotel::Rotel, send, window_end};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
     metrics_service_server::{MetricsService, MetricsServiceServer},
 };
-use trazor_collector::{
-    otlp::{DURATION_METRIC, OtlpCompression, OtlpConfig, OtlpProtocol, RESPONSES_METRIC},
-    stats::CollectorStats,
+use trazor_collector::otlp::{
+    DURATION_METRIC, OtlpCompression, OtlpConfig, OtlpProtocol, RESPONSES_METRIC,
 };
 use trazor_proto::v1::{AgentMessage, Exemplar, agent_message};
 
 mod common;
-
-/// A collector exporting to `otlp`: its gRPC ingest address and counters.
-async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
-    let running = start_collector(Some(otlp)).await;
-    (running.grpc, running.stats)
-}
-
-/// The collector's metrics once they contain `line` (within 10 s).
-async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = stats.render();
-        if metrics.lines().any(|metric| metric == line) {
-            return metrics;
-        }
-        assert!(Instant::now() < deadline, "never {line:?}:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn assert_line(metrics: &str, line: &str) {
-    assert!(
-        metrics.lines().any(|metric| metric == line),
-        "no {line:?} in:\n{metrics}"
-    );
-}
 
 /// A window of Deployment shop/checkout's pod `pod` holding `count` requests (in one
 /// bucket), with two exemplars: a 503 and a slow 200.

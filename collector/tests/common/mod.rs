@@ -144,3 +144,33 @@ pub async fn send(grpc: &str, agent: &str, windows: Vec<AgentMessage>) {
         }
     }
 }
+
+/// A collector exporting to `otlp`: its gRPC ingest address and counters.
+pub async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
+    let running = start_collector(Some(otlp)).await;
+    (running.grpc, running.stats)
+}
+
+/// The collector's metrics once they contain `line` (within 10 s).
+pub async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = stats.render();
+        if metrics.lines().any(|metric| metric == line) {
+            return metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {line:?}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts that the collector's metrics text has `line` (a metric and its value).
+pub fn assert_line(metrics: &str, line: &str) {
+    assert!(
+        metrics.lines().any(|metric| metric == line),
+        "no {line:?} in:\n{metrics}"
+    );
+}
