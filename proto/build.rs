@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    let protos = ["trazor/v1/ingest.proto"];
+    let protos = ["trazor/v1/ingest.proto", "trazor/v1/feed.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

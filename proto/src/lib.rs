@@ -13,7 +13,7 @@ pub mod auth;
 pub mod histogram;
 pub mod record;
 
-/// Generated from `proto/trazor/v1/ingest.proto`.
+/// Generated from `proto/trazor/v1/ingest.proto` and `feed.proto` (the live feed's binary frames).
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("trazor.v1");
