@@ -24,8 +24,9 @@ fi
 
 # --- Debian packages ---------------------------------------------------------
 # chromium: the dashboard page is tested in a real browser (collector/tests/dashboard.rs).
+# tmux: trazor-watch is tested in a real terminal (collector/tests/watch_terminal.rs).
 APT_PACKAGES=(nginx-light wrk bpftool curl ca-certificates procps iproute2 jq python3-venv
-    chromium fonts-dejavu-core)
+    chromium fonts-dejavu-core tmux)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
