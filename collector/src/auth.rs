@@ -6,6 +6,11 @@
 //! Without a token the collector accepts every stream (and says so at start).
 //!
 //! [`ServerTls`] adds TLS to the gRPC port, and mutual TLS when given a client CA.
+//!
+//! [`ViewerAuth`] guards the live feed (`/ws`) and the dashboard (`/`) with a separate
+//! token (`--feed-token-file` or `TRAZOR_FEED_TOKEN`): people who watch do not hold the
+//! agents' write credential. Programs send it as a bearer header; browsers post it once to
+//! `/login` and get an HttpOnly session cookie, so it never appears in a URL or a log.
 
 use std::{
     path::Path,
@@ -125,6 +130,300 @@ impl Interceptor for BearerAuth {
                  collector read the same Secret",
             ))
         }
+    }
+}
+
+/// Name of the dashboard's session cookie.
+pub const SESSION_COOKIE: &str = "trazor_session";
+/// Environment variable holding the feed's token (`--feed-token-file` wins).
+pub const FEED_TOKEN_ENV: &str = "TRAZOR_FEED_TOKEN";
+/// How long a browser session lasts.
+pub const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// Who may read the live feed and the dashboard: holders of the feed token (bearer header)
+/// or of a session cookie made from it. `None`: everyone (the collector warns at start).
+///
+/// A session cookie is `<expiry unix s>.<hex HMAC-SHA256(token, "trazor-session-v1.<expiry>")>`:
+/// no state on the server, so sessions survive a collector restart and all end when the
+/// token changes.
+pub struct ViewerAuth {
+    token: Option<Arc<[u8]>>,
+    session_key: Option<ring::hmac::Key>,
+}
+
+impl std::fmt::Debug for ViewerAuth {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        formatter
+            .debug_struct("ViewerAuth")
+            .field("open", &self.token.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ViewerAuth {
+    pub fn new(token: Option<&str>) -> Self {
+        Self {
+            token: token.map(|token| Arc::from(token.as_bytes())),
+            session_key: token
+                .map(|token| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes())),
+        }
+    }
+
+    /// No token: the feed and dashboard are open.
+    pub fn is_open(&self) -> bool {
+        self.token.is_none()
+    }
+
+    fn bearer_ok(&self, headers: &http::HeaderMap) -> bool {
+        let Some(expected) = &self.token else {
+            return true;
+        };
+        headers
+            .get_all(http::header::AUTHORIZATION)
+            .iter()
+            .any(|value| {
+                value
+                    .as_bytes()
+                    .strip_prefix(b"Bearer ")
+                    .is_some_and(|presented| constant_time_eq(presented, expected))
+            })
+    }
+
+    fn session_ok(&self, headers: &http::HeaderMap) -> bool {
+        let Some(key) = &self.session_key else {
+            return true;
+        };
+        let now = unix_seconds();
+        session_cookies(headers).any(|value| {
+            let Some((expiry, mac)) = value.split_once('.') else {
+                return false;
+            };
+            let (Ok(expiry_secs), Some(mac)) = (expiry.parse::<u64>(), decode_hex(mac)) else {
+                return false;
+            };
+            expiry_secs > now
+                && ring::hmac::verify(key, session_message(expiry).as_bytes(), &mac).is_ok()
+        })
+    }
+
+    /// Whether this request may see the dashboard (bearer header or session cookie).
+    pub fn allows(&self, headers: &http::HeaderMap) -> bool {
+        self.is_open() || self.bearer_ok(headers) || self.session_ok(headers)
+    }
+
+    /// Checks a `/ws` upgrade; the refusal to send, if any: 401 without a valid token or
+    /// session; 403 for a session cookie sent by a page of another origin (cross-site
+    /// WebSocket hijacking: the browser attaches cookies whoever opens the socket).
+    pub fn refuse_websocket(&self, headers: &http::HeaderMap) -> Option<axum::response::Response> {
+        use axum::response::IntoResponse as _;
+        if self.is_open() || self.bearer_ok(headers) {
+            return None;
+        }
+        if !self.session_ok(headers) {
+            return Some(unauthorized(
+                "a feed token is required: send `Authorization: Bearer <token>`, or log in at / (session cookie)\n",
+            ));
+        }
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|host| host.to_str().ok());
+        let origin_host = headers
+            .get(http::header::ORIGIN)
+            .and_then(|origin| origin.to_str().ok())
+            .map(|origin| origin.split_once("://").map_or(origin, |(_, rest)| rest));
+        match (origin_host, host) {
+            (Some(origin), Some(host)) if !origin.eq_ignore_ascii_case(host) => Some(
+                (
+                    http::StatusCode::FORBIDDEN,
+                    "a session cookie from a page of another origin; open the feed from the collector's own dashboard\n",
+                )
+                    .into_response(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The session cookie for a browser that presented the right token.
+    fn session_cookie(&self) -> Option<String> {
+        let key = self.session_key.as_ref()?;
+        let expiry = (unix_seconds() + SESSION_LIFETIME.as_secs()).to_string();
+        let tag = ring::hmac::sign(key, session_message(&expiry).as_bytes());
+        let hex: String = tag
+            .as_ref()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        Some(format!(
+            "{SESSION_COOKIE}={expiry}.{hex}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            SESSION_LIFETIME.as_secs()
+        ))
+    }
+
+    /// Whether `token` is the feed token (constant time).
+    fn token_matches(&self, token: &str) -> bool {
+        self.token
+            .as_ref()
+            .is_some_and(|expected| constant_time_eq(token.as_bytes(), expected))
+    }
+}
+
+/// Reads the feed token from `file` (trimmed), else from `TRAZOR_FEED_TOKEN`; `None` when
+/// neither is set. An empty token is an error, never an open feed by accident.
+pub fn load_feed_token(file: Option<&Path>) -> Result<Option<String>> {
+    let token = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| Error::TokenFile {
+                    path: path.to_owned(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var(FEED_TOKEN_ENV)
+            .ok()
+            .map(|token| token.trim().to_owned()),
+    };
+    match token {
+        Some(token) if token.is_empty() => Err(Error::Config(format!(
+            "the feed token is empty; put it in --feed-token-file (or {FEED_TOKEN_ENV}), or set \
+             neither for an open feed"
+        ))),
+        other => Ok(other),
+    }
+}
+
+fn session_message(expiry: &str) -> String {
+    format!("trazor-session-v1.{expiry}")
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+fn session_cookies(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == SESSION_COOKIE).then_some(value)
+        })
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect()
+}
+
+fn unauthorized(message: &'static str) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    (
+        http::StatusCode::UNAUTHORIZED,
+        [(http::header::WWW_AUTHENTICATE, "Bearer")],
+        message,
+    )
+        .into_response()
+}
+
+/// The login page: a form that posts the token to `/login` (never in a URL).
+pub fn login_page(status: http::StatusCode, notice: &str) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let page = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Trazor: log in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font:15px system-ui,sans-serif;margin:4rem auto;max-width:24rem;color:#222}}
+input,button{{font:inherit;padding:.4rem;margin:.3rem 0;width:100%;box-sizing:border-box}}
+.notice{{color:#b00}}</style></head>
+<body><h1>Trazor</h1><p>This collector's live feed needs its feed token.</p>
+<p class="notice" id="notice">{notice}</p>
+<form method="post" action="/login"><label for="token">Feed token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" autofocus required>
+<button type="submit">Log in</button></form></body></html>
+"#
+    );
+    (
+        status,
+        [(http::header::CACHE_CONTROL, "no-store")],
+        axum::response::Html(page),
+    )
+        .into_response()
+}
+
+/// `POST /login` (form field `token`): a session cookie and `303` to `/`, or the login page
+/// again with `401`.
+pub async fn login(
+    axum::extract::State(feed): axum::extract::State<Arc<crate::feed::WindowFeed>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let auth = feed.auth();
+    let token = form_urlencoded::parse(&body)
+        .find(|(name, _)| name == "token")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    if auth.is_open() {
+        return axum::response::Redirect::to("/").into_response();
+    }
+    match auth.session_cookie().filter(|_| auth.token_matches(&token)) {
+        Some(cookie) => (
+            [(http::header::SET_COOKIE, cookie)],
+            axum::response::Redirect::to("/"),
+        )
+            .into_response(),
+        None => {
+            feed.feed_stats()
+                .unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            login_page(
+                http::StatusCode::UNAUTHORIZED,
+                "That is not the feed token.",
+            )
+        }
+    }
+}
+
+/// `POST /logout`: clears the session cookie.
+pub async fn logout() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    (
+        [(
+            http::header::SET_COOKIE,
+            format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+        )],
+        axum::response::Redirect::to("/"),
+    )
+        .into_response()
+}
+
+/// Middleware for the dashboard's routes: without a token or session, `/` shows the login
+/// page and anything else answers 401.
+pub async fn require_viewer(
+    axum::extract::State(feed): axum::extract::State<Arc<crate::feed::WindowFeed>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if feed.auth().allows(request.headers()) {
+        return next.run(request).await;
+    }
+    feed.feed_stats()
+        .unauthenticated
+        .fetch_add(1, Ordering::Relaxed);
+    if request.uri().path() == "/" {
+        login_page(http::StatusCode::UNAUTHORIZED, "")
+    } else {
+        unauthorized("log in at / first\n")
     }
 }
 
