@@ -41,7 +41,7 @@ use trazor_proto::v1::latency_ingest_server::LatencyIngestServer;
 pub use error::{Error, Result};
 
 use crate::{
-    auth::{BearerAuth, ViewerAuth},
+    auth::BearerAuth,
     dedup::Deduplicator,
     feed::WindowFeed,
     ingest::IngestService,
@@ -61,15 +61,10 @@ pub struct CollectorConfig {
     pub grpc_listen: SocketAddr,
     /// HTTP address: WebSocket feed, metrics, health.
     pub http_listen: SocketAddr,
-    /// Items (windows and aggregates) kept for new feed subscribers.
+    /// Windows kept for new feed subscribers.
     pub history: usize,
     /// Bearer token agents must present; `None` accepts every agent.
     pub token: Option<String>,
-    /// Token to read the live feed and the dashboard (see [`auth::ViewerAuth`]); `None`:
-    /// open to everyone who can reach the HTTP port.
-    pub feed_token: Option<String>,
-    /// The feed's limits and heartbeat (its `history` is [`Self::history`]).
-    pub feed: feed::FeedConfig,
     /// Largest message accepted; bigger ones end their stream with RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
     /// Streams per agent id and per-agent rate.
@@ -86,6 +81,8 @@ pub struct CollectorConfig {
     pub tls: Option<auth::ServerTls>,
     /// Where to export OTLP metrics; `None`: no export.
     pub otlp: Option<otlp::OtlpConfig>,
+    /// Bytes of OTLP batches kept on disk (in the state dir) at most.
+    pub otlp_spool_max_bytes: u64,
 }
 
 impl Default for CollectorConfig {
@@ -96,10 +93,8 @@ impl Default for CollectorConfig {
         Self {
             grpc_listen: loopback,
             http_listen: loopback,
-            history: feed::FeedConfig::default().history,
+            history: 1_000,
             token: None,
-            feed_token: None,
-            feed: feed::FeedConfig::default(),
             max_message_bytes: MAX_MESSAGE_BYTES,
             agent_limits: AgentLimitConfig::default(),
             late_grace: Duration::from_secs(30),
@@ -108,6 +103,7 @@ impl Default for CollectorConfig {
             state_fsync: false,
             tls: None,
             otlp: None,
+            otlp_spool_max_bytes: otlp::SPOOL_MAX_BYTES,
         }
     }
 }
@@ -148,20 +144,22 @@ impl BoundCollector {
         let stats = Arc::new(CollectorStats::default());
         let otlp = match &config.otlp {
             Some(otlp) => {
-                Some(OtlpExporter::start(otlp.clone(), stats.clone()).map_err(Error::Config)?)
+                let mut otlp = otlp.clone();
+                // With a state dir, batches wait on disk until the receiver accepts them.
+                if let Some(dir) = &config.state_dir {
+                    otlp.spool = Some(otlp::spool::SpoolConfig {
+                        dir: otlp::spool_dir(dir),
+                        max_bytes: config.otlp_spool_max_bytes,
+                        fsync: config.state_fsync,
+                    });
+                }
+                Some(OtlpExporter::start(otlp, stats.clone()).map_err(Error::Config)?)
             }
             None => None,
         };
         let mut service = IngestService {
             dedup: Arc::new(Deduplicator::default()),
-            feed: Arc::new(WindowFeed::new(
-                feed::FeedConfig {
-                    history: config.history,
-                    ..config.feed.clone()
-                },
-                Arc::new(ViewerAuth::new(config.feed_token.as_deref())),
-                stats.clone(),
-            )),
+            feed: Arc::new(WindowFeed::new(config.history, stats.clone())),
             merger: Arc::new(WindowMerger::new(config.late_grace)),
             limits: Arc::new(AgentLimits::new(config.agent_limits)),
             journal: None,
@@ -190,18 +188,24 @@ impl BoundCollector {
                 *mark = (*mark).max(*highest);
             }
             let now = ingest::unix_nanos();
+            // Up to when aggregates were closed (and their OTLP batches spooled) before the
+            // restart: a window whose aggregate was still open then is merged again even if
+            // its grace ran out while the collector was down, so it is not lost.
+            let closed_through = otlp::spool::closed_through(&otlp::spool_dir(dir));
             let windows = replay.windows.len();
             for (agent, boot, window) in replay.windows {
                 if !service.dedup.first_sighting(&agent, &boot, window.sequence) {
                     continue;
                 }
                 // Aggregates already closed were published before the restart.
-                let merged = now
-                    <= window
-                        .end_unix_nanos
-                        .saturating_add(config.late_grace.as_nanos() as u64);
-                if merged {
-                    service.merger.accept(&window, now);
+                let closes_at = window
+                    .end_unix_nanos
+                    .saturating_add(config.late_grace.as_nanos() as u64);
+                let open_at_stop = closed_through.is_some_and(|through| closes_at >= through);
+                if now <= closes_at || open_at_stop {
+                    // At most its closing time, so the merger takes it; the first tick
+                    // closes it if that time is past.
+                    service.merger.accept(&window, now.min(closes_at));
                 }
                 service.feed.publish_window(
                     &agent.as_str().into(),
@@ -239,7 +243,6 @@ impl BoundCollector {
 
     /// Serves until either server fails.
     pub async fn serve(self) -> Result<()> {
-        let http_addr = self.http_addr();
         let auth = BearerAuth::new(self.config.token.as_deref(), self.service.stats.clone());
         if self.config.token.is_none() {
             tracing::warn!(
@@ -259,29 +262,11 @@ impl BoundCollector {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(InterceptedService::new(ingest, auth))
             .serve_with_incoming(TcpListenerStream::new(self.grpc));
-        if self.service.feed.auth().is_open() {
-            tracing::warn!(
-                "the live feed and dashboard are OPEN: anyone who can reach http://{}/ can \
-                 read every window (set --feed-token-file or TRAZOR_FEED_TOKEN)",
-                http_addr
-            );
-        }
         let stats = self.service.stats.clone();
-        let feed_for_metrics = self.service.feed.clone();
         let ready = self.ready.clone();
-        // The dashboard's routes need a token or a session (see `auth::ViewerAuth`).
-        let dashboard_routes =
-            Router::new()
-                .route("/", get(dashboard))
-                .layer(axum::middleware::from_fn_with_state(
-                    self.service.feed.clone(),
-                    auth::require_viewer,
-                ));
         let router = Router::new()
-            .merge(dashboard_routes)
+            .route("/", get(dashboard))
             .route("/ws", get(feed::websocket))
-            .route("/login", axum::routing::post(auth::login))
-            .route("/logout", axum::routing::post(auth::logout))
             .with_state(self.service.feed.clone())
             .route("/healthz", get(|| async { "ok\n" }))
             .route(
@@ -301,12 +286,7 @@ impl BoundCollector {
                 "/metrics",
                 get(move || {
                     let stats = stats.clone();
-                    let feed = feed_for_metrics.clone();
-                    async move {
-                        let mut text = stats.render();
-                        text.push_str(&feed.render_metrics());
-                        text
-                    }
+                    async move { stats.render() }
                 }),
             );
         let http = axum::serve(self.http, router);
@@ -341,13 +321,19 @@ async fn publish_aggregates(service: IngestService) {
     loop {
         ticks.tick().await;
         let stats = &service.stats;
-        let closed = service.merger.close_due(ingest::unix_nanos());
+        let now = ingest::unix_nanos();
+        let closed = service.merger.close_due(now);
         for aggregate in &closed {
-            service.feed.publish_aggregate(aggregate.clone());
-            stats.aggregates_published.fetch_add(1, Ordering::Relaxed);
+            match serde_json::to_string(&aggregate.view()) {
+                Ok(json) => {
+                    service.feed.publish(json);
+                    stats.aggregates_published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => tracing::error!(%error, "could not encode an aggregate as JSON"),
+            }
         }
         if let Some(otlp) = &service.otlp {
-            otlp.export(closed);
+            otlp.export_closed(closed, now);
         }
         stats
             .aggregates_open

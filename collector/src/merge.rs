@@ -1,5 +1,6 @@
 //! Merge: windows of the same workload (or pod, or process name when there is no pod),
-//! route, method, direction and wall-clock window, from every agent, added into one aggregate.
+//! route, method, direction (and, client side, server) and wall-clock window, from every
+//! agent, added into one aggregate.
 //!
 //! The merge is exact: counts, errors, sums and status classes add, min and max take the
 //! extremes, and the histograms add bucket by bucket ([`ExponentialHistogram::merge`]), so
@@ -21,7 +22,7 @@ use std::{
 use serde::Serialize;
 use trazor_proto::{
     histogram::MAX_DENSE_BUCKETS,
-    v1::{ExponentialHistogram, LatencyWindow},
+    v1::{ExponentialHistogram, LatencyWindow, Peer},
 };
 
 use crate::view::{HistogramView, percentile_label};
@@ -152,6 +153,10 @@ pub struct Aggregate {
     pub route: String,
     /// HTTP method; likewise.
     pub method: String,
+    /// The server a client made its requests to (client windows only); likewise, so a
+    /// client's latency to each server is its own series (OTel's `server.address` and
+    /// `server.port`).
+    pub peer: Option<Peer>,
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
     /// Windows merged in.
@@ -177,6 +182,7 @@ impl Aggregate {
             profile: window.profile.clone(),
             route: window.route.clone(),
             method: window.method.clone(),
+            peer: window.peer.clone(),
             start_unix_nanos: window.start_unix_nanos,
             end_unix_nanos: window.end_unix_nanos,
             windows: 0,
@@ -206,6 +212,7 @@ impl Aggregate {
             && self.profile == window.profile
             && self.route == window.route
             && self.method == window.method
+            && self.peer == window.peer
             && self.subject.matches(window)
     }
 

@@ -5,21 +5,19 @@
 //! ([`OtlpSettings`]: the `OTEL_EXPORTER_OTLP_*` variables, per-signal endpoints included).
 //!
 //! Each aggregate is one data point per metric, with delta temporality and its window as
-//! the interval (`start_time_unix_nano` to `time_unix_nano`):
+//! the interval (`start_time_unix_nano` to `time_unix_nano`), named as the HTTP semantic
+//! conventions name them:
 //!
-//! - `trazor.http.request.duration` (unit `ns`), an exponential histogram: the aggregate's
-//!   histogram itself, same scale and buckets (Trazor's histograms are OTLP's layout, so
-//!   nothing is re-bucketed and no error is added), with count, sum, min and max.
-//! - `trazor.http.responses`, a monotonic sum: requests by `http.response.status_class`
-//!   (`1xx` … `5xx`, `unknown`).
-//!
-//! Who was measured is the resource: one `ResourceMetrics` per entity, after OpenTelemetry's
-//! Kubernetes conventions ([`subject_resource`]): a workload (`service.name` its name,
-//! `service.namespace` and `k8s.namespace.name`, `k8s.<kind>.name` for deployment,
-//! statefulset, …, `trazor.workload.kind`/`trazor.workload.name`), a pod without one
-//! (`k8s.pod.name`, `k8s.pod.uid`), or a process in standalone mode (`service.name` and
-//! `process.executable.name`). What was measured is on the data points: `http.route`,
-//! `http.request.method`, `trazor.direction` (server or client) and `trazor.profile`.
+//! - `http.server.request.duration` (requests served) or `http.client.request.duration`
+//!   (requests made), unit `s`, an exponential histogram: the aggregate's histogram
+//!   re-bucketed from nanoseconds to seconds ([`seconds`]: scale 6 in ns becomes scale 8 in
+//!   s, each count moved whole into a bucket inside its kernel bucket; quantiles within
+//!   [`QUANTILE_ERROR_BOUND`]), with count, sum, min and max in seconds. Attributes:
+//!   [`point_attributes`]. No `http.response.status_code` or `error.type`: a window's
+//!   latencies share one histogram whatever their status.
+//! - `trazor.http.responses`, a monotonic sum: requests by
+//!   `trazor.http.response.status_class` (`1xx` … `5xx`, `unknown`) and `trazor.direction`,
+//!   the exact counts behind an error rate.
 //!
 //! Exemplars (slow, failed or sampled requests the agents report with their windows) go to
 //! `{endpoint}/v1/traces` as spans ([`spans_of`]), under the same entity's resource plus
@@ -68,9 +66,9 @@ use opentelemetry_proto::tonic::{
     },
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
-        AggregationTemporality, ExponentialHistogram, ExponentialHistogramDataPoint, Metric,
-        NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, exponential_histogram_data_point,
-        metric, number_data_point,
+        AggregationTemporality, ExponentialHistogram as OtlpExponentialHistogram,
+        ExponentialHistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+        exponential_histogram_data_point, metric, number_data_point,
     },
     resource::v1::Resource,
     trace::v1::{
@@ -86,7 +84,13 @@ use tonic::{
     metadata::MetadataMap,
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
-use trazor_proto::v1::{Direction, LatencyWindow};
+use trazor_proto::v1::{Direction, ExponentialHistogram, LatencyWindow};
+
+mod seconds;
+pub mod spool;
+
+pub use seconds::QUANTILE_ERROR_BOUND;
+use spool::{PutError, Spool, SpoolConfig};
 
 use crate::{
     merge::{Aggregate, Subject},
@@ -94,10 +98,15 @@ use crate::{
     view::direction_name,
 };
 
-/// Name of the latency histogram.
-pub const DURATION_METRIC: &str = "trazor.http.request.duration";
+/// The latency histogram of requests served, as the HTTP semantic conventions name it.
+pub const SERVER_DURATION_METRIC: &str = "http.server.request.duration";
+/// The latency histogram of requests made.
+pub const CLIENT_DURATION_METRIC: &str = "http.client.request.duration";
 /// Name of the requests-by-status-class sum.
 pub const RESPONSES_METRIC: &str = "trazor.http.responses";
+/// Its attribute: `1xx` … `5xx`, or `unknown` (Trazor's key: the conventions have none
+/// for a class, and `http.*` is theirs).
+pub const STATUS_CLASS_ATTRIBUTE: &str = "trazor.http.response.status_class";
 
 /// How requests are carried (`--otlp-protocol`, `OTEL_EXPORTER_OTLP_PROTOCOL`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -183,7 +192,22 @@ pub struct OtlpConfig {
     /// `_CLIENT_CERTIFICATE`, `_CLIENT_KEY`), each winning over the generic one.
     pub metrics_tls: TlsPaths,
     pub traces_tls: TlsPaths,
+    /// Largest request body (protobuf, before compression): a bigger batch of aggregates
+    /// is split into several requests, so that it fits a receiver's limit (gRPC's default
+    /// is 4 MiB) and the spool's bound per batch.
+    pub max_batch_bytes: usize,
+    /// Where batches wait on disk until the receiver accepts them (`--state-dir`); `None`:
+    /// in memory only.
+    pub spool: Option<SpoolConfig>,
 }
+
+/// The spool's directory in a collector's state dir.
+pub fn spool_dir(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("otlp")
+}
+
+/// Bytes the spool holds at most, by default.
+pub const SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Paths of one signal's TLS files; `None`: the generic setting.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -269,6 +293,8 @@ impl Default for OtlpConfig {
             client_key: None,
             metrics_tls: TlsPaths::default(),
             traces_tls: TlsPaths::default(),
+            max_batch_bytes: 2 * 1024 * 1024,
+            spool: None,
         }
     }
 }
@@ -420,6 +446,9 @@ pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
 pub struct OtlpExporter {
     batches: mpsc::Sender<Batch>,
     stats: Arc<CollectorStats>,
+    /// Every queued batch is here too, until it is accepted or dropped for good.
+    spool: Option<Arc<Spool>>,
+    max_batch_bytes: usize,
     /// Whether metrics, and spans, have an endpoint: a signal without one is not exported
     /// (the user's choice, so nothing is counted as dropped).
     exports_metrics: bool,
@@ -448,7 +477,13 @@ struct Batch {
     payload: Payload,
     /// Data points or spans in it.
     items: u64,
+    /// Its file in the spool, if spooled.
+    spool_id: Option<u64>,
 }
+
+/// Spool record kinds: `[kind u8][items u64 LE][the request's protobuf]`.
+const SPOOLED_METRICS: u8 = 1;
+const SPOOLED_SPANS: u8 = 2;
 
 #[derive(Debug)]
 enum Payload {
@@ -471,6 +506,40 @@ impl Batch {
             Payload::Spans(request) => request.encode_to_vec(),
         }
     }
+
+    /// The batch as a spool record.
+    fn spooled(&self) -> Vec<u8> {
+        let kind = match self.payload {
+            Payload::Metrics(_) => SPOOLED_METRICS,
+            Payload::Spans(_) => SPOOLED_SPANS,
+        };
+        let mut record = vec![kind];
+        record.extend_from_slice(&self.items.to_le_bytes());
+        // Encoding into a Vec cannot fail.
+        let _ = match &self.payload {
+            Payload::Metrics(request) => request.encode(&mut record),
+            Payload::Spans(request) => request.encode(&mut record),
+        };
+        record
+    }
+
+    /// A batch read back from the spool, `None` if the record is not one.
+    fn unspooled(id: u64, record: &[u8]) -> Option<Self> {
+        let (&kind, rest) = record.split_first()?;
+        let (items, protobuf) = rest.split_first_chunk::<8>()?;
+        let payload = match kind {
+            SPOOLED_METRICS => {
+                Payload::Metrics(ExportMetricsServiceRequest::decode(protobuf).ok()?)
+            }
+            SPOOLED_SPANS => Payload::Spans(ExportTraceServiceRequest::decode(protobuf).ok()?),
+            _ => return None,
+        };
+        Some(Self {
+            payload,
+            items: u64::from_le_bytes(*items),
+            spool_id: Some(id),
+        })
+    }
 }
 
 impl OtlpExporter {
@@ -484,6 +553,7 @@ impl OtlpExporter {
                 .to_owned());
         }
         let headers = config.header_map()?;
+        let max_batch_bytes = config.max_batch_bytes.max(1);
         let destination =
             |signal: Signal, uri: Option<Uri>| -> Result<Option<Destination>, String> {
                 let Some(uri) = uri else { return Ok(None) };
@@ -518,6 +588,43 @@ impl OtlpExporter {
                 }
             };
         let (exports_metrics, exports_spans) = (metrics_uri.is_some(), traces_uri.is_some());
+        let (spool, recovered) = match &config.spool {
+            Some(spool_config) => {
+                let (spool, recovered) = Spool::open(spool_config.clone()).map_err(|error| {
+                    format!(
+                        "cannot open the OTLP spool in {}: {error}",
+                        spool_config.dir.display()
+                    )
+                })?;
+                let mut batches = Vec::with_capacity(recovered.batches.len());
+                let mut corrupt = recovered.corrupt;
+                for (id, record) in recovered.batches {
+                    match Batch::unspooled(id, &record) {
+                        Some(batch) => batches.push(batch),
+                        None => {
+                            corrupt += 1;
+                            let _ = spool.remove(id);
+                        }
+                    }
+                }
+                stats
+                    .otlp_spool_corrupt
+                    .fetch_add(corrupt, Ordering::Relaxed);
+                stats
+                    .otlp_spool_recovered
+                    .fetch_add(batches.len() as u64, Ordering::Relaxed);
+                if !batches.is_empty() {
+                    tracing::info!(
+                        batches = batches.len(),
+                        "OTLP spool: sending the batches left from before the restart first"
+                    );
+                }
+                let spool = Arc::new(spool);
+                stats.otlp_spool_usage(&spool);
+                (Some(spool), batches)
+            }
+            None => (None, Vec::new()),
+        };
         let (batches, receiver) = mpsc::channel(config.queue_batches.max(1));
         let sender = Sender {
             metrics: destination(Signal::Metrics, metrics_uri)?,
@@ -526,24 +633,57 @@ impl OtlpExporter {
             headers,
             config,
             stats: stats.clone(),
+            spool: spool.clone(),
         };
-        tokio::spawn(sender.run(receiver));
+        tokio::spawn(sender.run(recovered, receiver));
         Ok(Self {
             batches,
             stats,
+            spool,
+            max_batch_bytes,
             exports_metrics,
             exports_spans,
         })
     }
 
-    /// Queues `aggregates` for export as metrics.
+    /// Queues `aggregates` for export as metrics: one request, or several when one would
+    /// be over `max_batch_bytes`.
     pub fn export(&self, aggregates: Vec<Aggregate>) {
         if aggregates.is_empty() || !self.exports_metrics {
             return;
         }
+        self.queue_split(&aggregates);
+    }
+
+    /// Queues the aggregates closed at `now` ([`Self::export`]), then records in the spool
+    /// that every aggregate due by `now` is closed and spooled, so a restart re-merges only
+    /// the windows of aggregates that were still open.
+    pub fn export_closed(&self, aggregates: Vec<Aggregate>, now_unix_nanos: u64) {
+        let closed_any = !aggregates.is_empty();
+        self.export(aggregates);
+        if let Some(spool) = &self.spool
+            && closed_any
+            && let Err(error) = spool.set_closed_through(now_unix_nanos)
+        {
+            self.stats.otlp_spool_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "OTLP spool: cannot record the aggregates closed");
+        }
+    }
+
+    /// Halves `aggregates` until each half's request fits `max_batch_bytes` (one aggregate
+    /// always goes, whatever its size).
+    fn queue_split(&self, aggregates: &[Aggregate]) {
+        let request = request_of(aggregates);
+        if aggregates.len() > 1 && request.encoded_len() > self.max_batch_bytes {
+            let (first, second) = aggregates.split_at(aggregates.len() / 2);
+            self.queue_split(first);
+            self.queue_split(second);
+            return;
+        }
         self.queue(Batch {
-            items: points_of(&aggregates),
-            payload: Payload::Metrics(request_of(&aggregates)),
+            items: points_of(aggregates),
+            payload: Payload::Metrics(request),
+            spool_id: None,
         });
     }
 
@@ -556,34 +696,61 @@ impl OtlpExporter {
         self.queue(Batch {
             items: window.exemplars.len() as u64,
             payload: Payload::Spans(spans_of(window)),
+            spool_id: None,
         });
     }
 
-    /// Queues `batch`, or counts its items as dropped when the queue is full (the receiver
-    /// has been failing for a long time).
-    fn queue(&self, batch: Batch) {
+    /// Queues `batch` (and, with a spool, writes it there first), or counts its items as
+    /// dropped when the queue or the spool is full (the receiver has been failing for a
+    /// long time).
+    fn queue(&self, mut batch: Batch) {
         let (signal, items) = (batch.signal(), batch.items);
-        match self.batches.try_send(batch) {
-            Ok(()) => {
-                self.stats.otlp_queued.fetch_add(1, Ordering::Relaxed);
-            }
+        let permit = match self.batches.try_reserve() {
+            Ok(permit) => permit,
             Err(error) => {
                 self.stats.otlp_dropped(signal, items);
                 tracing::warn!(
                     items,
                     "OTLP export queue is {}: {} dropped",
                     match error {
-                        mpsc::error::TrySendError::Full(_) => "full",
-                        mpsc::error::TrySendError::Closed(_) => "closed",
+                        mpsc::error::TrySendError::Full(()) => "full",
+                        mpsc::error::TrySendError::Closed(()) => "closed",
                     },
                     signal.items()
                 );
+                return;
             }
+        };
+        if let Some(spool) = &self.spool {
+            match spool.put(&batch.spooled()) {
+                Ok(id) => batch.spool_id = Some(id),
+                Err(PutError::Full) => {
+                    self.stats.otlp_spool_full.fetch_add(1, Ordering::Relaxed);
+                    self.stats.otlp_dropped(signal, items);
+                    tracing::warn!(items, "OTLP spool is full: {} dropped", signal.items());
+                    return;
+                }
+                // Still sent, from memory: a disk error loses it only if a restart
+                // comes before the receiver accepts it.
+                Err(PutError::Io(error)) => {
+                    self.stats.otlp_spool_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, "OTLP spool: cannot write a batch; sending it unspooled");
+                }
+            }
+            self.stats.otlp_spool_usage(spool);
         }
+        self.stats.otlp_queued.fetch_add(1, Ordering::Relaxed);
+        permit.send(batch);
     }
 }
 
 impl CollectorStats {
+    fn otlp_spool_usage(&self, spool: &Spool) {
+        let (batches, bytes) = spool.usage();
+        self.otlp_spool_batches.store(batches, Ordering::Relaxed);
+        self.otlp_spool_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     fn otlp_dropped(&self, signal: Signal, items: u64) {
         match signal {
             Signal::Metrics => &self.otlp_points_dropped,
@@ -626,6 +793,7 @@ struct Sender {
     metadata: MetadataMap,
     config: OtlpConfig,
     stats: Arc<CollectorStats>,
+    spool: Option<Arc<Spool>>,
 }
 
 /// How one attempt ended.
@@ -644,10 +812,28 @@ enum Attempt {
 }
 
 impl Sender {
-    async fn run(self, mut batches: mpsc::Receiver<Batch>) {
+    /// Sends the batches recovered from the spool, then those queued, one at a time.
+    async fn run(self, recovered: Vec<Batch>, mut batches: mpsc::Receiver<Batch>) {
+        for batch in recovered {
+            self.deliver_and_forget(batch).await;
+        }
         while let Some(batch) = batches.recv().await {
             self.stats.otlp_queued.fetch_sub(1, Ordering::Relaxed);
-            self.deliver(batch).await;
+            self.deliver_and_forget(batch).await;
+        }
+    }
+
+    /// Delivers `batch`, then deletes it from the spool: accepted, or dropped for good and
+    /// counted. A kill before the delete sends it again after the restart.
+    async fn deliver_and_forget(&self, batch: Batch) {
+        let spool_id = batch.spool_id;
+        self.deliver(batch).await;
+        if let (Some(spool), Some(id)) = (&self.spool, spool_id) {
+            if let Err(error) = spool.remove(id) {
+                self.stats.otlp_spool_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "OTLP spool: cannot delete a delivered batch (it will be sent again after a restart)");
+            }
+            self.stats.otlp_spool_usage(spool);
         }
     }
 
@@ -1197,48 +1383,32 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
         let index = *index_of.entry(&aggregate.subject).or_insert_with(|| {
             entities.push(EntityPoints {
                 subject: &aggregate.subject,
-                durations: Vec::new(),
+                server_durations: Vec::new(),
+                client_durations: Vec::new(),
                 responses: Vec::new(),
             });
             entities.len() - 1
         });
         let entity = &mut entities[index];
         let attributes = point_attributes(aggregate);
-        let histogram = &aggregate.histogram;
-        // OTLP wants count = the buckets' total; a window whose histogram could not be
-        // merged (another scale) is in the count but not the buckets, so the point says
-        // what its buckets hold.
-        let bucket_total = histogram.total();
-        entity.durations.push(ExponentialHistogramDataPoint {
-            attributes: attributes.clone(),
-            start_time_unix_nano: aggregate.start_unix_nanos,
-            time_unix_nano: aggregate.end_unix_nanos,
-            count: if aggregate.unmergeable == 0 {
-                aggregate.count
-            } else {
-                bucket_total
-            },
-            sum: Some(aggregate.sum_nanos as f64),
-            scale: histogram.scale,
-            zero_count: 0,
-            positive: Some(exponential_histogram_data_point::Buckets {
-                offset: histogram.offset,
-                bucket_counts: histogram.bucket_counts.clone(),
-            }),
-            negative: None,
-            flags: 0,
-            exemplars: Vec::new(),
-            min: (aggregate.count > 0).then_some(aggregate.min_nanos as f64),
-            max: (aggregate.count > 0).then_some(aggregate.max_nanos as f64),
-            zero_threshold: 0.0,
-        });
+        let client = aggregate.direction == Direction::Client as i32;
+        let duration = duration_point(aggregate, attributes.clone());
+        if client {
+            entity.client_durations.push(duration);
+        } else {
+            entity.server_durations.push(duration);
+        }
         for (class, &count) in aggregate.status_class_counts.iter().enumerate() {
             if count == 0 {
                 continue;
             }
             let mut attributes = attributes.clone();
             attributes.push(string_attribute(
-                "http.response.status_class",
+                "trazor.direction",
+                direction_name(aggregate.direction).to_owned(),
+            ));
+            attributes.push(string_attribute(
+                STATUS_CLASS_ATTRIBUTE,
                 match class {
                     1..=5 => format!("{class}xx"),
                     _ => "unknown".to_owned(),
@@ -1263,7 +1433,11 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
                 resource: Some(resource(subject_resource(entity.subject))),
                 scope_metrics: vec![ScopeMetrics {
                     scope: Some(scope()),
-                    metrics: metrics_of(entity.durations, entity.responses),
+                    metrics: metrics_of(
+                        entity.server_durations,
+                        entity.client_durations,
+                        entity.responses,
+                    ),
                     schema_url: String::new(),
                 }],
                 schema_url: String::new(),
@@ -1272,32 +1446,91 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
     }
 }
 
+/// An aggregate's duration point: its histogram in seconds ([`seconds::to_seconds`]), with
+/// count, sum, min and max in seconds.
+fn duration_point(
+    aggregate: &Aggregate,
+    attributes: Vec<KeyValue>,
+) -> ExponentialHistogramDataPoint {
+    let seconds = |nanos: u64| nanos as f64 / seconds::NANOS_PER_SECOND;
+    // OTLP wants count = the buckets' total; a window whose histogram could not be merged
+    // (another scale) is in the count but not the buckets, so the point says what its
+    // buckets hold. A histogram of a scale that cannot be refined (no agent sends one)
+    // leaves the point with its count and no buckets.
+    let histogram = seconds::to_seconds(&aggregate.histogram);
+    let bucket_total = histogram.as_ref().map_or(0, ExponentialHistogram::total);
+    let count = if aggregate.unmergeable == 0 && histogram.is_some() {
+        aggregate.count
+    } else {
+        bucket_total
+    };
+    let histogram = histogram.unwrap_or_default();
+    ExponentialHistogramDataPoint {
+        attributes,
+        start_time_unix_nano: aggregate.start_unix_nanos,
+        time_unix_nano: aggregate.end_unix_nanos,
+        count,
+        sum: Some(seconds(aggregate.sum_nanos)),
+        scale: histogram.scale,
+        zero_count: 0,
+        positive: Some(exponential_histogram_data_point::Buckets {
+            offset: histogram.offset,
+            bucket_counts: histogram.bucket_counts,
+        }),
+        negative: None,
+        flags: 0,
+        exemplars: Vec::new(),
+        min: (aggregate.count > 0).then_some(seconds(aggregate.min_nanos)),
+        max: (aggregate.count > 0).then_some(seconds(aggregate.max_nanos)),
+        zero_threshold: 0.0,
+    }
+}
+
 /// The data points of one entity, on their way into its `ResourceMetrics`.
 struct EntityPoints<'a> {
     subject: &'a Subject,
-    durations: Vec<ExponentialHistogramDataPoint>,
+    server_durations: Vec<ExponentialHistogramDataPoint>,
+    client_durations: Vec<ExponentialHistogramDataPoint>,
     responses: Vec<NumberDataPoint>,
 }
 
-/// The two metrics of one entity: every aggregate has a duration point; the responses sum
-/// only when some request had a status.
+/// The metrics of one entity: the durations of requests served and made (each only when
+/// there are some), and the responses by status class when some request had a status.
 fn metrics_of(
-    durations: Vec<ExponentialHistogramDataPoint>,
+    server_durations: Vec<ExponentialHistogramDataPoint>,
+    client_durations: Vec<ExponentialHistogramDataPoint>,
     responses: Vec<NumberDataPoint>,
 ) -> Vec<Metric> {
     let delta = AggregationTemporality::Delta as i32;
-    let mut metrics = vec![Metric {
-        name: DURATION_METRIC.to_owned(),
-        description: "Latency of HTTP requests served or made, measured in the kernel by Trazor: \
-                      first byte of a request received (or sent) to its response's status line."
-            .to_owned(),
-        unit: "ns".to_owned(),
+    let duration = |name: &str, description: &str, data_points| Metric {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        unit: "s".to_owned(),
         metadata: Vec::new(),
-        data: Some(metric::Data::ExponentialHistogram(ExponentialHistogram {
-            data_points: durations,
-            aggregation_temporality: delta,
-        })),
-    }];
+        data: Some(metric::Data::ExponentialHistogram(
+            OtlpExponentialHistogram {
+                data_points,
+                aggregation_temporality: delta,
+            },
+        )),
+    };
+    let mut metrics = Vec::with_capacity(3);
+    if !server_durations.is_empty() {
+        metrics.push(duration(
+            SERVER_DURATION_METRIC,
+            "Duration of HTTP server requests, measured in the kernel by Trazor: first byte \
+             of the request received to the response's status line sent.",
+            server_durations,
+        ));
+    }
+    if !client_durations.is_empty() {
+        metrics.push(duration(
+            CLIENT_DURATION_METRIC,
+            "Duration of HTTP client requests, measured in the kernel by Trazor: request \
+             line sent to the response's status line received.",
+            client_durations,
+        ));
+    }
     if !responses.is_empty() {
         metrics.push(Metric {
             name: RESPONSES_METRIC.to_owned(),
@@ -1314,23 +1547,40 @@ fn metrics_of(
     metrics
 }
 
-/// What a data point measures within its entity: route, method, direction and profile.
-/// Who was measured is the resource's ([`subject_resource`]).
+/// The HTTP semantic conventions' method value: the kernel's method names are the
+/// conventions' known methods, and a method it does not recognise (`OTHER`) is `_OTHER`.
+fn semconv_method(method: &str) -> &str {
+    if method == "OTHER" { "_OTHER" } else { method }
+}
+
+/// What a data point measures within its entity, under the HTTP semantic conventions'
+/// keys: `http.request.method`, `url.scheme` (`http`: the kernel reads requests off
+/// sockets in plain text, so a request it parsed was not inside TLS), and server side
+/// `http.route`, client side `server.address`/`server.port` (the peer's IP address, as
+/// the conventions say when no host name is known) and `url.template` (the route the
+/// agent folded the path into). `http.response.status_code` and `error.type` are not
+/// there: a window's latencies are counted in one histogram whatever their status, so no
+/// point can say which code its latencies had (the status classes are counted exactly in
+/// [`RESPONSES_METRIC`]). And `trazor.profile`. Who was measured is the resource's
+/// ([`subject_resource`]).
 fn point_attributes(aggregate: &Aggregate) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(5);
-    if !aggregate.route.is_empty() {
-        attributes.push(string_attribute("http.route", aggregate.route.clone()));
-    }
+    let mut attributes = Vec::with_capacity(6);
     if !aggregate.method.is_empty() {
         attributes.push(string_attribute(
             "http.request.method",
-            aggregate.method.clone(),
+            semconv_method(&aggregate.method).to_owned(),
         ));
     }
-    attributes.push(string_attribute(
-        "trazor.direction",
-        direction_name(aggregate.direction).to_owned(),
-    ));
+    attributes.push(string_attribute("url.scheme", "http".to_owned()));
+    let client = aggregate.direction == Direction::Client as i32;
+    if !aggregate.route.is_empty() {
+        let key = if client { "url.template" } else { "http.route" };
+        attributes.push(string_attribute(key, aggregate.route.clone()));
+    }
+    if let Some(peer) = aggregate.peer.as_ref().filter(|_| client) {
+        attributes.push(string_attribute("server.address", peer.address.clone()));
+        attributes.push(int_attribute("server.port", i64::from(peer.port)));
+    }
     if !aggregate.profile.is_empty() {
         attributes.push(string_attribute(
             "trazor.profile",
@@ -1394,7 +1644,23 @@ fn subject_resource(subject: &Subject) -> Vec<KeyValue> {
             }
         }
     }
+    attributes.extend(telemetry_sdk());
     attributes
+}
+
+/// What produced the telemetry, as every OTel resource says (`telemetry.sdk.*`): Trazor's
+/// collector, in Rust, at its version. `service.instance.id` is not here: a metrics
+/// resource is a whole service (every pod of a workload, on every node), not an instance;
+/// a span's resource adds it ([`window_resource`]).
+fn telemetry_sdk() -> [KeyValue; 3] {
+    [
+        string_attribute("telemetry.sdk.name", "trazor".to_owned()),
+        string_attribute("telemetry.sdk.language", "rust".to_owned()),
+        string_attribute(
+            "telemetry.sdk.version",
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+    ]
 }
 
 /// The semantic-convention key naming a workload of `kind`, if the conventions have one.
@@ -1458,67 +1724,14 @@ fn window_resource(window: &LatencyWindow, subject: &Subject) -> Vec<KeyValue> {
 /// One OTLP traces request for the exemplars of `window`: a span per request, under a
 /// resource naming its workload (or pod, or process) as a service, as its metrics do, so
 /// tracing backends list it as one, and its pod, container and node. Each span is its own
-/// trace: Trazor sees requests, not their propagation.
+/// trace: Trazor sees requests, not their propagation. Spans follow the HTTP span
+/// conventions ([`http_span`]).
 pub fn spans_of(window: &LatencyWindow) -> ExportTraceServiceRequest {
     let subject = Subject::of(window);
-    let client = window.direction == Direction::Client as i32;
     let spans = window
         .exemplars
         .iter()
-        .map(|exemplar| {
-            let method = if exemplar.method.is_empty() {
-                &window.method
-            } else {
-                &exemplar.method
-            };
-            let mut attributes = vec![
-                string_attribute("http.request.method", method.clone()),
-                int_attribute("http.response.status_code", i64::from(exemplar.status_code)),
-                string_attribute("url.path", exemplar.path.clone()),
-                int_attribute("thread.id", i64::from(exemplar.tid)),
-            ];
-            if !window.route.is_empty() {
-                attributes.push(string_attribute("http.route", window.route.clone()));
-            }
-            if let Some(peer) = window.peer.as_ref().filter(|_| client) {
-                attributes.push(string_attribute("server.address", peer.address.clone()));
-                attributes.push(int_attribute("server.port", i64::from(peer.port)));
-            }
-            if !window.profile.is_empty() {
-                attributes.push(string_attribute("trazor.profile", window.profile.clone()));
-            }
-            let target = if window.route.is_empty() {
-                &exemplar.path
-            } else {
-                &window.route
-            };
-            Span {
-                trace_id: rand::random::<[u8; 16]>().to_vec(),
-                span_id: rand::random::<[u8; 8]>().to_vec(),
-                name: format!("{method} {target}").trim().to_owned(),
-                kind: if client {
-                    SpanKind::Client
-                } else {
-                    SpanKind::Server
-                } as i32,
-                start_time_unix_nano: exemplar.start_unix_nanos,
-                end_time_unix_nano: exemplar
-                    .start_unix_nanos
-                    .saturating_add(exemplar.duration_nanos),
-                attributes,
-                // Server errors are the server's; a client's span errs on either class.
-                status: Some(Status {
-                    message: String::new(),
-                    code: if exemplar.status_code >= 500 || (client && exemplar.status_code >= 400)
-                    {
-                        SpanStatus::Error
-                    } else {
-                        SpanStatus::Unset
-                    } as i32,
-                }),
-                ..Default::default()
-            }
-        })
+        .map(|exemplar| http_span(window, exemplar))
         .collect();
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
@@ -1530,6 +1743,99 @@ pub fn spans_of(window: &LatencyWindow) -> ExportTraceServiceRequest {
             }],
             schema_url: String::new(),
         }],
+    }
+}
+
+/// One request as an HTTP span, after the HTTP span conventions: kind server or client;
+/// named `{method} {route}` (`{method}` alone without a route: a raw path would make
+/// names unbounded; `HTTP` for a method the kernel does not know); `http.request.method`
+/// (`_OTHER` for such a method), `http.response.status_code` when a status line was seen;
+/// server side `url.scheme`, `url.path` and `http.route`; client side `server.address`,
+/// `server.port`, `url.full` (the peer's address, as no host name is known) and
+/// `url.template`. Status Error, with `error.type` the code, for a 5xx served, or a 4xx or
+/// 5xx received by a client (the spec leaves a server's 4xx unset: the client erred);
+/// otherwise unset.
+fn http_span(window: &LatencyWindow, exemplar: &trazor_proto::v1::Exemplar) -> Span {
+    let client = window.direction == Direction::Client as i32;
+    let method = if exemplar.method.is_empty() {
+        window.method.as_str()
+    } else {
+        exemplar.method.as_str()
+    };
+    let method = semconv_method(method);
+    let mut attributes = Vec::with_capacity(10);
+    if !method.is_empty() {
+        attributes.push(string_attribute("http.request.method", method.to_owned()));
+    }
+    let status = exemplar.status_code;
+    if status != 0 {
+        attributes.push(int_attribute(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+    }
+    let peer = window.peer.as_ref().filter(|_| client);
+    if client {
+        if let Some(peer) = peer {
+            attributes.push(string_attribute("server.address", peer.address.clone()));
+            attributes.push(int_attribute("server.port", i64::from(peer.port)));
+            // An IPv6 address is bracketed in a URL.
+            let host = if peer.address.contains(':') {
+                format!("[{}]", peer.address)
+            } else {
+                peer.address.clone()
+            };
+            attributes.push(string_attribute(
+                "url.full",
+                format!("http://{host}:{}{}", peer.port, exemplar.path),
+            ));
+        }
+        if !window.route.is_empty() {
+            attributes.push(string_attribute("url.template", window.route.clone()));
+        }
+    } else {
+        attributes.push(string_attribute("url.scheme", "http".to_owned()));
+        attributes.push(string_attribute("url.path", exemplar.path.clone()));
+        if !window.route.is_empty() {
+            attributes.push(string_attribute("http.route", window.route.clone()));
+        }
+    }
+    let error = status >= 500 || (client && status >= 400);
+    if error {
+        attributes.push(string_attribute("error.type", status.to_string()));
+    }
+    attributes.push(int_attribute("thread.id", i64::from(exemplar.tid)));
+    if !window.profile.is_empty() {
+        attributes.push(string_attribute("trazor.profile", window.profile.clone()));
+    }
+    let name = match (method, window.route.is_empty()) {
+        ("_OTHER" | "", _) => "HTTP".to_owned(),
+        (method, true) => method.to_owned(),
+        (method, false) => format!("{method} {}", window.route),
+    };
+    Span {
+        trace_id: rand::random::<[u8; 16]>().to_vec(),
+        span_id: rand::random::<[u8; 8]>().to_vec(),
+        name,
+        kind: if client {
+            SpanKind::Client
+        } else {
+            SpanKind::Server
+        } as i32,
+        start_time_unix_nano: exemplar.start_unix_nanos,
+        end_time_unix_nano: exemplar
+            .start_unix_nanos
+            .saturating_add(exemplar.duration_nanos),
+        attributes,
+        status: Some(Status {
+            message: String::new(),
+            code: if error {
+                SpanStatus::Error
+            } else {
+                SpanStatus::Unset
+            } as i32,
+        }),
+        ..Default::default()
     }
 }
 
@@ -1632,6 +1938,17 @@ mod tests {
             .collect()
     }
 
+    /// An entity's resource: `entity`, then the `telemetry.sdk.*` keys.
+    fn entity(entity: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut attributes = pairs(entity);
+        attributes.extend(pairs(&[
+            ("telemetry.sdk.name", "trazor"),
+            ("telemetry.sdk.language", "rust"),
+            ("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
+        ]));
+        attributes
+    }
+
     #[test]
     fn points_are_grouped_under_one_resource_per_entity() {
         let checkout = Some(("Deployment", "checkout"));
@@ -1660,7 +1977,7 @@ mod tests {
         assert_eq!(
             resources,
             vec![
-                pairs(&[
+                entity(&[
                     ("service.name", "checkout"),
                     ("service.namespace", "shop"),
                     ("k8s.namespace.name", "shop"),
@@ -1668,11 +1985,11 @@ mod tests {
                     ("trazor.workload.kind", "Deployment"),
                     ("trazor.workload.name", "checkout"),
                 ]),
-                pairs(&[
+                entity(&[
                     ("service.name", "nginx"),
                     ("process.executable.name", "nginx"),
                 ]),
-                pairs(&[
+                entity(&[
                     ("service.name", "debug"),
                     ("service.namespace", "shop"),
                     ("k8s.namespace.name", "shop"),
@@ -1688,6 +2005,10 @@ mod tests {
             .map(|entity| {
                 let metrics = &entity.scope_metrics[0].metrics;
                 assert_eq!(metrics.len(), 2, "duration and responses");
+                assert_eq!(
+                    (metrics[0].name.as_str(), metrics[0].unit.as_str()),
+                    (SERVER_DURATION_METRIC, "s")
+                );
                 let Some(metric::Data::ExponentialHistogram(histogram)) = &metrics[0].data else {
                     panic!("not a histogram: {:?}", metrics[0]);
                 };
@@ -1700,9 +2021,9 @@ mod tests {
             .collect();
         let point = |route: &str| {
             pairs(&[
-                ("http.route", route),
                 ("http.request.method", "GET"),
-                ("trazor.direction", "server"),
+                ("url.scheme", "http"),
+                ("http.route", route),
             ])
         };
         assert_eq!(
@@ -1714,6 +2035,120 @@ mod tests {
             ]
         );
         assert_eq!(points_of(&aggregates), 8);
+    }
+
+    #[test]
+    fn client_points_name_their_server_and_durations_are_in_seconds() {
+        let mut made = window("/stock/{id}", pod_source("checkout-1", "app", None));
+        made.direction = Direction::Client as i32;
+        made.method = "OTHER".into();
+        made.peer = Some(trazor_proto::v1::Peer {
+            address: "10.0.0.7".into(),
+            port: 8080,
+        });
+        made.stats = Some(trazor_proto::v1::LatencyStats {
+            count: 1,
+            sum_nanos: 2_400_000,
+            min_nanos: 2_400_000,
+            max_nanos: 2_400_000,
+            ..Default::default()
+        });
+        made.histogram = Some(ExponentialHistogram {
+            scale: 6,
+            offset: 1_356,
+            bucket_counts: vec![1],
+        });
+        let mut served = window("/cart/{id}", pod_source("checkout-1", "app", None));
+        served.histogram = made.histogram.clone();
+        served.stats = made.stats.clone();
+        let request = request_of(&[Aggregate::of_window(&made), Aggregate::of_window(&served)]);
+        let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;
+        let names: Vec<_> = metrics
+            .iter()
+            .map(|metric| (metric.name.as_str(), metric.unit.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (SERVER_DURATION_METRIC, "s"),
+                (CLIENT_DURATION_METRIC, "s"),
+                (RESPONSES_METRIC, "{request}")
+            ]
+        );
+        let Some(metric::Data::ExponentialHistogram(client)) = &metrics[1].data else {
+            panic!("not a histogram: {:?}", metrics[1]);
+        };
+        let point = &client.data_points[0];
+        assert_eq!(
+            strings(&point.attributes),
+            pairs(&[
+                ("http.request.method", "_OTHER"),
+                ("url.scheme", "http"),
+                ("url.template", "/stock/{id}"),
+                ("server.address", "10.0.0.7"),
+                ("server.port", "8080"),
+            ])
+        );
+        assert_eq!(point.sum, Some(0.0024));
+        assert_eq!((point.min, point.max), (Some(0.0024), Some(0.0024)));
+        // Kernel bucket 1356 (ns, scale 6) is scale-8 bucket 4 * 1356 - 7652 in seconds.
+        assert_eq!(point.scale, 8);
+        let buckets = point.positive.as_ref().unwrap();
+        assert_eq!(
+            (buckets.offset, &buckets.bucket_counts[..]),
+            (-2_228, &[1][..])
+        );
+        // Responses carry the direction and the class, under Trazor's keys.
+        let Some(metric::Data::Sum(responses)) = &metrics[2].data else {
+            panic!("not a sum: {:?}", metrics[2]);
+        };
+        let classes: Vec<_> = responses
+            .data_points
+            .iter()
+            .map(|point| {
+                strings(&point.attributes)
+                    .into_iter()
+                    .filter(|(key, _)| key.starts_with("trazor."))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(
+            classes,
+            vec![
+                pairs(&[
+                    ("trazor.direction", "client"),
+                    ("trazor.http.response.status_class", "2xx")
+                ]),
+                pairs(&[
+                    ("trazor.direction", "server"),
+                    ("trazor.http.response.status_class", "2xx")
+                ]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_to_two_servers_is_two_aggregates() {
+        let merger = crate::merge::WindowMerger::new(Duration::from_secs(1));
+        for address in ["10.0.0.7", "10.0.0.8", "10.0.0.7"] {
+            let mut made = window("/stock/{id}", pod_source("checkout-1", "app", None));
+            made.direction = Direction::Client as i32;
+            made.peer = Some(trazor_proto::v1::Peer {
+                address: address.into(),
+                port: 80,
+            });
+            merger.accept(&made, 0);
+        }
+        let closed = merger.close_due(u64::MAX);
+        let mut peers: Vec<_> = closed
+            .iter()
+            .map(|aggregate| (aggregate.peer.clone().unwrap().address, aggregate.windows))
+            .collect();
+        peers.sort();
+        assert_eq!(
+            peers,
+            vec![("10.0.0.7".to_owned(), 2), ("10.0.0.8".to_owned(), 1)]
+        );
     }
 
     #[test]
@@ -1740,6 +2175,9 @@ mod tests {
                 ("k8s.statefulset.name", "checkout"),
                 ("trazor.workload.kind", "StatefulSet"),
                 ("trazor.workload.name", "checkout"),
+                ("telemetry.sdk.name", "trazor"),
+                ("telemetry.sdk.language", "rust"),
+                ("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
                 ("k8s.pod.name", "checkout-1"),
                 ("k8s.pod.uid", "uid-checkout-1"),
                 ("k8s.container.name", "app"),
@@ -1775,6 +2213,9 @@ mod tests {
                 ("k8s.namespace.name", "shop"),
                 ("k8s.pod.name", "debug"),
                 ("k8s.pod.uid", "uid-debug"),
+                ("telemetry.sdk.name", "trazor"),
+                ("telemetry.sdk.language", "rust"),
+                ("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
                 ("k8s.node.name", "node-1"),
             ])
         );
@@ -1799,10 +2240,103 @@ mod tests {
             pairs(&[
                 ("service.name", "nginx"),
                 ("process.executable.name", "nginx"),
+                ("telemetry.sdk.name", "trazor"),
+                ("telemetry.sdk.language", "rust"),
+                ("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
                 ("process.pid", "9"),
                 ("k8s.node.name", "host-1"),
             ])
         );
+    }
+
+    /// The one span of `window` with one exemplar of `method`, `status` and path `/s/1`.
+    fn one_span(window: &mut LatencyWindow, method: &str, status: u32) -> Span {
+        window.exemplars = vec![trazor_proto::v1::Exemplar {
+            start_unix_nanos: 100,
+            duration_nanos: 50,
+            method: method.into(),
+            status_code: status,
+            path: "/s/1".into(),
+            tid: 7,
+        }];
+        spans_of(window).resource_spans[0].scope_spans[0].spans[0].clone()
+    }
+
+    #[test]
+    fn spans_follow_the_http_span_conventions() {
+        let mut served = window("/s/{id}", pod_source("p", "c", None));
+        let span = one_span(&mut served, "GET", 503);
+        assert_eq!(span.name, "GET /s/{id}");
+        assert_eq!(span.kind, SpanKind::Server as i32);
+        assert_eq!(span.status.as_ref().unwrap().code, SpanStatus::Error as i32);
+        assert_eq!(
+            (span.start_time_unix_nano, span.end_time_unix_nano),
+            (100, 150)
+        );
+        assert_eq!(
+            strings(&span.attributes),
+            pairs(&[
+                ("http.request.method", "GET"),
+                ("http.response.status_code", "503"),
+                ("url.scheme", "http"),
+                ("url.path", "/s/1"),
+                ("http.route", "/s/{id}"),
+                ("error.type", "503"),
+                ("thread.id", "7"),
+            ])
+        );
+        // A server's 4xx is the client's error: unset, no error.type.
+        let span = one_span(&mut served, "GET", 404);
+        assert_eq!(span.status.as_ref().unwrap().code, SpanStatus::Unset as i32);
+        assert!(
+            !strings(&span.attributes)
+                .iter()
+                .any(|(key, _)| key == "error.type")
+        );
+        // No route: the method alone (never the raw path); an unknown method: HTTP.
+        let mut bare = window("", pod_source("p", "c", None));
+        assert_eq!(one_span(&mut bare, "PUT", 200).name, "PUT");
+        let span = one_span(&mut bare, "OTHER", 200);
+        assert_eq!(span.name, "HTTP");
+        assert_eq!(
+            strings(&span.attributes)[0],
+            pairs(&[("http.request.method", "_OTHER")])[0]
+        );
+        // No status line seen: no status code, status unset.
+        let span = one_span(&mut bare, "GET", 0);
+        assert!(
+            !strings(&span.attributes)
+                .iter()
+                .any(|(key, _)| key == "http.response.status_code")
+        );
+        assert_eq!(span.status.as_ref().unwrap().code, SpanStatus::Unset as i32);
+
+        // A client: its server, the full URL, and 4xx is an error too.
+        let mut made = window("/stock/{id}", pod_source("p", "c", None));
+        made.direction = Direction::Client as i32;
+        made.peer = Some(trazor_proto::v1::Peer {
+            address: "fd00::7".into(),
+            port: 8080,
+        });
+        let span = one_span(&mut made, "POST", 404);
+        assert_eq!(span.name, "POST /stock/{id}");
+        assert_eq!(span.kind, SpanKind::Client as i32);
+        assert_eq!(span.status.as_ref().unwrap().code, SpanStatus::Error as i32);
+        assert_eq!(
+            strings(&span.attributes),
+            pairs(&[
+                ("http.request.method", "POST"),
+                ("http.response.status_code", "404"),
+                ("server.address", "fd00::7"),
+                ("server.port", "8080"),
+                ("url.full", "http://[fd00::7]:8080/s/1"),
+                ("url.template", "/stock/{id}"),
+                ("error.type", "404"),
+                ("thread.id", "7"),
+            ])
+        );
+        let span = one_span(&mut made, "POST", 302);
+        assert_eq!(span.status.as_ref().unwrap().code, SpanStatus::Unset as i32);
     }
 
     #[test]
@@ -2161,6 +2695,7 @@ mod tests {
         let batch = Batch {
             items: points_of(&aggregates),
             payload: Payload::Metrics(request_of(&aggregates)),
+            spool_id: None,
         };
         let plain = http_body(&batch, OtlpCompression::None).unwrap();
         assert_eq!(plain, batch.encode());

@@ -42,12 +42,21 @@ pub struct CollectorStats {
     pub otlp_spans_exported: AtomicU64,
     pub otlp_spans_dropped: AtomicU64,
     pub otlp_spans_rejected: AtomicU64,
+    /// The OTLP spool (`--state-dir`, see `otlp::spool`): batches and bytes on disk,
+    /// batches refused because it was full (their items are also counted as dropped),
+    /// disk errors, corrupt batch files deleted at start, batches sent after a restart.
+    pub otlp_spool_batches: AtomicU64,
+    pub otlp_spool_bytes: AtomicU64,
+    pub otlp_spool_full: AtomicU64,
+    pub otlp_spool_errors: AtomicU64,
+    pub otlp_spool_corrupt: AtomicU64,
+    pub otlp_spool_recovered: AtomicU64,
 }
 
 impl CollectorStats {
     /// Prometheus exposition text.
     pub fn render(&self) -> String {
-        let metrics: [(&str, &str, &str, &AtomicU64); 30] = [
+        let metrics: [(&str, &str, &str, &AtomicU64); 36] = [
             (
                 "trazor_collector_streams_opened_total",
                 "counter",
@@ -227,6 +236,42 @@ impl CollectorStats {
                 "counter",
                 "Exemplar spans the OTLP receiver rejected (a partial success).",
                 &self.otlp_spans_rejected,
+            ),
+            (
+                "trazor_collector_otlp_spool_batches",
+                "gauge",
+                "OTLP batches on disk in the spool, waiting for the receiver to accept them.",
+                &self.otlp_spool_batches,
+            ),
+            (
+                "trazor_collector_otlp_spool_bytes",
+                "gauge",
+                "Bytes of the OTLP spool's batch files.",
+                &self.otlp_spool_bytes,
+            ),
+            (
+                "trazor_collector_otlp_spool_full_total",
+                "counter",
+                "OTLP batches dropped because the spool was full (their items are in the dropped totals).",
+                &self.otlp_spool_full,
+            ),
+            (
+                "trazor_collector_otlp_spool_errors_total",
+                "counter",
+                "OTLP spool disk errors (a batch that could not be written is still sent from memory).",
+                &self.otlp_spool_errors,
+            ),
+            (
+                "trazor_collector_otlp_spool_corrupt_total",
+                "counter",
+                "Corrupt OTLP spool batch files deleted at start (their items are lost).",
+                &self.otlp_spool_corrupt,
+            ),
+            (
+                "trazor_collector_otlp_spool_recovered_total",
+                "counter",
+                "OTLP batches found in the spool at start and sent after the restart.",
+                &self.otlp_spool_recovered,
             ),
         ];
         let mut text = String::new();

@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{assert_line, collector, metrics_once, pod_window, send, window_end};
-use trazor_collector::otlp::{DURATION_METRIC, OtlpConfig, RESPONSES_METRIC};
+use trazor_collector::otlp::{OtlpConfig, RESPONSES_METRIC, SERVER_DURATION_METRIC};
 use trazor_proto::v1::{AgentMessage, Exemplar, PodIdentity, Source, agent_message};
 
 mod common;
@@ -212,9 +212,20 @@ fn map(pairs: &[(&str, &str)]) -> Attributes {
         .collect()
 }
 
+/// A resource: the entity's `pairs`, and what produced it (`telemetry.sdk.*`).
+fn resource(pairs: &[(&str, &str)]) -> Attributes {
+    let mut attributes = map(pairs);
+    attributes.extend(map(&[
+        ("telemetry.sdk.name", "trazor"),
+        ("telemetry.sdk.language", "rust"),
+        ("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
+    ]));
+    attributes
+}
+
 /// The resource of Deployment shop/checkout, as its metrics carry it.
 fn checkout_resource() -> Attributes {
-    map(&[
+    resource(&[
         ("service.name", "checkout"),
         ("service.namespace", "shop"),
         ("k8s.namespace.name", "shop"),
@@ -325,8 +336,8 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
 
     // Each entity is one resource, with only its own points under it, and on the points
     // only what was measured.
-    let durations = receiver.points_by_resource(DURATION_METRIC, 5);
-    let ledger = map(&[
+    let durations = receiver.points_by_resource(SERVER_DURATION_METRIC, 5);
+    let ledger = resource(&[
         ("service.name", "ledger"),
         ("service.namespace", "billing"),
         ("k8s.namespace.name", "billing"),
@@ -334,26 +345,28 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
         ("trazor.workload.kind", "StatefulSet"),
         ("trazor.workload.name", "ledger"),
     ]);
-    let debug = map(&[
+    let debug = resource(&[
         ("service.name", "debug"),
         ("service.namespace", "shop"),
         ("k8s.namespace.name", "shop"),
         ("k8s.pod.name", "debug"),
         ("k8s.pod.uid", "uid-debug"),
     ]);
-    let nginx = map(&[
+    let nginx = resource(&[
         ("service.name", "nginx"),
         ("process.executable.name", "nginx"),
     ]);
-    // A point's attributes: what was measured, and for the responses, its status class.
+    // A point's attributes: what was measured, under the HTTP semantic conventions' keys,
+    // and for the responses, the direction and the status class.
     let measured = |method: &str, class: Option<&str>| {
         let mut attributes = map(&[
-            ("http.route", "/cart/{id}"),
             ("http.request.method", method),
-            ("trazor.direction", "server"),
+            ("url.scheme", "http"),
+            ("http.route", "/cart/{id}"),
         ]);
         if let Some(class) = class {
-            attributes.insert("http.response.status_class".into(), class.into());
+            attributes.insert("trazor.direction".into(), "server".into());
+            attributes.insert("trazor.http.response.status_class".into(), class.into());
         }
         attributes
     };
@@ -391,24 +404,39 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
         .unwrap();
     assert_eq!(nanos(&point["start_time_unix_nano"]), end - 1_000_000_000);
     assert_eq!(nanos(&point["time_unix_nano"]), end);
+    // In seconds, as the conventions say: 10 requests of 1 ms, from 0.9 ms to 1.2 ms.
     assert_eq!(number(&point["count"]), 10.0);
-    assert_eq!(number(&point["sum"]), 10.0 * 1e6);
+    assert_eq!(number(&point["sum"]), 0.01);
     assert_eq!(
         (number(&point["min"]), number(&point["max"])),
-        (900_000.0, 1_200_000.0)
+        (0.0009, 0.0012)
     );
-    // The merged histogram itself: scale 6, buckets 1400 (3), 1450 (2), 1500 (1 + 4).
-    assert_eq!(point["scale"], 6);
-    assert_eq!(point["positive"]["offset"], 1_400);
+    // The merged histogram, re-bucketed to seconds: kernel buckets 1400 (3), 1450 (2),
+    // 1500 (1 + 4) at scale 6 in ns are scale-8 buckets 4i - 7652 in s, each inside its
+    // kernel bucket.
+    assert_eq!(point["scale"], 8);
+    assert_eq!(point["positive"]["offset"], 4 * 1_400 - 7_652);
     let counts: Vec<f64> = point["positive"]["bucket_counts"]
         .as_array()
         .unwrap()
         .iter()
         .map(number)
         .collect();
-    assert_eq!(counts.len(), 101);
-    assert_eq!((counts[0], counts[50], counts[100]), (3.0, 2.0, 5.0));
+    assert_eq!(counts.len(), 401);
+    assert_eq!((counts[0], counts[200], counts[400]), (3.0, 2.0, 5.0));
     assert_eq!(counts.iter().sum::<f64>(), 10.0);
+    for kernel in [1_400, 1_450, 1_500] {
+        let exported = 4 * kernel - 7_652;
+        let (low, high) = (
+            (f64::from(exported) / 256.0).exp2(),
+            (f64::from(exported + 1) / 256.0).exp2(),
+        );
+        let (lower, upper) = (
+            (f64::from(kernel) / 64.0).exp2() / 1e9,
+            (f64::from(kernel + 1) / 64.0).exp2() / 1e9,
+        );
+        assert!(lower < low && high < upper, "bucket {kernel}");
+    }
 
     let responses = receiver.points_by_resource(RESPONSES_METRIC, 6);
     assert_eq!(
@@ -436,14 +464,15 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
         vec![pod_window(5, "checkout-3", end, &[(1_600, 7)], &[0, 0, 7])],
     )
     .await;
-    let (late, late_resource) = receiver.metric(DURATION_METRIC);
+    let (late, late_resource) = receiver.metric(SERVER_DURATION_METRIC);
     assert_eq!(late_resource, checkout_resource());
     let late_points = late["exponential_histogram"]["data_points"]
         .as_array()
         .unwrap();
     assert_eq!(late_points.len(), 1, "{late}");
     assert_eq!(number(&late_points[0]["count"]), 7.0);
-    assert_eq!(late_points[0]["positive"]["offset"], 1_600);
+    assert_eq!(late["unit"], "s");
+    assert_eq!(late_points[0]["positive"]["offset"], 4 * 1_600 - 7_652);
     assert_eq!(attributes(&late_points[0]), get(None));
 
     // 5 histogram points and 6 class points, then 1 + 1 for the late window (counted once
@@ -566,7 +595,7 @@ async fn exemplars_reach_a_real_otlp_receiver_as_spans() {
     assert_eq!(first_resource, expected);
     assert_eq!(second_resource, expected);
     // The window's own metrics: the same service and k8s.* keys for the same workload.
-    let (_, metric_resource) = receiver.metric(DURATION_METRIC);
+    let (_, metric_resource) = receiver.metric(SERVER_DURATION_METRIC);
     assert_eq!(metric_resource, checkout_resource());
     let mut spans = [first, second];
     spans.sort_by_key(|span| nanos(&span["start_time_unix_nano"]));
@@ -645,7 +674,12 @@ async fn signal_endpoints_send_metrics_and_spans_to_different_receivers_as_they_
                 && block.counts.contains(&4)
         })
         .await;
-    assert!(metrics.names.iter().any(|name| name == DURATION_METRIC));
+    assert!(
+        metrics
+            .names
+            .iter()
+            .any(|name| name == SERVER_DURATION_METRIC)
+    );
     metrics_once(&stats, "trazor_collector_otlp_points_exported_total 2").await;
     let counters = metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 1").await;
     assert_line(&counters, "trazor_collector_otlp_failures_total 0");

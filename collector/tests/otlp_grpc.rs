@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
     metrics_service_server::{MetricsService, MetricsServiceServer},
 };
 use trazor_collector::otlp::{
-    DURATION_METRIC, OtlpCompression, OtlpConfig, OtlpProtocol, RESPONSES_METRIC,
+    OtlpCompression, OtlpConfig, OtlpProtocol, RESPONSES_METRIC, SERVER_DURATION_METRIC,
 };
 use trazor_proto::v1::{AgentMessage, Exemplar, agent_message};
 
@@ -69,8 +69,18 @@ async fn assert_checkout_arrived(rotel: &Rotel, count: u64) {
     assert_eq!(metrics.attribute("service.namespace"), Some("shop"));
     assert_eq!(metrics.attribute("k8s.deployment.name"), Some("checkout"));
     assert!(
-        metrics.names.iter().any(|name| name == DURATION_METRIC)
+        metrics
+            .names
+            .iter()
+            .any(|name| name == SERVER_DURATION_METRIC)
             && metrics.names.iter().any(|name| name == RESPONSES_METRIC),
+        "{metrics:?}"
+    );
+    // The conventions' unit: seconds.
+    assert!(
+        metrics
+            .units
+            .contains(&(SERVER_DURATION_METRIC.to_owned(), "s".to_owned())),
         "{metrics:?}"
     );
     let spans = rotel

@@ -32,7 +32,7 @@ use prost::Message as _;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use trazor_collector::{
-    otlp::{DURATION_METRIC, OtlpConfig, OtlpProtocol, TlsPaths},
+    otlp::{OtlpConfig, OtlpProtocol, SERVER_DURATION_METRIC, TlsPaths},
     stats::CollectorStats,
 };
 use trazor_proto::v1::{AgentMessage, Exemplar, agent_message};
@@ -301,7 +301,10 @@ const REFUSED_AT_ONCE: &[&str] = &[
 fn assert_delivered(received: &Received) {
     let received = received.lock().unwrap();
     assert!(
-        received.metrics.iter().any(|name| name == DURATION_METRIC),
+        received
+            .metrics
+            .iter()
+            .any(|name| name == SERVER_DURATION_METRIC),
         "{:?}",
         received.metrics
     );
@@ -364,7 +367,12 @@ async fn each_signal_can_have_its_own_ca_and_client_certificate() {
     )
     .await;
     let metrics = metrics_received.lock().unwrap();
-    assert!(metrics.metrics.iter().any(|name| name == DURATION_METRIC));
+    assert!(
+        metrics
+            .metrics
+            .iter()
+            .any(|name| name == SERVER_DURATION_METRIC)
+    );
     assert!(metrics.spans.is_empty());
     let traces = traces_received.lock().unwrap();
     assert!(traces.metrics.is_empty());

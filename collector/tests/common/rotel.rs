@@ -56,7 +56,7 @@ fn rotel_binary() -> PathBuf {
         })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -67,8 +67,13 @@ fn free_port() -> u16 {
 impl Rotel {
     /// Starts Rotel, exporting nowhere, and waits until it listens.
     pub fn start() -> Self {
+        Self::start_on(free_port(), free_port())
+    }
+
+    /// The same on the given ports (a receiver that comes up where a collector has been
+    /// failing to reach one).
+    pub fn start_on(grpc_port: u16, http_port: u16) -> Self {
         let binary = rotel_binary();
-        let (grpc_port, http_port) = (free_port(), free_port());
         let mut child = Command::new(&binary)
             .args([
                 "start",

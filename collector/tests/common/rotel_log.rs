@@ -13,6 +13,8 @@ pub struct ResourceBlock {
     pub resource: Vec<(String, String)>,
     /// Metric names, or span names.
     pub names: Vec<String>,
+    /// `(metric name, unit)` of each metric.
+    pub units: Vec<(String, String)>,
     /// The `Count` of each histogram data point, in order.
     pub counts: Vec<u64>,
 }
@@ -34,7 +36,10 @@ impl ResourceBlock {
 ///      -> k8s.pod.name: Str(p1)
 /// ...
 /// Descriptor:
-///      -> Name: trazor.http.request.duration
+///      -> Name: http.server.request.duration
+///      -> Description: ...
+///      -> Unit: s
+///      -> DataType: ExponentialHistogram
 /// ExponentialHistogramDataPoints #0
 /// Count: 7
 /// Bucket (1.11, 1.12], Count: 3
@@ -82,6 +87,10 @@ pub fn parse_debug_log(lines: &[String]) -> Vec<ResourceBlock> {
                 block.resource.push((key.to_owned(), printed_value(value)));
             } else if in_descriptor && key == "Name" {
                 block.names.push(value.to_owned());
+            } else if in_descriptor && key == "Unit" {
+                let name = block.names.last().cloned().unwrap_or_default();
+                block.units.push((name, value.to_owned()));
+            } else if in_descriptor && key == "DataType" {
                 in_descriptor = false;
             }
             continue;

@@ -939,7 +939,7 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
                         let metric = blocks.iter().find(|b| {
                             b.signal == "metrics"
                                 && b.attribute("k8s.namespace.name") == Some(SHOP_NS)
-                                && b.names.iter().any(|n| n == "trazor.http.request.duration")
+                                && b.names.iter().any(|n| n == "http.server.request.duration")
                         });
                         let span = blocks.iter().find(|b| {
                             b.signal == "spans"
