@@ -41,7 +41,7 @@ use trazor_proto::v1::latency_ingest_server::LatencyIngestServer;
 pub use error::{Error, Result};
 
 use crate::{
-    auth::BearerAuth,
+    auth::{BearerAuth, ViewerAuth},
     dedup::Deduplicator,
     feed::WindowFeed,
     ingest::IngestService,
@@ -61,10 +61,15 @@ pub struct CollectorConfig {
     pub grpc_listen: SocketAddr,
     /// HTTP address: WebSocket feed, metrics, health.
     pub http_listen: SocketAddr,
-    /// Windows kept for new feed subscribers.
+    /// Items (windows and aggregates) kept for new feed subscribers.
     pub history: usize,
     /// Bearer token agents must present; `None` accepts every agent.
     pub token: Option<String>,
+    /// Token to read the live feed and the dashboard (see [`auth::ViewerAuth`]); `None`:
+    /// open to everyone who can reach the HTTP port.
+    pub feed_token: Option<String>,
+    /// The feed's limits and heartbeat (its `history` is [`Self::history`]).
+    pub feed: feed::FeedConfig,
     /// Largest message accepted; bigger ones end their stream with RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
     /// Streams per agent id and per-agent rate.
@@ -93,8 +98,10 @@ impl Default for CollectorConfig {
         Self {
             grpc_listen: loopback,
             http_listen: loopback,
-            history: 1_000,
+            history: feed::FeedConfig::default().history,
             token: None,
+            feed_token: None,
+            feed: feed::FeedConfig::default(),
             max_message_bytes: MAX_MESSAGE_BYTES,
             agent_limits: AgentLimitConfig::default(),
             late_grace: Duration::from_secs(30),
@@ -159,7 +166,14 @@ impl BoundCollector {
         };
         let mut service = IngestService {
             dedup: Arc::new(Deduplicator::default()),
-            feed: Arc::new(WindowFeed::new(config.history, stats.clone())),
+            feed: Arc::new(WindowFeed::new(
+                feed::FeedConfig {
+                    history: config.history,
+                    ..config.feed.clone()
+                },
+                Arc::new(ViewerAuth::new(config.feed_token.as_deref())),
+                stats.clone(),
+            )),
             merger: Arc::new(WindowMerger::new(config.late_grace)),
             limits: Arc::new(AgentLimits::new(config.agent_limits)),
             journal: None,
@@ -243,6 +257,7 @@ impl BoundCollector {
 
     /// Serves until either server fails.
     pub async fn serve(self) -> Result<()> {
+        let http_addr = self.http_addr();
         let auth = BearerAuth::new(self.config.token.as_deref(), self.service.stats.clone());
         if self.config.token.is_none() {
             tracing::warn!(
@@ -262,11 +277,29 @@ impl BoundCollector {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(InterceptedService::new(ingest, auth))
             .serve_with_incoming(TcpListenerStream::new(self.grpc));
+        if self.service.feed.auth().is_open() {
+            tracing::warn!(
+                "the live feed and dashboard are OPEN: anyone who can reach http://{}/ can \
+                 read every window (set --feed-token-file or TRAZOR_FEED_TOKEN)",
+                http_addr
+            );
+        }
         let stats = self.service.stats.clone();
+        let feed_for_metrics = self.service.feed.clone();
         let ready = self.ready.clone();
+        // The dashboard's routes need a token or a session (see `auth::ViewerAuth`).
+        let dashboard_routes =
+            Router::new()
+                .route("/", get(dashboard))
+                .layer(axum::middleware::from_fn_with_state(
+                    self.service.feed.clone(),
+                    auth::require_viewer,
+                ));
         let router = Router::new()
-            .route("/", get(dashboard))
+            .merge(dashboard_routes)
             .route("/ws", get(feed::websocket))
+            .route("/login", axum::routing::post(auth::login))
+            .route("/logout", axum::routing::post(auth::logout))
             .with_state(self.service.feed.clone())
             .route("/healthz", get(|| async { "ok\n" }))
             .route(
@@ -286,7 +319,12 @@ impl BoundCollector {
                 "/metrics",
                 get(move || {
                     let stats = stats.clone();
-                    async move { stats.render() }
+                    let feed = feed_for_metrics.clone();
+                    async move {
+                        let mut text = stats.render();
+                        text.push_str(&feed.render_metrics());
+                        text
+                    }
                 }),
             );
         let http = axum::serve(self.http, router);
@@ -324,13 +362,8 @@ async fn publish_aggregates(service: IngestService) {
         let now = ingest::unix_nanos();
         let closed = service.merger.close_due(now);
         for aggregate in &closed {
-            match serde_json::to_string(&aggregate.view()) {
-                Ok(json) => {
-                    service.feed.publish(json);
-                    stats.aggregates_published.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(error) => tracing::error!(%error, "could not encode an aggregate as JSON"),
-            }
+            service.feed.publish_aggregate(aggregate.clone());
+            stats.aggregates_published.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(otlp) = &service.otlp {
             otlp.export_closed(closed, now);

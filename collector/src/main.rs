@@ -5,7 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::Parser;
 use trazor_collector::{
     BoundCollector, CollectorConfig, MAX_MESSAGE_BYTES,
-    auth::{ServerTls, load_token},
+    auth::{ServerTls, load_feed_token, load_token},
+    feed::FeedConfig,
     limits::AgentLimitConfig,
     otlp::OtlpSettings,
 };
@@ -21,9 +22,36 @@ struct Flags {
     /// Address for the WebSocket feed (/ws), /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_listen: SocketAddr,
-    /// Windows kept to replay to new feed subscribers.
-    #[arg(long, default_value_t = 1_000)]
+    /// Feed items (windows and aggregates) kept to replay to new subscribers.
+    #[arg(long, default_value_t = FeedConfig::default().history)]
     history: usize,
+    /// File holding the token that people and programs need to read the live feed and
+    /// the dashboard (a Secret separate from the agents'). Without it, the
+    /// TRAZOR_FEED_TOKEN environment variable; without either, the feed is open.
+    #[arg(long)]
+    feed_token_file: Option<PathBuf>,
+    /// Feed connections open at once; more are refused with HTTP 503.
+    #[arg(long, default_value_t = FeedConfig::default().max_connections)]
+    feed_max_connections: usize,
+    /// Items queued per feed connection; past it the oldest are dropped (and counted).
+    #[arg(long, default_value_t = FeedConfig::default().queue)]
+    feed_queue: usize,
+    /// Largest frame a feed client may send, in bytes (closed with 1009 above it).
+    #[arg(long, default_value_t = FeedConfig::default().max_frame_bytes)]
+    feed_max_frame_bytes: usize,
+    /// Messages per second a feed client may send (closed with 1008 above it).
+    #[arg(long, default_value_t = FeedConfig::default().message_rate)]
+    feed_message_rate: f64,
+    /// Messages a feed client may send at once above its rate.
+    #[arg(long, default_value_t = FeedConfig::default().message_burst)]
+    feed_message_burst: f64,
+    /// How often the feed pings each client.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    feed_ping_interval: Duration,
+    /// How long after a ping a silent client is closed: a dead peer is closed at most
+    /// --feed-ping-interval + --feed-pong-timeout after its last frame.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    feed_pong_timeout: Duration,
     /// File holding the bearer token agents must present (e.g. a mounted Secret). Without
     /// it, the TRAZOR_TOKEN environment variable; without either, no authentication.
     #[arg(long)]
@@ -133,6 +161,13 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let feed_token = match load_feed_token(flags.feed_token_file.as_deref()) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("trazor-collector: error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let tls = match (&flags.tls_cert, &flags.tls_key) {
         (Some(cert), Some(key)) => {
             match ServerTls::from_files(cert, key, flags.tls_client_ca.as_deref()) {
@@ -171,6 +206,17 @@ async fn main() -> ExitCode {
         http_listen: flags.http_listen,
         history: flags.history,
         token,
+        feed_token,
+        feed: FeedConfig {
+            history: flags.history,
+            queue: flags.feed_queue,
+            max_connections: flags.feed_max_connections,
+            max_frame_bytes: flags.feed_max_frame_bytes,
+            message_rate: flags.feed_message_rate,
+            message_burst: flags.feed_message_burst,
+            ping_interval: flags.feed_ping_interval,
+            pong_timeout: flags.feed_pong_timeout,
+        },
         max_message_bytes: flags.max_message_bytes,
         agent_limits: AgentLimitConfig {
             max_streams: flags.max_streams_per_agent,
