@@ -11,6 +11,7 @@
 //! ([`otlp`]).
 
 pub mod auth;
+pub mod dashboard;
 pub mod dedup;
 mod error;
 pub mod feed;
@@ -288,13 +289,10 @@ impl BoundCollector {
         let feed_for_metrics = self.service.feed.clone();
         let ready = self.ready.clone();
         // The dashboard's routes need a token or a session (see `auth::ViewerAuth`).
-        let dashboard_routes =
-            Router::new()
-                .route("/", get(dashboard))
-                .layer(axum::middleware::from_fn_with_state(
-                    self.service.feed.clone(),
-                    auth::require_viewer,
-                ));
+        let dashboard_routes = dashboard::routes().layer(axum::middleware::from_fn_with_state(
+            self.service.feed.clone(),
+            auth::require_viewer,
+        ));
         let router = Router::new()
             .merge(dashboard_routes)
             .route("/ws", get(feed::websocket))
@@ -338,15 +336,6 @@ impl BoundCollector {
         self.ready.store(false, Ordering::Relaxed);
         result
     }
-}
-
-/// The live dashboard: one self-contained page (no external scripts or fonts, so it works
-/// in clusters without internet access) that reads the feed at `/ws`.
-async fn dashboard() -> impl axum::response::IntoResponse {
-    (
-        [(axum::http::header::CACHE_CONTROL, "no-cache")],
-        axum::response::Html(include_str!("dashboard.html")),
-    )
 }
 
 /// Closes aggregates whose grace period is over and publishes them, every quarter grace

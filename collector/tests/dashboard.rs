@@ -1,14 +1,17 @@
 //! The dashboard page in a real browser: headless Chromium (installed by scripts/setup.sh)
-//! loads `/` from a collector that two test agents feed, and the test reads the page through
-//! the DevTools protocol: the feed connects, each node's window and the merged aggregate
-//! show with their rates and percentiles, and the filter narrows the rows. A screenshot is
-//! left in the target directory (`tmp/dashboard.png`) for a person to look at.
+//! loads `/` from a real `trazor-collector` process that test agents feed over gRPC, and the
+//! test reads the page through the DevTools protocol. The charts' points carry what they
+//! draw (`data-p99`, `data-rps`, ...), compared with values computed here from the windows
+//! sent: history replayed on load, live windows, drill-down to pods, exemplars on click,
+//! the feed's filters, reconnection after the collector restarts, and the login page when a
+//! feed token is set. Screenshots are left in the target directory (`tmp/dashboard*.png`)
+//! for a person to look at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod ui_common;
 
 use std::{
-    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::TcpStream,
     os::unix::process::CommandExt as _,
@@ -18,10 +21,11 @@ use std::{
 };
 
 use base64::Engine as _;
-use common::{pod_window, send, start_collector, window_end};
+use common::send;
 use futures::{SinkExt as _, StreamExt as _};
+use serde_json::Value;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
-use trazor_proto::v1::ExponentialHistogram;
+use ui_common::{CollectorProcess, TestWindow, expected_point, now_nanos};
 
 /// Headless Chromium with the DevTools protocol on a port of its choosing; the whole
 /// process group is killed on drop.
@@ -34,7 +38,13 @@ struct Browser {
 impl Browser {
     fn open(url: &str) -> Self {
         let program = std::env::var("TRAZOR_CHROMIUM").unwrap_or_else(|_| "chromium".into());
-        let profile = std::env::temp_dir().join(format!("trazor-chromium-{}", std::process::id()));
+        // One profile per browser: the tests of this file run at once.
+        static BROWSERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let profile = std::env::temp_dir().join(format!(
+            "trazor-chromium-{}-{}",
+            std::process::id(),
+            BROWSERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&profile);
         let child = Command::new(&program)
             .args([
@@ -179,174 +189,421 @@ impl Page {
 
     /// Evaluates `expression` in the page; its value (JSON-serialisable).
     async fn evaluate(&mut self, expression: &str) -> serde_json::Value {
+        match self.try_evaluate(expression).await {
+            Ok(value) => value,
+            Err(error) => panic!("{expression}: {error}"),
+        }
+    }
+
+    /// Evaluates `expression`; the exception it threw as `Err`.
+    async fn try_evaluate(&mut self, expression: &str) -> Result<Value, Value> {
         let result = self
             .call(
                 "Runtime.evaluate",
                 serde_json::json!({ "expression": expression, "returnByValue": true }),
             )
             .await;
-        assert!(
-            result["exceptionDetails"].is_null(),
-            "{expression}: {result}"
-        );
-        result["result"]["value"].clone()
+        if result["exceptionDetails"].is_null() {
+            Ok(result["result"]["value"].clone())
+        } else {
+            Err(result)
+        }
     }
 
-    /// The rows of table `id` (`live` or `merged`): the text of each cell, without the
-    /// small print under a name.
-    async fn rows(&mut self, id: &str) -> Vec<Vec<String>> {
-        // (Before the page has loaded, there is no table: no rows.)
-        let rows = self
-            .evaluate(&format!(
-                "[...document.querySelectorAll('#{id} tbody tr')].map(tr => [...tr.cells]\
-                 .map(td => td.firstChild ? td.firstChild.textContent : ''))"
-            ))
-            .await;
-        serde_json::from_value(rows).unwrap()
-    }
-
-    /// Waits until table `id` has `count` rows.
-    async fn wait_for_rows(&mut self, id: &str, count: usize) -> Vec<Vec<String>> {
+    /// Evaluates `expression` until `done` holds for its value (20 s at most).
+    async fn wait_for(
+        &mut self,
+        what: &str,
+        expression: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let rows = self.rows(id).await;
-            if rows.len() == count {
-                return rows;
+            // Before the page has loaded (or while it navigates), its elements are missing.
+            let value = self
+                .try_evaluate(expression)
+                .await
+                .unwrap_or_else(|error| error);
+            if done(&value) {
+                return value;
             }
-            assert!(
-                Instant::now() < deadline,
-                "table #{id} has {} rows, not {count}: {rows:?}",
-                rows.len()
-            );
+            assert!(Instant::now() < deadline, "{what}: still {value}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// The cards shown: name, direction, 15-minute error share, and each point of the
+    /// latency chart with the values it carries.
+    async fn cards(&mut self) -> Value {
+        self.evaluate(
+            "[...document.querySelectorAll('#cards .card')].map(card => ({ \
+               name: card.dataset.name, direction: card.dataset.direction, \
+               error_share: card.dataset.errorShare, count: card.dataset.count, \
+               points: [...card.querySelectorAll('svg[data-chart=latency] rect.hit')].map(hit => ({ \
+                 end: Number(hit.dataset.end), p50: hit.dataset.p50, p95: hit.dataset.p95, \
+                 p99: hit.dataset.p99, rps: hit.dataset.rps, count: hit.dataset.count, \
+                 errors: hit.dataset.errors, exemplars: Number(hit.dataset.exemplars) })), \
+               rate_points: card.querySelectorAll('svg[data-chart=rate] rect.hit').length }))",
+        )
+        .await
+    }
+
+    /// Waits until the cards' names are `names` (in order).
+    async fn wait_for_cards(&mut self, names: &[&str]) -> Value {
+        let expected: Vec<Value> = names.iter().map(|name| Value::from(*name)).collect();
+        self.wait_for(
+            "cards",
+            "[...document.querySelectorAll('#cards .card')].map(card => card.dataset.name)",
+            |value| value.as_array() == Some(&expected),
+        )
+        .await;
+        self.cards().await
+    }
+
+    async fn wait_for_state(&mut self, state: &str) {
+        self.wait_for(
+            &format!("connection state {state}"),
+            "document.getElementById('status').dataset.state",
+            |value| value == state,
+        )
+        .await;
+    }
+
+    /// Leaves a screenshot in the target directory, for a person to look at.
+    async fn screenshot(&mut self, name: &str) {
+        let shot = self
+            .call("Page.captureScreenshot", serde_json::json!({}))
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap())
+            .unwrap();
+        std::fs::write(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name), png).unwrap();
+    }
 }
 
-/// How the page writes a latency: ms with two decimals below 10 ms (from the feed's ms,
-/// which have three).
-fn shown_ms(nanos: f64) -> String {
-    let feed_ms = (nanos / 1e3).round() / 1e3;
-    format!("{feed_ms:.2}")
+/// The chart point of `card` that ends at `end_ms`.
+fn point(card: &Value, end_ms: u64) -> &Value {
+    card["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|point| point["end"] == end_ms)
+        .unwrap_or_else(|| panic!("no point at {end_ms} in {card}"))
+}
+
+/// Asserts that `point` shows what `windows` merged give.
+fn assert_point(point: &Value, windows: &[&TestWindow]) {
+    let expected = expected_point(windows);
+    for (key, value) in &expected {
+        assert_eq!(
+            point[key],
+            value.as_str(),
+            "{key} of {point}; expected {expected:?}"
+        );
+    }
+}
+
+const SECOND: u64 = 1_000_000_000;
+
+/// Windows of 10 s ending on a multiple of 10 s, `minutes_ago` minutes before the last.
+fn window_end(minutes_ago: u64) -> u64 {
+    (now_nanos() / (10 * SECOND)) * 10 * SECOND - minutes_ago * 60 * SECOND
+}
+
+fn checkout(
+    pod: &'static str,
+    node: &'static str,
+    end: u64,
+    buckets: Vec<(i32, u64)>,
+    errors: u64,
+) -> TestWindow {
+    TestWindow {
+        namespace: "shop",
+        workload: "checkout",
+        pod,
+        node,
+        route: "/cart/{id}",
+        method: "GET",
+        end_unix_nanos: end,
+        length_nanos: 10 * SECOND,
+        buckets,
+        errors,
+        exemplars: vec![],
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_each_nodes_windows_and_the_merged_one_in_a_browser() {
-    let collector = start_collector(None).await;
-    let (grpc, url) = (collector.grpc, format!("http://{}/", collector.http));
+async fn charts_show_history_then_live_windows_with_drill_down_exemplars_and_filters() {
+    let collector = CollectorProcess::start(None, None);
+    let grpc = collector.grpc_url();
+    let url = format!("http://{}/", collector.http);
 
-    // Two pods of one Deployment on two nodes, about 1 ms per request.
-    let end = window_end();
-    let a_buckets = [(1_275, 3), (1_280, 1)];
-    let b_buckets = [(1_275, 2), (1_285, 4)];
+    // Two pods of shop/checkout on two nodes, 6 and 3 minutes ago; one pod of ops/billing.
+    let (t1, t2) = (window_end(6), window_end(3));
+    let a1 = checkout("checkout-1", "node-a", t1, vec![(1275, 30), (1300, 5)], 0);
+    let mut b1 = checkout("checkout-2", "node-b", t1, vec![(1280, 20), (1400, 2)], 2);
+    b1.exemplars = vec![("/cart/7", 500, 3_900_000), ("/cart/9", 200, 3_700_000)];
+    let a2 = checkout("checkout-1", "node-a", t2, vec![(1290, 40), (1350, 8)], 1);
+    let b2 = checkout("checkout-2", "node-b", t2, vec![(1260, 10)], 0);
+    let billing = TestWindow {
+        namespace: "ops",
+        workload: "billing",
+        pod: "billing-1",
+        route: "/invoice",
+        method: "POST",
+        ..checkout("billing-1", "node-a", t2, vec![(1500, 12)], 0)
+    };
     send(
         &grpc,
         "agent-a",
-        vec![pod_window(1, "checkout-1", end, &a_buckets, &[0, 0, 4])],
+        vec![a1.message(1), a2.message(2), billing.message(3)],
     )
     .await;
-    send(
-        &grpc,
-        "agent-b",
-        vec![pod_window(
-            1,
-            "checkout-2",
-            end,
-            &b_buckets,
-            &[0, 0, 5, 0, 0, 1],
-        )],
-    )
-    .await;
+    send(&grpc, "agent-b", vec![b1.message(1), b2.message(2)]).await;
 
     let browser = Browser::open(&url);
     let mut page = browser.page(&url).await;
-    let live = page.wait_for_rows("live", 2).await;
+    page.wait_for_state("live").await;
+
+    // Filled from history: one card per workload, a point per window end, every pod merged.
+    let cards = page.wait_for_cards(&["ops/billing", "shop/checkout"]).await;
+    let shop = &cards[1];
+    assert_eq!(shop["direction"], "server");
+    assert_eq!(shop["points"].as_array().unwrap().len(), 2, "{shop}");
+    assert_eq!(shop["rate_points"], 2);
+    assert_point(point(shop, t1 / 1_000_000), &[&a1, &b1]);
+    assert_point(point(shop, t2 / 1_000_000), &[&a2, &b2]);
+    // Error share over the 15 minutes: 3 of 115 requests.
+    assert_eq!(shop["error_share"], format!("{:.4}", 3.0 / 115.0));
+    assert_point(point(&cards[0], t2 / 1_000_000), &[&billing]);
+
+    // Live: a window sent now appears as a new point.
+    let t3 = window_end(0);
+    let a3 = checkout("checkout-1", "node-a", t3, vec![(1310, 25), (1450, 3)], 0);
+    send(&grpc, "agent-a", vec![a3.message(4)]).await;
+    let cards = page
+        .wait_for("live point", "document.querySelectorAll('.card[data-name=\"shop/checkout\"] svg[data-chart=latency] rect.hit').length", |n| n == 3)
+        .await;
+    assert_eq!(cards, 3);
+    let cards = page.cards().await;
+    assert_point(point(&cards[1], t3 / 1_000_000), &[&a3]);
+    page.screenshot("dashboard.png").await;
+
+    // Exemplars on click: the slow and failed requests of the point at t1, slowest first.
+    page.evaluate(&format!(
+        "document.querySelector('.card[data-name=\"shop/checkout\"] svg[data-chart=latency] \
+         rect.hit[data-end=\"{}\"]').dispatchEvent(new MouseEvent('click')); true",
+        t1 / 1_000_000
+    ))
+    .await;
+    let exemplars = page
+        .wait_for(
+            "exemplars",
+            "[...document.querySelectorAll('#exemplars-body tr')].map(tr => [...tr.cells].map(td => td.textContent))",
+            |rows| rows.as_array().is_some_and(|rows| rows.len() == 2),
+        )
+        .await;
+    // start, pod, node, method, path, status, ms
+    let shown: Vec<Vec<String>> = serde_json::from_value(exemplars).unwrap();
+    assert_eq!(
+        shown[0][1..],
+        ["checkout-2", "node-b", "GET", "/cart/7", "500", "3.900"]
+    );
+    assert_eq!(
+        shown[1][1..],
+        ["checkout-2", "node-b", "GET", "/cart/9", "200", "3.700"]
+    );
+    assert_eq!(
+        page.evaluate("document.getElementById('exemplars').hidden")
+            .await,
+        false
+    );
+    page.screenshot("dashboard-exemplars.png").await;
+
+    // Drill-down: the pods of shop/checkout, each with its own windows.
+    page.evaluate(
+        "document.querySelector('.card[data-name=\"shop/checkout\"] button.drill').click(); true",
+    )
+    .await;
+    let pods = page.wait_for_cards(&["checkout-1", "checkout-2"]).await;
+    assert_eq!(pods[0]["points"].as_array().unwrap().len(), 3, "{pods}");
+    assert_point(point(&pods[0], t1 / 1_000_000), &[&a1]);
+    assert_point(point(&pods[0], t2 / 1_000_000), &[&a2]);
+    assert_point(point(&pods[1], t1 / 1_000_000), &[&b1]);
+    assert_eq!(pods[1]["error_share"], format!("{:.4}", 2.0 / 32.0));
+    page.screenshot("dashboard-pods.png").await;
+    page.evaluate("document.getElementById('crumb-all').click(); true")
+        .await;
+    page.wait_for_cards(&["ops/billing", "shop/checkout"]).await;
+
+    // Filters go to the collector (a `subscribe` on the live connection); its answer is shown.
+    page.evaluate(
+        "document.getElementById('filter-namespace').value = 'ops'; \
+         document.getElementById('filter-apply').click(); true",
+    )
+    .await;
+    let cards = page.wait_for_cards(&["ops/billing"]).await;
+    assert_point(point(&cards[0], t2 / 1_000_000), &[&billing]);
+    let ack = page
+        .wait_for(
+            "filter acknowledged",
+            "document.getElementById('filter-ack').dataset.filter || ''",
+            |filter| {
+                filter
+                    .as_str()
+                    .is_some_and(|f| f.contains("\"namespace\":[\"ops\"]"))
+            },
+        )
+        .await;
+    assert!(ack.as_str().unwrap().contains("\"workload\":[]"), "{ack}");
+    // A live window outside the filter does not show; one inside does.
+    let b4 = checkout("checkout-2", "node-b", t3, vec![(1280, 5)], 0);
+    let billing_now = TestWindow {
+        end_unix_nanos: t3,
+        ..billing.clone()
+    };
+    send(&grpc, "agent-b", vec![b4.message(3)]).await;
+    send(&grpc, "agent-a", vec![billing_now.message(5)]).await;
+    let cards = page
+        .wait_for(
+            "live billing point",
+            "document.querySelectorAll('.card svg[data-chart=latency] rect.hit').length",
+            |n| n == 2,
+        )
+        .await;
+    assert_eq!(cards, 2);
+    assert_eq!(
+        page.wait_for_cards(&["ops/billing"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Filters on two keys: workload checkout of namespace shop, node-b only.
+    page.evaluate(
+        "document.getElementById('filter-namespace').value = 'shop'; \
+         document.getElementById('filter-node').value = 'node-b'; \
+         document.getElementById('filter-apply').click(); true",
+    )
+    .await;
+    let cards = page.wait_for_cards(&["shop/checkout"]).await;
+    assert_point(point(&cards[0], t1 / 1_000_000), &[&b1]);
+    assert_point(point(&cards[0], t3 / 1_000_000), &[&b4]);
+    page.screenshot("dashboard-filtered.png").await;
+    page.evaluate("document.getElementById('filter-clear').click(); true")
+        .await;
+    page.wait_for_cards(&["ops/billing", "shop/checkout"]).await;
+    let counters = page
+        .evaluate("({...document.getElementById('counters').dataset})")
+        .await;
+    assert_eq!(counters["missed"], "0", "{counters}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_reconnects_after_the_collector_restarts_and_refills_its_charts() {
+    let state = std::env::temp_dir().join(format!("trazor-dashboard-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let mut collector = CollectorProcess::start(None, Some(&state));
+    let url = format!("http://{}/", collector.http);
+    let t1 = window_end(2);
+    let a1 = checkout("checkout-1", "node-a", t1, vec![(1275, 30), (1300, 5)], 0);
+    send(&collector.grpc_url(), "agent-a", vec![a1.message(1)]).await;
+
+    let browser = Browser::open(&url);
+    let mut page = browser.page(&url).await;
+    page.wait_for_state("live").await;
+    page.wait_for_cards(&["shop/checkout"]).await;
+
+    collector.stop();
+    page.wait_for_state("down").await;
     let status = page
         .evaluate("document.getElementById('status').textContent")
         .await;
-    // workload, node, direction, method, route, end, req/s, errors, p50, p95, p99, max
-    let histogram = |buckets: &[(i32, u64)]| {
-        ExponentialHistogram::from_sparse(6, &buckets.iter().copied().collect::<BTreeMap<_, _>>())
+    assert!(
+        status
+            .as_str()
             .unwrap()
-    };
-    for (row, node, buckets, rate, errors) in [
-        (&live[0], "node-of-checkout-1", &a_buckets[..], "4.00", "0"),
-        (
-            &live[1],
-            "node-of-checkout-2",
-            &b_buckets[..],
-            "6.00",
-            "16.7 %",
-        ),
-    ] {
-        let p99 = shown_ms(histogram(buckets).quantile(0.99).unwrap().floor());
-        assert_eq!(
-            (
-                row[0].as_str(),
-                row[1].as_str(),
-                row[2].as_str(),
-                row[3].as_str()
-            ),
-            ("shop/checkout", node, "server", "GET"),
-            "{row:?}"
-        );
-        assert_eq!(
-            (
-                row[4].as_str(),
-                row[6].as_str(),
-                row[7].as_str(),
-                row[10].as_str()
-            ),
-            ("/cart/{id}", rate, errors, p99.as_str()),
-            "{row:?}"
-        );
-    }
-    assert_eq!(status, "live");
-
-    // The aggregate closes 300 ms after the window's end, a second or two from now.
-    let merged = page.wait_for_rows("merged", 1).await;
-    let mut both = histogram(&a_buckets);
-    both.merge(&histogram(&b_buckets)).unwrap();
-    let p99 = both.quantile(0.99).unwrap().clamp(900_000.0, 1_200_000.0);
-    // workload, direction, method, route, end, windows, req/s, errors, p50, p95, p99, max
-    let row = &merged[0];
-    assert_eq!(
-        (
-            row[0].as_str(),
-            row[3].as_str(),
-            row[5].as_str(),
-            row[6].as_str()
-        ),
-        ("shop/checkout", "/cart/{id}", "2", "10"),
-        "{row:?}"
+            .starts_with("disconnected: retrying in"),
+        "{status}"
     );
-    assert_eq!(
-        (row[7].as_str(), row[10].as_str(), row[11].as_str()),
-        ("10.0 %", shown_ms(p99.floor()).as_str(), "1.20"),
-        "{row:?}"
-    );
+    page.screenshot("dashboard-disconnected.png").await;
 
-    // The filter narrows both tables as one types.
-    page.evaluate(
-        "const filter = document.getElementById('filter'); filter.value = 'checkout-2'; \
-         filter.dispatchEvent(new Event('input')); true",
+    collector.restart();
+    page.wait_for_state("live").await;
+    // The journal brought the window back; the page asked for the last 15 minutes again.
+    let cards = page.wait_for_cards(&["shop/checkout"]).await;
+    assert_point(point(&cards[0], t1 / 1_000_000), &[&a1]);
+    let t2 = window_end(0);
+    let a2 = checkout("checkout-1", "node-a", t2, vec![(1330, 12)], 1);
+    send(&collector.grpc_url(), "agent-a", vec![a2.message(2)]).await;
+    page.wait_for(
+        "live after restart",
+        "document.querySelectorAll('svg[data-chart=latency] rect.hit').length",
+        |n| n == 2,
     )
     .await;
-    let filtered = page.wait_for_rows("live", 1).await;
-    assert_eq!(filtered[0][1], "node-of-checkout-2");
-    page.evaluate("filter.value = ''; filter.dispatchEvent(new Event('input')); true")
+    let cards = page.cards().await;
+    assert_point(point(&cards[0], t2 / 1_000_000), &[&a2]);
+    let reconnects = page
+        .evaluate("document.getElementById('counters').dataset.reconnects")
         .await;
-    page.wait_for_rows("live", 2).await;
+    assert_eq!(reconnects, "1");
+    let _ = std::fs::remove_dir_all(&state);
+}
 
-    let shot = page
-        .call("Page.captureScreenshot", serde_json::json!({}))
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_feed_token_the_page_asks_for_it_and_then_shows_the_feed() {
+    let collector = CollectorProcess::start(Some("viewer-secret"), None);
+    let url = format!("http://{}/", collector.http);
+    let a1 = checkout("checkout-1", "node-a", window_end(1), vec![(1275, 30)], 0);
+    send(&collector.grpc_url(), "agent-a", vec![a1.message(1)]).await;
+
+    let browser = Browser::open(&url);
+    let mut page = browser.page(&url).await;
+    let has_form = "!!document.querySelector('form input[name=token]')";
+    page.wait_for("login page", has_form, |found| found == true)
         .await;
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(shot["data"].as_str().unwrap())
-        .unwrap();
-    std::fs::write(
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"),
-        png,
+    assert_eq!(
+        page.evaluate("!!document.getElementById('cards')").await,
+        false
+    );
+
+    // A wrong token: the login page again.
+    page.evaluate(
+        "const field = document.querySelector('input[name=token]'); field.value = 'wrong'; \
+         field.form.submit(); true",
     )
-    .unwrap();
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    page.wait_for("login page after a wrong token", has_form, |found| {
+        found == true
+    })
+    .await;
+    assert_eq!(
+        page.evaluate("!!document.getElementById('cards')").await,
+        false
+    );
+
+    page.evaluate(
+        "const input = document.querySelector('input[name=token]'); input.value = 'viewer-secret'; \
+         input.form.submit(); true",
+    )
+    .await;
+    page.wait_for(
+        "dashboard after login",
+        "!!document.getElementById('cards')",
+        |found| found == true,
+    )
+    .await;
+    page.wait_for_state("live").await;
+    let cards = page.wait_for_cards(&["shop/checkout"]).await;
+    assert_point(&cards[0]["points"][0], &[&a1]);
+    // The token is nowhere in the page's address.
+    let address = page.evaluate("location.href").await;
+    assert!(
+        !address.as_str().unwrap().contains("viewer-secret"),
+        "{address}"
+    );
+    page.screenshot("dashboard-after-login.png").await;
 }

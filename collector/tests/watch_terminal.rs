@@ -1,0 +1,295 @@
+//! `trazor-watch` in a real terminal: tmux (installed by scripts/setup.sh) runs it,
+//! detached, against a real `trazor-collector` process that a test agent feeds over gRPC,
+//! and the test reads the screen with `tmux capture-pane`: the rows and their values, the
+//! order (p99 first, or the column chosen with a key), the refresh in place when new windows
+//! arrive, the feed's filters, the token from a file, and `q` to quit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod ui_common;
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::send;
+use ui_common::{CollectorProcess, TestWindow, now_nanos};
+
+const SECOND: u64 = 1_000_000_000;
+const TOKEN: &str = "watch-secret";
+
+/// A tmux server of our own (its own socket), killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start() -> Self {
+        let socket = format!("trazor-watch-test-{}", std::process::id());
+        let tmux = Self { socket };
+        // Fails clearly when tmux is missing (setup.sh installs it).
+        let version = Command::new("tmux")
+            .arg("-V")
+            .output()
+            .unwrap_or_else(|error| {
+                panic!("this test needs tmux ({error}); scripts/setup.sh installs it")
+            });
+        assert!(version.status.success());
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let output = Command::new("tmux")
+            .args(["-u", "-L", &self.socket])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs `command` in a new 180 × 30 session `name`; the pane stays after it exits and
+    /// shows its exit status.
+    fn session(&self, name: &str, command: &str) {
+        let shell = format!("{command}; echo \"exit status $?\"; sleep 600");
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "180",
+            "-y",
+            "30",
+            "env",
+            "LANG=C.UTF-8",
+            "sh",
+            "-c",
+            &shell,
+        ]);
+    }
+
+    fn screen(&self, name: &str) -> String {
+        self.run(&["capture-pane", "-p", "-t", name])
+    }
+
+    /// Waits until the screen of `name` satisfies `done` (20 s at most).
+    fn wait(&self, name: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let screen = self.screen(name);
+            if done(&screen) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "{what}; the screen:\n{screen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+/// The table rows on a screen: lines that start with a namespace/pod name.
+fn rows(screen: &str) -> Vec<Vec<String>> {
+    screen
+        .lines()
+        .filter(|line| line.starts_with("shop/") || line.starts_with("ops/"))
+        .map(|line| line.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+/// A 10 s window of `pod` ending `end`, every request in `bucket`s.
+fn window(
+    namespace: &'static str,
+    workload: &'static str,
+    pod: &'static str,
+    end: u64,
+    buckets: Vec<(i32, u64)>,
+    errors: u64,
+) -> TestWindow {
+    TestWindow {
+        namespace,
+        workload,
+        pod,
+        node: "node-a",
+        route: "/cart/{id}",
+        method: "GET",
+        end_unix_nanos: end,
+        length_nanos: 10 * SECOND,
+        buckets,
+        errors,
+        exemplars: vec![],
+    }
+}
+
+/// The p99 the row shows: the window's own, as the feed writes it (ms to the µs), with
+/// two decimals.
+fn p99(window: &TestWindow) -> String {
+    let (min, max) = window.min_max_nanos();
+    let nanos = (window.histogram().quantile(0.99).unwrap() as u64).clamp(min, max);
+    format!("{:.2}", (nanos as f64 / 1e3).round() / 1e3)
+}
+
+fn who(row: &[String]) -> &str {
+    &row[0]
+}
+
+#[test]
+fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let collector = CollectorProcess::start(Some(TOKEN), None);
+    let grpc = collector.grpc_url();
+    let end = (now_nanos() / (10 * SECOND)) * 10 * SECOND;
+    let fast = window("shop", "checkout", "checkout-1", end, vec![(1275, 50)], 0);
+    let slow = window(
+        "shop",
+        "checkout",
+        "checkout-2",
+        end,
+        vec![(1280, 40), (1400, 5)],
+        1,
+    );
+    let slowest = window("ops", "billing", "billing-1", end, vec![(1500, 20)], 0);
+    runtime.block_on(async {
+        send(&grpc, "agent-a", vec![fast.message(1), slowest.message(2)]).await;
+        send(&grpc, "agent-b", vec![slow.message(1)]).await;
+    });
+
+    let token_file =
+        std::env::temp_dir().join(format!("trazor-watch-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let watch = env!("CARGO_BIN_EXE_trazor-watch");
+    let feed = format!("ws://{}/ws", collector.http);
+    let tmux = Tmux::start();
+    tmux.session(
+        "all",
+        &format!("{watch} {feed} --token-file {}", token_file.display()),
+    );
+
+    // Rows: ops/billing-1 (p99 11 ms) above shop/checkout-2 (3.8 ms) above checkout-1 (1 ms).
+    let screen = tmux.wait("all", "three rows", |screen| rows(screen).len() == 3);
+    // Left for a person to look at, as the dashboard's screenshots.
+    std::fs::write(
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trazor-watch-screen.txt"),
+        &screen,
+    )
+    .unwrap();
+    let shown = rows(&screen);
+    assert_eq!(
+        shown.iter().map(|row| who(row)).collect::<Vec<_>>(),
+        ["ops/billing-1", "shop/checkout-2", "shop/checkout-1"],
+        "{screen}"
+    );
+    // WHO NODE DIR METHOD ROUTE REQ/S ERR% P50 P95 P99 MAX END
+    for (row, window) in shown.iter().zip([&slowest, &slow, &fast]) {
+        assert_eq!(
+            row[1..5],
+            ["node-a", "server", "GET", "/cart/{id}"],
+            "{screen}"
+        );
+        assert_eq!(
+            row[5],
+            format!("{:.1}", window.count() as f64 / 10.0),
+            "{screen}"
+        );
+        assert_eq!(
+            row[6],
+            format!(
+                "{:.1}",
+                100.0 * window.errors as f64 / window.count() as f64
+            )
+        );
+        assert_eq!(row[9], p99(window), "{screen}");
+    }
+    let lines: Vec<&str> = screen.lines().collect();
+    assert!(lines[0].starts_with("trazor-watch  ws://"), "{screen}");
+    assert!(
+        lines[0].contains("[live]") && lines[0].contains("3 series"),
+        "{screen}"
+    );
+    assert!(lines[1].contains("sorted by p99"), "{screen}");
+
+    // A new window: checkout-1 becomes the slowest, and the screen is redrawn in place
+    // (one title line, at the top; the row moved, not appended).
+    let later = window(
+        "shop",
+        "checkout",
+        "checkout-1",
+        end + 10 * SECOND,
+        vec![(1600, 30)],
+        3,
+    );
+    runtime.block_on(send(&grpc, "agent-a", vec![later.message(3)]));
+    let screen = tmux.wait("all", "checkout-1 first", |screen| {
+        rows(screen)
+            .first()
+            .is_some_and(|row| who(row) == "shop/checkout-1")
+    });
+    let shown = rows(&screen);
+    assert_eq!(shown.len(), 3, "{screen}");
+    assert_eq!(shown[0][9], p99(&later), "{screen}");
+    assert_eq!(shown[0][6], "10.0", "{screen}");
+    assert_eq!(screen.matches("trazor-watch  ws://").count(), 1, "{screen}");
+    assert!(
+        screen.lines().next().unwrap().contains("4 windows"),
+        "{screen}"
+    );
+
+    // Keys: `s` steps through the columns; six steps from p99 reach `name`.
+    for _ in 0..6 {
+        tmux.run(&["send-keys", "-t", "all", "s"]);
+    }
+    let screen = tmux.wait("all", "sorted by name", |screen| {
+        screen.contains("sorted by name")
+    });
+    assert_eq!(
+        rows(&screen).iter().map(|row| who(row)).collect::<Vec<_>>(),
+        ["ops/billing-1", "shop/checkout-1", "shop/checkout-2"],
+        "{screen}"
+    );
+    tmux.run(&["send-keys", "-t", "all", "q"]);
+    tmux.wait("all", "exit after q", |screen| {
+        screen.contains("exit status 0")
+    });
+
+    // The collector's filters: only namespace shop, sorted by req/s.
+    tmux.session(
+        "shop",
+        &format!("TRAZOR_FEED_TOKEN={TOKEN} {watch} {feed} --namespace shop --sort rps"),
+    );
+    let screen = tmux.wait("shop", "two shop rows", |screen| rows(screen).len() == 2);
+    assert!(screen.contains("filter: namespace=shop"), "{screen}");
+    assert!(screen.contains("sorted by req/s"), "{screen}");
+    assert_eq!(
+        rows(&screen).iter().map(|row| who(row)).collect::<Vec<_>>(),
+        ["shop/checkout-2", "shop/checkout-1"],
+        "{screen}"
+    );
+
+    // Without the token: a clear refusal, exit status 1.
+    tmux.session(
+        "refused",
+        &format!("env -u TRAZOR_FEED_TOKEN {watch} {feed}"),
+    );
+    let screen = tmux.wait("refused", "refusal", |screen| {
+        screen.contains("exit status")
+    });
+    assert!(
+        screen.contains("the collector wants a token (401)"),
+        "{screen}"
+    );
+    assert!(screen.contains("exit status 1"), "{screen}");
+    let _ = std::fs::remove_file(&token_file);
+}
