@@ -149,7 +149,7 @@ fn who(row: &[String]) -> &str {
 #[test]
 fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let collector = CollectorProcess::start(Some(TOKEN), None);
+    let mut collector = CollectorProcess::start(Some(TOKEN), None);
     let grpc = collector.grpc_url();
     let end = (now_nanos() / (10 * SECOND)) * 10 * SECOND;
     let fast = window("shop", "checkout", "checkout-1", end, vec![(1275, 50)], 0);
@@ -275,6 +275,47 @@ fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
     assert_eq!(
         rows(&screen).iter().map(|row| who(row)).collect::<Vec<_>>(),
         ["shop/checkout-2", "shop/checkout-1"],
+        "{screen}"
+    );
+
+    // The collector restarts: the view says so, reconnects with the same filter and token,
+    // and goes on with new windows.
+    collector.stop();
+    tmux.wait("shop", "disconnected", |screen| {
+        screen
+            .lines()
+            .next()
+            .unwrap_or("")
+            .contains("[disconnected")
+    });
+    collector.restart();
+    let after = window(
+        "shop",
+        "cart",
+        "cart-1",
+        end + 20 * SECOND,
+        vec![(1700, 10)],
+        0,
+    );
+    let other = window(
+        "ops",
+        "billing",
+        "billing-1",
+        end + 20 * SECOND,
+        vec![(1800, 10)],
+        0,
+    );
+    runtime.block_on(send(
+        &collector.grpc_url(),
+        "agent-c",
+        vec![other.message(1), after.message(2)],
+    ));
+    let screen = tmux.wait("shop", "live again with cart-1", |screen| {
+        screen.lines().next().unwrap_or("").contains("[live]")
+            && rows(screen).iter().any(|row| who(row) == "shop/cart-1")
+    });
+    assert!(
+        !rows(&screen).iter().any(|row| who(row).starts_with("ops/")),
         "{screen}"
     );
 
