@@ -25,7 +25,7 @@ use common::send;
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
-use ui_common::{CollectorProcess, TestWindow, expected_point, now_nanos};
+use ui_common::{CollectorProcess, TestWindow, expected_point, metric, now_nanos};
 
 /// Headless Chromium with the DevTools protocol on a port of its choosing; the whole
 /// process group is killed on drop.
@@ -606,4 +606,64 @@ async fn with_a_feed_token_the_page_asks_for_it_and_then_shows_the_feed() {
         "{address}"
     );
     page.screenshot("dashboard-after-login.png").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_falls_behind_shows_how_many_windows_it_missed() {
+    // Eight items queued per connection: a page that stops reading loses the oldest.
+    let collector = CollectorProcess::start_with(None, None, &["--feed-queue", "8"]);
+    let url = format!("http://{}/", collector.http);
+    let browser = Browser::open(&url);
+    let mut page = browser.page(&url).await;
+    page.wait_for_state("live").await;
+
+    // The page's script stops (paused in the debugger): the browser stops taking frames
+    // off the socket once its buffers are full, and the collector's queue for it overflows.
+    page.call("Debugger.enable", serde_json::json!({})).await;
+    page.call("Debugger.pause", serde_json::json!({})).await;
+    // Big windows (a histogram of 1 900 buckets, about 4 kB of JSON each) fill the
+    // socket buffers sooner.
+    let end = window_end(1);
+    let big = checkout("checkout-1", "node-a", end, vec![(1000, 1), (2900, 1)], 0);
+    let sent: u64 = 3_000;
+    let grpc = collector.grpc_url();
+    let messages = (1..=sent).map(|sequence| big.message(sequence)).collect();
+    send(&grpc, "agent-a", messages).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(collector.http, "trazor_collector_feed_dropped_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the collector dropped nothing for the paused page"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    page.call("Debugger.resume", serde_json::json!({})).await;
+    page.call("Debugger.disable", serde_json::json!({})).await;
+
+    // Everything sent is either on the page or counted as missed there, and the page's count
+    // is the collector's.
+    let counters = page
+        .wait_for(
+            "every window received or missed",
+            "({...document.getElementById('counters').dataset})",
+            |counters| {
+                let number = |key: &str| counters[key].as_str().and_then(|n| n.parse::<u64>().ok());
+                number("windows")
+                    .zip(number("missed"))
+                    .is_some_and(|(w, m)| m > 0 && w + m == sent)
+            },
+        )
+        .await;
+    let dropped = metric(collector.http, "trazor_collector_feed_dropped_total");
+    assert_eq!(counters["missed"], dropped.to_string(), "{counters}");
+    let text = page
+        .evaluate("document.getElementById('counters').textContent")
+        .await;
+    assert!(
+        text.as_str()
+            .unwrap()
+            .contains(&format!("{dropped} missed")),
+        "{text}"
+    );
+    page.screenshot("dashboard-missed.png").await;
 }

@@ -20,6 +20,9 @@ function niceMax(value) {
 }
 
 function label(value) {
+  // Short enough for the axis' margin.
+  if (value >= 1e6) return (value / 1e6).toFixed(value >= 1e7 ? 0 : 1) + "M";
+  if (value >= 1e4) return (value / 1e3).toFixed(0) + "k";
   return value >= 100 ? value.toFixed(0) : value >= 10 ? value.toFixed(1) : value.toFixed(2);
 }
 

@@ -25,6 +25,7 @@ pub struct CollectorProcess {
     pub log: PathBuf,
     feed_token: Option<String>,
     state_dir: Option<PathBuf>,
+    extra_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -38,6 +39,11 @@ fn free_port() -> u16 {
 impl CollectorProcess {
     /// Starts a collector on free ports, with a feed token and a state dir when given.
     pub fn start(feed_token: Option<&str>, state_dir: Option<&Path>) -> Self {
+        Self::start_with(feed_token, state_dir, &[])
+    }
+
+    /// Same, with more flags.
+    pub fn start_with(feed_token: Option<&str>, state_dir: Option<&Path>, extra: &[&str]) -> Self {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut collector = Self {
@@ -51,6 +57,7 @@ impl CollectorProcess {
             )),
             feed_token: feed_token.map(str::to_owned),
             state_dir: state_dir.map(Path::to_path_buf),
+            extra_args: extra.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         collector.spawn();
         collector
@@ -72,6 +79,7 @@ impl CollectorProcess {
             .args(["--late-grace", "1s"])
             .env_remove("TRAZOR_TOKEN")
             .env_remove("TRAZOR_FEED_TOKEN")
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(token) = &self.feed_token {
@@ -122,6 +130,27 @@ impl Drop for CollectorProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// The value of counter `name` on `/metrics`.
+pub fn metric(address: SocketAddr, name: &str) -> u64 {
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {name} on /metrics: {text}"))
 }
 
 /// The status of `GET path`, or `None` when nothing answers.
