@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::send;
-use ui_common::{CollectorProcess, TestWindow, now_nanos};
+use ui_common::{CollectorProcess, TestWindow, metric, now_nanos};
 
 const SECOND: u64 = 1_000_000_000;
 const TOKEN: &str = "watch-secret";
@@ -142,6 +142,33 @@ fn p99(window: &TestWindow) -> String {
     format!("{:.2}", (nanos as f64 / 1e3).round() / 1e3)
 }
 
+/// (windows received, missed, replayed at subscription) from the title lines.
+fn counts(screen: &str) -> Option<(u64, u64, u64)> {
+    let number_before = |line: &str, word: &str| -> Option<u64> {
+        let words: Vec<&str> = line
+            .split([' ', '(', ')'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        let at = words.iter().position(|w| *w == word)?;
+        words.get(at.checked_sub(1)?)?.parse().ok()
+    };
+    let mut lines = screen.lines();
+    let title = lines.next()?;
+    let filter = lines.next()?;
+    let missed: u64 = title
+        .split("missed ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((
+        number_before(title, "windows")?,
+        missed,
+        number_before(filter, "replayed")?,
+    ))
+}
+
 fn who(row: &[String]) -> &str {
     &row[0]
 }
@@ -149,7 +176,8 @@ fn who(row: &[String]) -> &str {
 #[test]
 fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut collector = CollectorProcess::start(Some(TOKEN), None);
+    // Eight items queued per connection: a view that stops reading loses the oldest.
+    let mut collector = CollectorProcess::start_with(Some(TOKEN), None, &["--feed-queue", "8"]);
     let grpc = collector.grpc_url();
     let end = (now_nanos() / (10 * SECOND)) * 10 * SECOND;
     let fast = window("shop", "checkout", "checkout-1", end, vec![(1275, 50)], 0);
@@ -332,5 +360,57 @@ fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
         "{screen}"
     );
     assert!(screen.contains("exit status 1"), "{screen}");
+
+    // A view that falls behind (stopped with SIGSTOP while 3 000 big windows go by) says
+    // how many windows the collector dropped for it.
+    tmux.session(
+        "slow",
+        &format!("{watch} {feed} --token-file {}", token_file.display()),
+    );
+    tmux.wait("slow", "live", |screen| screen.contains("[live]"));
+    let shell = tmux.run(&["list-panes", "-t", "slow", "-F", "#{pane_pid}"]);
+    let pgrep = Command::new("pgrep")
+        .args(["-P", shell.trim(), "trazor-watch"])
+        .output()
+        .unwrap();
+    let pid: i32 = String::from_utf8_lossy(&pgrep.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signals the trazor-watch this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let big = window(
+        "shop",
+        "checkout",
+        "checkout-9",
+        end,
+        vec![(1000, 1), (2900, 1)],
+        0,
+    );
+    let messages = (1..=3_000).map(|sequence| big.message(sequence)).collect();
+    runtime.block_on(send(&collector.grpc_url(), "agent-d", messages));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(collector.http, "trazor_collector_feed_dropped_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing dropped for the stopped view"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Every window sent is either received or missed, and the view's count of missed
+    // windows is the collector's count of drops.
+    let screen = tmux.wait("slow", "every window received or missed", |screen| {
+        counts(screen).is_some_and(|(received, missed, replayed)| {
+            missed > 0 && received + missed == 3_000 + replayed
+        })
+    });
+    let (_, missed, _) = counts(&screen).unwrap();
+    assert_eq!(
+        missed,
+        metric(collector.http, "trazor_collector_feed_dropped_total"),
+        "{screen}"
+    );
     let _ = std::fs::remove_file(&token_file);
 }

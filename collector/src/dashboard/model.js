@@ -36,6 +36,9 @@ export class Store {
     this.windows = [];
     this.seen = new Set();
     this.latestEnd = 0;
+    // Merged points by series and end: a window arriving invalidates only its own two
+    // (its workload's and its pod's), so a redraw re-merges what changed, not 15 minutes.
+    this.pointCache = new Map();
   }
 
   /** Keeps a window document; false when it was already kept (or is out of range). */
@@ -44,10 +47,10 @@ export class Store {
     if (this.seen.has(id)) return false;
     this.seen.add(id);
     const workload = workloadOf(doc);
-    this.windows.push({
-      id, doc, workload, pod: podOf(doc),
-      end: doc.end_unix_ms, start: doc.start_unix_ms,
-    });
+    const pod = podOf(doc);
+    this.windows.push({ id, doc, workload, pod, end: doc.end_unix_ms, start: doc.start_unix_ms });
+    this.pointCache.delete("workload\u0000" + workload.key + "\u0000" + doc.end_unix_ms);
+    this.pointCache.delete("pod\u0000" + workload.key + "\u0000" + pod.key + "\u0000" + doc.end_unix_ms);
     this.latestEnd = Math.max(this.latestEnd, doc.end_unix_ms);
     if (this.windows.length > MAX_WINDOWS) this.prune(Infinity);
     return true;
@@ -65,6 +68,7 @@ export class Store {
       const ids = new Set(kept.map((w) => w.id));
       for (const id of this.seen) if (!ids.has(id)) this.seen.delete(id);
       this.windows = kept;
+      this.pointCache.clear();
     }
   }
 
@@ -87,21 +91,29 @@ export class Store {
       if (level === "pod" && !group.detail.includes(w.pod.node)) group.detail += ", " + w.pod.node;
       group.windows.push(w);
     }
-    const list = [...groups.values()].map((group) => ({ ...group, points: points(group.windows) }));
+    const prefix = level === "pod" ? "pod\u0000" + workloadKey + "\u0000" : "workload\u0000";
+    const list = [...groups.values()].map((group) => ({
+      ...group, points: points(group.windows, this.pointCache, prefix + group.key + "\u0000"),
+    }));
     list.sort((a, b) => a.name.localeCompare(b.name) || a.direction.localeCompare(b.direction));
     return list;
   }
 }
 
-/** Windows of one series merged per end time: the chart's points. */
-export function points(windows) {
+/** Windows of one series merged per end time: the chart's points (cached by `prefix`+end). */
+export function points(windows, cache, prefix) {
   const byEnd = new Map();
   for (const w of windows) {
     let list = byEnd.get(w.end);
     if (!list) byEnd.set(w.end, (list = []));
     list.push(w);
   }
-  return [...byEnd.entries()].sort((a, b) => a[0] - b[0]).map(([end, list]) => merge(end, list));
+  return [...byEnd.entries()].sort((a, b) => a[0] - b[0]).map(([end, list]) => {
+    const key = prefix + end;
+    let point = cache.get(key);
+    if (!point) cache.set(key, (point = merge(end, list)));
+    return point;
+  });
 }
 
 /**
