@@ -414,3 +414,55 @@ fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
     );
     let _ = std::fs::remove_file(&token_file);
 }
+
+#[test]
+fn into_a_pipe_trazor_watch_prints_one_line_per_window() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let collector = CollectorProcess::start(None, None);
+    let end = (now_nanos() / (10 * SECOND)) * 10 * SECOND;
+    let windows = [
+        window("shop", "checkout", "checkout-1", end, vec![(1275, 50)], 0),
+        window("shop", "checkout", "checkout-2", end, vec![(1400, 20)], 2),
+        window("ops", "billing", "billing-1", end, vec![(1500, 20)], 0),
+    ];
+    runtime.block_on(send(
+        &collector.grpc_url(),
+        "agent-a",
+        windows
+            .iter()
+            .zip(1..)
+            .map(|(window, sequence)| window.message(sequence))
+            .collect(),
+    ));
+    // stdout is a pipe here: the line format scripts read (scripts/test.sh's demo check).
+    let output = Command::new(env!("CARGO_BIN_EXE_trazor-watch"))
+        .arg(format!("ws://{}/ws", collector.http))
+        .args(["--namespace", "shop", "--count", "2"])
+        .env_remove("TRAZOR_FEED_TOKEN")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0][..2], ["window", "process[pid]"], "{text}");
+    // window, who, method, route, count, 5xx, p50, p95, p99, max
+    for (line, window) in lines[1..].iter().zip(&windows) {
+        assert_eq!(line[1], format!("shop/{}", window.pod), "{text}");
+        assert_eq!(
+            line[2..6],
+            [
+                "GET",
+                "/cart/{id}",
+                &window.count().to_string(),
+                &window.errors.to_string()
+            ],
+            "{text}"
+        );
+        assert_eq!(line[8], p99(window), "{text}");
+        assert_eq!(line[0].len(), 8, "{text}");
+    }
+}

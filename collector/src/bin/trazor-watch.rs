@@ -740,7 +740,12 @@ async fn top(flags: &Flags, token: Option<&str>) -> ExitCode {
                 if socket.is_none() && tokio::time::Instant::now() >= retry_at {
                     // Resume where the view is: windows from just before the newest shown.
                     let newest = view.rows.values().map(|r| r.end_unix_ms).max().unwrap_or(since);
-                    match connect(&flags.feed_url(Some(newest.saturating_sub(1))), token).await {
+                    // Bounded, so keys still work while a vanished host does not answer.
+                    let url = flags.feed_url(Some(newest.saturating_sub(1)));
+                    let attempt = tokio::time::timeout(Duration::from_secs(5), connect(&url, token))
+                        .await
+                        .unwrap_or_else(|_| Err(FeedError::Lost("no answer within 5 s".to_owned())));
+                    match attempt {
                         Ok(connected) => {
                             socket = Some(connected);
                             view.state = "live".to_owned();
@@ -817,9 +822,9 @@ fn handle(view: &mut View, document: &Value) -> bool {
             true
         }
         Some("missed" | "lagged") => {
-            view.missed = document["missed_total"]
-                .as_u64()
-                .unwrap_or(view.missed + document["missed"].as_u64().unwrap_or(0));
+            // `missed` counts the drops since the previous such frame: summed, it is the
+            // total over every connection this view had.
+            view.missed += document["missed"].as_u64().unwrap_or(0);
             true
         }
         Some("subscribed") => {
