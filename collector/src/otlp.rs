@@ -192,6 +192,10 @@ pub struct OtlpConfig {
     /// `_CLIENT_CERTIFICATE`, `_CLIENT_KEY`), each winning over the generic one.
     pub metrics_tls: TlsPaths,
     pub traces_tls: TlsPaths,
+    /// Each signal's own protocol (`OTEL_EXPORTER_OTLP_{METRICS,TRACES}_PROTOCOL`), winning
+    /// over `protocol` for that signal: spans to Tempo over gRPC, metrics to Mimir over HTTP.
+    pub metrics_protocol: Option<OtlpProtocol>,
+    pub traces_protocol: Option<OtlpProtocol>,
     /// Largest request body (protobuf, before compression): a bigger batch of aggregates
     /// is split into several requests, so that it fits a receiver's limit (gRPC's default
     /// is 4 MiB) and the spool's bound per batch.
@@ -218,6 +222,15 @@ pub struct TlsPaths {
 }
 
 impl OtlpConfig {
+    /// A signal's protocol: its own, else the generic one.
+    fn signal_protocol(&self, signal: Signal) -> OtlpProtocol {
+        match signal {
+            Signal::Metrics => self.metrics_protocol,
+            Signal::Spans => self.traces_protocol,
+        }
+        .unwrap_or(self.protocol)
+    }
+
     /// A signal's TLS files: its own, else the generic ones, file by file (as each
     /// variable is on its own in the OTLP exporter specification).
     fn signal_tls(&self, signal: Signal) -> TlsPaths {
@@ -250,7 +263,7 @@ impl OtlpConfig {
             Signal::Metrics => (&self.metrics_endpoint, "/v1/metrics"),
             Signal::Spans => (&self.traces_endpoint, "/v1/traces"),
         };
-        match (specific, &self.endpoint, self.protocol) {
+        match (specific, &self.endpoint, self.signal_protocol(signal)) {
             (Some(endpoint), _, _) => check_endpoint(endpoint, "").map(Some),
             (None, Some(endpoint), OtlpProtocol::HttpProtobuf) => {
                 check_endpoint(endpoint, path).map(Some)
@@ -293,6 +306,8 @@ impl Default for OtlpConfig {
             client_key: None,
             metrics_tls: TlsPaths::default(),
             traces_tls: TlsPaths::default(),
+            metrics_protocol: None,
+            traces_protocol: None,
             max_batch_bytes: 2 * 1024 * 1024,
             spool: None,
         }
@@ -405,6 +420,14 @@ impl OtlpSettings {
         };
         config.metrics_tls = signal_tls("METRICS");
         config.traces_tls = signal_tls("TRACES");
+        // Variables only, as the TLS files per signal.
+        let signal_protocol = |signal: &str| {
+            or_env(None, &format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"))
+                .map(|text| text.parse::<OtlpProtocol>())
+                .transpose()
+        };
+        config.metrics_protocol = signal_protocol("METRICS")?;
+        config.traces_protocol = signal_protocol("TRACES")?;
         Ok(Some(config))
     }
 }
@@ -558,7 +581,7 @@ impl OtlpExporter {
             |signal: Signal, uri: Option<Uri>| -> Result<Option<Destination>, String> {
                 let Some(uri) = uri else { return Ok(None) };
                 let tls = TlsFiles::load(&config.signal_tls(signal), &uri)?;
-                match config.protocol {
+                match config.signal_protocol(signal) {
                     OtlpProtocol::HttpProtobuf => {
                         let mut http = HttpConnector::new();
                         // Lets https:// through to the TLS layer (HttpConnector refuses it by
@@ -2516,6 +2539,16 @@ mod tests {
             uris(&config),
             (None, Some("http://tempo:4318/v1/traces".into()))
         );
+        // A signal's own protocol: spans over gRPC get the endpoint as it is, metrics over
+        // HTTP the path.
+        let config = OtlpConfig {
+            traces_protocol: Some(OtlpProtocol::Grpc),
+            ..OtlpConfig::new("http://otel:4318")
+        };
+        assert_eq!(
+            uris(&config),
+            both("http://otel:4318/v1/metrics", "http://otel:4318/")
+        );
         // gRPC: no path, whatever the endpoint.
         let config = OtlpConfig {
             protocol: OtlpProtocol::Grpc,
@@ -2548,6 +2581,7 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
                 ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
                 ("OTEL_EXPORTER_OTLP_HEADERS", "x-scope-orgid=t1,api-key=k"),
+                ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
             ],
         )
         .unwrap()
@@ -2559,6 +2593,28 @@ mod tests {
         );
         assert_eq!(config.traces_endpoint.as_deref(), Some("http://tempo:4317"));
         assert_eq!(config.protocol, OtlpProtocol::Grpc);
+        assert_eq!(
+            config.signal_protocol(Signal::Metrics),
+            OtlpProtocol::HttpProtobuf
+        );
+        assert_eq!(config.signal_protocol(Signal::Spans), OtlpProtocol::Grpc);
+        // And the traces one, over an HTTP default.
+        let traces = resolve(
+            OtlpSettings::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (
+                traces.signal_protocol(Signal::Metrics),
+                traces.signal_protocol(Signal::Spans)
+            ),
+            (OtlpProtocol::HttpProtobuf, OtlpProtocol::Grpc)
+        );
         assert_eq!(config.compression, OtlpCompression::Gzip);
         assert_eq!(config.timeout, Duration::from_millis(2_500));
         assert_eq!(
@@ -2673,6 +2729,11 @@ mod tests {
                 "neither milliseconds nor a duration",
             ),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "0", "more than 0"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "thrift",
+                "not one of grpc, http/protobuf",
+            ),
         ] {
             let error = resolve(
                 OtlpSettings::default(),

@@ -76,7 +76,9 @@ async fn assert_checkout_arrived(rotel: &Rotel, count: u64) {
             && metrics.names.iter().any(|name| name == RESPONSES_METRIC),
         "{metrics:?}"
     );
-    // The conventions' unit: seconds.
+    // The conventions' unit, seconds, and what made the data.
+    assert_eq!(metrics.attribute("telemetry.sdk.name"), Some("trazor"));
+    assert_eq!(metrics.attribute("telemetry.sdk.language"), Some("rust"));
     assert!(
         metrics
             .units
@@ -151,6 +153,30 @@ async fn gzip_reaches_rotel_over_grpc_and_over_http() {
         assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
         metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 2").await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_signal_can_have_its_own_protocol() {
+    // Metrics over HTTP to Rotel's HTTP port (the generic endpoint, /v1/metrics appended),
+    // spans over gRPC to its gRPC port (as a Tempo on :4317 beside a Mimir over HTTP). A
+    // signal sent with the other protocol would reach a port that does not speak it.
+    let rotel = Rotel::start();
+    let (grpc, stats) = collector(OtlpConfig {
+        traces_endpoint: Some(format!("http://127.0.0.1:{}", rotel.grpc_port)),
+        traces_protocol: Some(OtlpProtocol::Grpc),
+        ..OtlpConfig::new(format!("http://127.0.0.1:{}", rotel.http_port))
+    })
+    .await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![checkout_window(1, "checkout-1", window_end(), 4)],
+    )
+    .await;
+    assert_checkout_arrived(&rotel, 4).await;
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 2").await;
+    assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
+    metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 2").await;
 }
 
 /// Each request a `RecordingReceiver` received: when, and its metadata.
