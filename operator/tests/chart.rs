@@ -395,6 +395,23 @@ fn non_default_values_render_only_fields_kubernetes_knows() {
             "{expected} not in {args:?}"
         );
     }
+    // The feed's own token reaches the collector from its own Secret.
+    let collector: Deployment = find(&manifests, "Deployment", "obs-collector").typed();
+    let env = collector
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|pod| pod.containers[0].env.clone())
+        .unwrap_or_default();
+    let feed_token = env
+        .iter()
+        .find(|var| var.name == "TRAZOR_FEED_TOKEN")
+        .and_then(|var| var.value_from.as_ref())
+        .and_then(|from| from.secret_key_ref.as_ref())
+        .expect("TRAZOR_FEED_TOKEN from a Secret");
+    assert_eq!(
+        (feed_token.name.as_str(), feed_token.key.as_str()),
+        ("trazor-feed-viewers", "viewer-token")
+    );
 }
 
 #[test]

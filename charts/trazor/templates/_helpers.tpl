@@ -56,6 +56,15 @@
 {{- end }}
 {{- end }}
 
+{{- /* The Secret holding the feed and dashboard token; empty: the feed is open. */}}
+{{- define "trazor.feedAuthSecret" -}}
+{{- if .Values.auth.feed.existingSecret }}
+{{- .Values.auth.feed.existingSecret }}
+{{- else if .Values.auth.feed.token }}
+{{- printf "%s-feed-auth" (include "trazor.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{- define "trazor.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/part-of: trazor

@@ -127,41 +127,47 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// The next frame to write, in order: control frames, a close, a `missed` notice, the
-    /// replay, live items.
+    /// The next frame to write, if one is ready, in order: control frames, a close, a
+    /// `missed` notice, the replay, live items.
+    fn try_next(&self, encoding: Encoding) -> Option<Next> {
+        let mut state = self.lock();
+        if let Some(control) = state.control.pop_front() {
+            return Some(Next::Send(match control {
+                Control::Subscribed(frame) => frame.message(encoding),
+                Control::Other(message) => message,
+            }));
+        }
+        if let Some(close) = state.close.take() {
+            return Some(Next::Close(close));
+        }
+        let item = state.replay.pop_front().or_else(|| {
+            if state.missed > 0 {
+                None
+            } else {
+                state.live.pop_front()
+            }
+        });
+        if let Some(item) = item {
+            return Some(Next::Send(item_message(&item, encoding)));
+        }
+        if state.missed > 0 {
+            let missed = std::mem::take(&mut state.missed);
+            return Some(Next::Send(
+                ControlFrame::Missed {
+                    missed,
+                    missed_total: state.missed_total,
+                }
+                .message(encoding),
+            ));
+        }
+        None
+    }
+
+    /// The next frame to write, waiting for one.
     async fn next(&self, encoding: Encoding) -> Next {
         loop {
-            {
-                let mut state = self.lock();
-                if let Some(control) = state.control.pop_front() {
-                    return Next::Send(match control {
-                        Control::Subscribed(frame) => frame.message(encoding),
-                        Control::Other(message) => message,
-                    });
-                }
-                if let Some(close) = state.close.take() {
-                    return Next::Close(close);
-                }
-                let item = state.replay.pop_front().or_else(|| {
-                    if state.missed > 0 {
-                        None
-                    } else {
-                        state.live.pop_front()
-                    }
-                });
-                if let Some(item) = item {
-                    return Next::Send(item_message(&item, encoding));
-                }
-                if state.missed > 0 {
-                    let missed = std::mem::take(&mut state.missed);
-                    return Next::Send(
-                        ControlFrame::Missed {
-                            missed,
-                            missed_total: state.missed_total,
-                        }
-                        .message(encoding),
-                    );
-                }
+            if let Some(next) = self.try_next(encoding) {
+                return next;
             }
             // One waiter, so a notification sent while we were looking is kept as a
             // permit and this returns at once.
@@ -177,6 +183,10 @@ fn item_message(item: &FeedItem, encoding: Encoding) -> Message {
     }
 }
 
+/// Frames written before one flush at most: what is queued goes out in few system calls,
+/// and a long backlog still reaches the socket as it is written.
+const WRITE_BATCH: usize = 64;
+
 async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
     outbox: Arc<Outbox>,
@@ -184,20 +194,31 @@ async fn write_frames(
     feed: Arc<WindowFeed>,
 ) {
     loop {
-        match outbox.next(encoding).await {
-            Next::Send(message) => {
-                if sink.send(message).await.is_err() {
+        let mut next = Some(outbox.next(encoding).await);
+        let mut batched = 0;
+        while let Some(frame) = next.take() {
+            match frame {
+                Next::Send(message) => {
+                    if sink.feed(message).await.is_err() {
+                        return;
+                    }
+                    feed.feed_stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Next::Close(frame) => {
+                    if let Some(frame) = frame {
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                    }
+                    let _ = sink.close().await;
                     return;
                 }
-                feed.feed_stats.frames_sent.fetch_add(1, Ordering::Relaxed);
             }
-            Next::Close(frame) => {
-                if let Some(frame) = frame {
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                }
-                let _ = sink.close().await;
-                return;
+            batched += 1;
+            if batched < WRITE_BATCH {
+                next = outbox.try_next(encoding);
             }
+        }
+        if sink.flush().await.is_err() {
+            return;
         }
     }
 }
