@@ -207,14 +207,21 @@ function card(series, now) {
   const pick = (p) => showExemplars(series.name + ": requests of the window ending " +
     new Date(p.end).toLocaleTimeString([], { hour12: false }), p.exemplars);
   node.append(
-    text("div", "latency: p50 · p95 · p99", "legend"),
+    legend("latency (ms):", [["p50", "p50"], ["p95", "p95"], ["p99", "p99"]]),
     chart({ points: series.points, from, to: now, kind: "latency", unit: "ms", onPick: pick,
             lines: [{ key: "p50", className: "p50" }, { key: "p95", className: "p95" },
                     { key: "p99", className: "p99" }] }),
-    text("div", "requests/s (errors in red)", "legend"),
+    legend("requests/s:", [["all", "rps"], ["failed (5xx)", "err"]]),
     chart({ points: series.points, from, to: now, kind: "rate", unit: "/s", bars: true, onPick: pick,
             lines: [{ key: "rps", className: "rps" }, { key: "errorShare", className: "err" }] }),
   );
+  return node;
+}
+
+/** A chart's key: each series' name in its colour. */
+function legend(title, entries) {
+  const node = text("div", title, "legend");
+  for (const [name, className] of entries) node.append(" ", text("span", "■ " + name, "key " + className));
   return node;
 }
 
