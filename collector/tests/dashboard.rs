@@ -554,7 +554,7 @@ async fn the_page_reconnects_after_the_collector_restarts_and_refills_its_charts
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_feed_token_the_page_asks_for_it_and_then_shows_the_feed() {
-    let collector = CollectorProcess::start(Some("viewer-secret"), None);
+    let mut collector = CollectorProcess::start(Some("viewer-secret"), None);
     let url = format!("http://{}/", collector.http);
     let a1 = checkout("checkout-1", "node-a", window_end(1), vec![(1275, 30)], 0);
     send(&collector.grpc_url(), "agent-a", vec![a1.message(1)]).await;
@@ -606,6 +606,14 @@ async fn with_a_feed_token_the_page_asks_for_it_and_then_shows_the_feed() {
         "{address}"
     );
     page.screenshot("dashboard-after-login.png").await;
+
+    // The token changes (the collector restarts with a new Secret): the session no longer
+    // opens the feed, and the page goes back to the login page by itself.
+    collector.restart_with_feed_token(Some("rotated-secret"));
+    page.wait_for("login page after the token changed", has_form, |found| {
+        found == true
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

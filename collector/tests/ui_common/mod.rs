@@ -116,6 +116,13 @@ impl CollectorProcess {
         }
     }
 
+    /// Starts it again on the same ports (and state dir) with another feed token.
+    pub fn restart_with_feed_token(&mut self, token: Option<&str>) {
+        self.stop();
+        self.feed_token = token.map(str::to_owned);
+        self.spawn();
+    }
+
     /// Starts it again on the same ports (and state dir).
     pub fn restart(&mut self) {
         self.stop();
