@@ -187,9 +187,6 @@ impl IngestService {
         } else {
             self.stats.windows_merged.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(otlp) = &self.otlp {
-            otlp.export_exemplars(&window);
-        }
         self.feed.publish_window(agent_id, boot_id, window, late);
     }
 }
@@ -304,6 +301,15 @@ impl AgentStream {
                 }
                 accepted = window.sequence;
                 fresh.push(window);
+            }
+            // Exemplar spans are queued (and spooled, with a state dir) before the windows are
+            // journaled: a kill between the two sends them twice after the restart (the agent
+            // resends the unacknowledged windows), rather than never (a replayed window's
+            // exemplars are not exported again).
+            if let Some(otlp) = &service.otlp {
+                for window in &fresh {
+                    otlp.export_exemplars(window);
+                }
             }
             if let Some(journal) = &service.journal
                 && let Err(error) = journal.append(&self.agent_id, &self.boot_id, &fresh)

@@ -168,12 +168,13 @@ async fn batches_queued_or_in_flight_at_a_kill_arrive_after_the_restart() {
         !metrics.contains("trazor_collector_otlp_failures_total 0\n"),
         "no export attempt failed yet:\n{metrics}"
     );
-    // Window C, the next second: journaled and acknowledged, its aggregate still open
-    // (until 2 s after its end) when the collector is killed.
+    // Window C, three seconds later (so that on a slow machine too its aggregate is far
+    // from closing): journaled and acknowledged, its aggregate still open (until 2 s after
+    // its end) when the collector is killed.
     send(
         &first.grpc,
         "agent-a",
-        vec![window(2, end + 1_000_000_000, 7, 0)],
+        vec![window(2, end + 3_000_000_000, 7, 0)],
     )
     .await;
     first.kill();
@@ -181,7 +182,7 @@ async fn batches_queued_or_in_flight_at_a_kill_arrive_after_the_restart() {
     // The receiver comes up where the collector was sending; the collector comes back
     // after C's aggregate would have closed.
     let rotel = Rotel::start_on(rotel_grpc, rotel_http);
-    let closes = end + 3_000_000_000;
+    let closes = end + 5_000_000_000;
     let wait = closes.saturating_sub(unix_nanos());
     tokio::time::sleep(Duration::from_nanos(wait) + Duration::from_millis(300)).await;
     let second = Collector::start(&dir, rotel_grpc);
