@@ -88,7 +88,8 @@ impl SendTimes {
     }
 }
 
-/// What one subscriber saw: (sequence, latency in µs) per window.
+/// What one subscriber saw: (sequence, latency in µs) per window. Each subscriber has its
+/// own, so the lock is never contended.
 type Deliveries = Arc<Mutex<Vec<(u32, u32)>>>;
 
 fn window(sequence: u64, end_unix_nanos: u64) -> LatencyWindow {
@@ -176,14 +177,7 @@ impl Collector {
 
     /// utime + stime.
     fn cpu(&self) -> anyhow::Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after the command name (which may hold spaces), from field 3 on.
-        let after = stat.rsplit_once(')').context("bad stat")?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_second))
+        process_cpu(&self.pid.to_string())
     }
 
     async fn metric(&self, name: &str) -> anyhow::Result<u64> {
@@ -198,6 +192,18 @@ impl Collector {
             .and_then(|value| value.trim().parse().ok())
             .with_context(|| format!("no {name} in /metrics"))
     }
+}
+
+/// utime + stime of a process (`self` for this one).
+fn process_cpu(pid: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let after = stat.rsplit_once(')').context("bad stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_second))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -217,7 +223,9 @@ async fn start_collector(flags: &Flags) -> anyhow::Result<Collector> {
             "--grpc-listen",
             &grpc.to_string(),
         ])
-        .args(["--feed-max-connections", "5000", "--history", "20000"])
+        // A history that fills within the first phase, so that later growth of the RSS is
+        // the subscribers' and not the history still filling.
+        .args(["--feed-max-connections", "5000", "--history", "2000"])
         // The slow subscriber reads nothing (so answers no ping) for `slow_duration`; the
         // default heartbeat would close it after 30 s, which frees its memory. To measure
         // a slow client that stays, the bound here is longer than its pause.
@@ -260,7 +268,6 @@ async fn subscriber(
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
-    let mut local = Vec::new();
     while let Some(message) = socket.next().await {
         let received = Instant::now();
         let Message::Text(text) = message? else {
@@ -283,22 +290,15 @@ async fn subscriber(
             continue;
         };
         if let Some(latency) = times.latency_us(sequence, received) {
-            local.push((sequence as u32, latency));
-        }
-        if local.len() >= 256 {
             deliveries
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .append(&mut local);
+                .push((sequence as u32, latency));
         }
         if stop.load(Ordering::Relaxed) {
             break;
         }
     }
-    deliveries
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .append(&mut local);
     Ok(())
 }
 
@@ -325,15 +325,23 @@ struct Phase {
     narrow_p50: f64,
     narrow_p99: f64,
     cpu_cores: f64,
+    /// This process (the subscribers and the agent) over the phase.
+    bench_cpu_cores: f64,
     rss_max_mib: f64,
     dropped: u64,
 }
 
-fn latencies(deliveries: &[(u32, u32)], range: &std::ops::Range<u64>) -> Vec<u32> {
+fn latencies(deliveries: &[Deliveries], range: &std::ops::Range<u64>) -> Vec<u32> {
     let mut latencies: Vec<u32> = deliveries
         .iter()
-        .filter(|(sequence, _)| range.contains(&u64::from(*sequence)))
-        .map(|(_, latency)| *latency)
+        .flat_map(|one| {
+            one.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .filter(|(sequence, _)| range.contains(&u64::from(*sequence)))
+                .map(|(_, latency)| *latency)
+                .collect::<Vec<_>>()
+        })
         .collect();
     latencies.sort_unstable();
     latencies
@@ -421,23 +429,24 @@ async fn main() -> anyhow::Result<()> {
         rss_max_mib: collector.rss_kib()? as f64 / 1024.0,
         ..Default::default()
     };
-    alone.p50 = f64::NAN;
+    (alone.p50, alone.p99, alone.max) = (f64::NAN, f64::NAN, f64::NAN);
+    (alone.narrow_p50, alone.narrow_p99) = (f64::NAN, f64::NAN);
     publishing.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = collector.rss_kib()?;
 
     // Connect the subscribers (with publishing paused, so memory is the connections').
-    let deliveries: Deliveries = Arc::default();
-    let narrow: Deliveries = Arc::default();
+    let deliveries: Vec<Deliveries> = (0..flags.subscribers).map(|_| Arc::default()).collect();
+    let narrow: Vec<Deliveries> = vec![Arc::default()];
     let subscribed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let url = format!("ws://{}/ws?history=0&kind=windows", collector.http);
-    for _ in 0..flags.subscribers {
+    for one in &deliveries {
         tasks.push(tokio::spawn(subscriber(
             url.clone(),
             times.clone(),
-            deliveries.clone(),
+            one.clone(),
             subscribed.clone(),
             stop.clone(),
         )));
@@ -452,7 +461,7 @@ async fn main() -> anyhow::Result<()> {
     tasks.push(tokio::spawn(subscriber(
         narrow_url,
         times.clone(),
-        narrow.clone(),
+        narrow[0].clone(),
         subscribed.clone(),
         stop.clone(),
     )));
@@ -474,7 +483,7 @@ async fn main() -> anyhow::Result<()> {
     publishing.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fanout = run_phase(
-        "1 000 + 1 narrow subscribers",
+        &format!("{} + 1 narrow subscribers", flags.subscribers),
         &collector,
         &next_sequence,
         flags.duration,
@@ -485,13 +494,16 @@ async fn main() -> anyhow::Result<()> {
     let rss_after_fanout = collector.rss_kib()?;
 
     // Phase 3: plus one subscriber that stops reading.
+    let published_before = collector
+        .metric("trazor_collector_windows_published_total")
+        .await?;
     let mut slow = slow_subscriber(collector.http).await?;
     let dropped_before = collector
         .metric("trazor_collector_feed_dropped_total")
         .await?;
     let slow_first = next_sequence.load(Ordering::Relaxed);
-    let mut slowed = run_phase(
-        "… + 1 not reading for 60 s",
+    let slowed = run_phase(
+        &format!("… + 1 not reading for {} s", flags.slow_duration.as_secs()),
         &collector,
         &next_sequence,
         flags.slow_duration,
@@ -499,15 +511,34 @@ async fn main() -> anyhow::Result<()> {
         &narrow,
     )
     .await?;
-    slowed.dropped = collector
+    let slow_last = next_sequence.load(Ordering::Relaxed) - 1;
+    // The slow subscriber reads again, with no new windows: everything published since it
+    // connected is either received or reported missed, and the drops it is told of are
+    // all the collector counted (no other subscriber drops any).
+    publishing.store(false, Ordering::Relaxed);
+    let published_after = collector
+        .metric("trazor_collector_windows_published_total")
+        .await?;
+    let drain = drain_slow(&mut slow, slow_last).await?;
+    drop(slow);
+    let dropped_total = collector
         .metric("trazor_collector_feed_dropped_total")
         .await?
         - dropped_before;
-    let slow_last = next_sequence.load(Ordering::Relaxed) - 1;
+    // The same fan-out again once it is gone: a fair reference for the phase with it,
+    // whatever else the machine did meanwhile.
+    publishing.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = run_phase(
+        &format!("{} + 1 again, slow one gone", flags.subscribers),
+        &collector,
+        &next_sequence,
+        flags.duration,
+        &deliveries,
+        &narrow,
+    )
+    .await?;
     publishing.store(false, Ordering::Relaxed);
-    // The slow subscriber reads again: everything sent since it connected is either
-    // received or reported missed.
-    let (received, missed) = drain_slow(&mut slow, slow_last).await?;
     stop.store(true, Ordering::Relaxed);
     let mut collector = collector;
     let _ = collector.child.kill().await;
@@ -533,7 +564,7 @@ async fn main() -> anyhow::Result<()> {
         "A real `trazor-collector` process; one agent streams realistic windows (pod identity, route, 3 quantiles, 40-bucket histogram, an exemplar; about 1.2 KB of JSON each) over loopback gRPC at {} windows/s, spread over {} namespaces × {} workloads; aggregates close 30 s after their 10 s window and go out too. {} subscribers take every window (`?kind=windows`), one takes a narrow filter (`namespace=ns-7`, 1 window in {}), all in this benchmark process on the same two cores as the collector. Latency = from just before the agent's gRPC send to the subscriber's receipt of the frame, over every delivery in the phase. Memory = the collector's RSS; CPU = its utime + stime over wall time.\n",
         flags.rate, NAMESPACES, WORKLOADS, flags.subscribers, NAMESPACES
     );
-    let phases = [&alone, &fanout, &slowed];
+    let phases = [&alone, &fanout, &slowed, &after];
     let _ = writeln!(
         report,
         "| | {} |\n|---|{}",
@@ -602,12 +633,23 @@ async fn main() -> anyhow::Result<()> {
     row(&mut report, "collector CPU", &|phase| {
         format!("{:.2} cores", phase.cpu_cores)
     });
+    row(
+        &mut report,
+        "this benchmark's CPU (agent + subscribers)",
+        &|phase| {
+            if phase.bench_cpu_cores == 0.0 {
+                "—".to_owned()
+            } else {
+                format!("{:.2} cores", phase.bench_cpu_cores)
+            }
+        },
+    );
     row(&mut report, "collector RSS (max sampled)", &|phase| {
         format!("{:.1} MiB", phase.rss_max_mib)
     });
     row(
         &mut report,
-        "frames dropped (slow subscriber's queue)",
+        "items dropped from subscribers' queues",
         &|phase| phase.dropped.to_string(),
     );
     let _ = writeln!(report);
@@ -631,26 +673,34 @@ async fn main() -> anyhow::Result<()> {
     );
     let _ = writeln!(
         report,
-        "- **Slow subscriber**: stopped reading for {} s (socket receive buffer 4 KiB, queue `--feed-queue` 4 096); its queue dropped {} frames, counted in `trazor_collector_feed_dropped_total`. When it read again it got {} windows and `missed` frames totalling {}: {} of the {} windows published while it was connected (every one accounted for: {}).",
+        "- **Slow subscriber** (no filter: windows and aggregates, like a dashboard tab): stopped reading for {} s (socket receive buffer 4 KiB; the collector's queue for it `--feed-queue` 4 096 items, plus what the kernel's socket buffers hold). Its queue dropped {} items, all counted in `trazor_collector_feed_dropped_total`. When it read again it got {} windows and {} aggregates, windows in publish order: {}, and `missed` frames totalling {} (equal to the collector's drop count: {}). Received + missed = {} of the {} items the collector published while it was connected (read from `/metrics` around its connect and the end, so a few items apart; {} of them windows).",
         flags.slow_duration.as_secs(),
-        slowed.dropped,
-        received,
-        missed,
-        received + missed,
-        slow_last + 1 - slow_first,
-        if received + missed >= slow_last + 1 - slow_first {
+        dropped_total,
+        drain.windows,
+        drain.aggregates,
+        if drain.in_order { "yes" } else { "NO" },
+        drain.missed,
+        if drain.missed == dropped_total {
             "yes"
         } else {
             "NO"
-        }
+        },
+        drain.windows + drain.aggregates + drain.missed,
+        published_after - published_before,
+        slow_last + 1 - slow_first,
     );
     let _ = writeln!(
         report,
-        "- The others' latency with the slow subscriber: p99 {} vs {} without; the collector's RSS peaked at {:.1} MiB vs {:.1} MiB.",
+        "- The others' latency with the slow subscriber: p50 {} and p99 {}, against {} and {} before it and {} and {} after it; the collector's RSS peaked at {:.1} MiB with it, {:.1} MiB before and {:.1} MiB after.",
+        ms(slowed.p50),
         ms(slowed.p99),
+        ms(fanout.p50),
         ms(fanout.p99),
+        ms(after.p50),
+        ms(after.p99),
         slowed.rss_max_mib,
-        fanout.rss_max_mib
+        fanout.rss_max_mib,
+        after.rss_max_mib,
     );
     print!("{report}");
     if let Some(path) = &flags.output {
@@ -668,14 +718,18 @@ async fn run_phase(
     collector: &Collector,
     next_sequence: &AtomicU64,
     duration: Duration,
-    deliveries: &Deliveries,
-    narrow: &Deliveries,
+    deliveries: &[Deliveries],
+    narrow: &[Deliveries],
 ) -> anyhow::Result<Phase> {
     let first = next_sequence.load(Ordering::Relaxed);
+    let dropped_start = collector
+        .metric("trazor_collector_feed_dropped_total")
+        .await?;
     let frames_start = collector
         .metric("trazor_collector_feed_frames_sent_total")
         .await?;
     let cpu_start = collector.cpu()?;
+    let bench_cpu_start = process_cpu("self")?;
     let start = Instant::now();
     let mut rss_max = 0;
     while start.elapsed() < duration {
@@ -684,19 +738,21 @@ async fn run_phase(
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = collector.cpu()? - cpu_start;
+    let bench_cpu = process_cpu("self")? - bench_cpu_start;
     let frames_sent = collector
         .metric("trazor_collector_feed_frames_sent_total")
         .await?
         - frames_start;
+    let dropped = collector
+        .metric("trazor_collector_feed_dropped_total")
+        .await?
+        - dropped_start;
     let last = next_sequence.load(Ordering::Relaxed);
     // Give the last windows time to arrive everywhere.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let range = first..last;
-    let all = latencies(
-        &deliveries.lock().unwrap_or_else(|p| p.into_inner()),
-        &range,
-    );
-    let narrow = latencies(&narrow.lock().unwrap_or_else(|p| p.into_inner()), &range);
+    let all = latencies(deliveries, &range);
+    let narrow = latencies(narrow, &range);
     Ok(Phase {
         name: name.to_owned(),
         windows: last - first,
@@ -710,8 +766,9 @@ async fn run_phase(
         narrow_p50: percentile_ms(&narrow, 0.5),
         narrow_p99: percentile_ms(&narrow, 0.99),
         cpu_cores: cpu.as_secs_f64() / seconds,
+        bench_cpu_cores: bench_cpu.as_secs_f64() / seconds,
         rss_max_mib: rss_max as f64 / 1024.0,
-        dropped: 0,
+        dropped,
     })
 }
 
@@ -723,7 +780,7 @@ async fn slow_subscriber(http: SocketAddr) -> anyhow::Result<RawSocket> {
     socket.set_recv_buffer_size(4_096)?;
     let mut stream = socket.connect(http).await?;
     let request = format!(
-        "GET /ws?history=0&kind=windows HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\n\
+        "GET /ws?history=0 HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          Sec-WebSocket-Version: 13\r\n\r\n"
     );
@@ -743,9 +800,25 @@ async fn slow_subscriber(http: SocketAddr) -> anyhow::Result<RawSocket> {
     Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await)
 }
 
-/// Reads the slow subscriber until window `last`: (windows received, missed reported).
-async fn drain_slow(socket: &mut RawSocket, last: u64) -> anyhow::Result<(u64, u64)> {
-    let (mut received, mut missed) = (0, 0);
+/// What the slow subscriber got once it read again.
+struct SlowDrain {
+    windows: u64,
+    aggregates: u64,
+    /// Sum of its `missed` frames.
+    missed: u64,
+    /// Window sequences strictly increasing (nothing repeated, publish order kept).
+    in_order: bool,
+}
+
+/// Reads the slow subscriber until window `last`.
+async fn drain_slow(socket: &mut RawSocket, last: u64) -> anyhow::Result<SlowDrain> {
+    let mut drain = SlowDrain {
+        windows: 0,
+        aggregates: 0,
+        missed: 0,
+        in_order: true,
+    };
+    let mut previous = 0;
     loop {
         let Some(message) = tokio::time::timeout(Duration::from_secs(30), socket.next())
             .await
@@ -758,11 +831,15 @@ async fn drain_slow(socket: &mut RawSocket, last: u64) -> anyhow::Result<(u64, u
         };
         let json: serde_json::Value = serde_json::from_str(text.as_str())?;
         match json["type"].as_str() {
-            Some("missed") => missed += json["missed"].as_u64().unwrap_or(0),
+            Some("missed") => drain.missed += json["missed"].as_u64().unwrap_or(0),
+            Some("aggregate") => drain.aggregates += 1,
             Some("window") => {
-                received += 1;
-                if json["sequence"].as_u64() >= Some(last) {
-                    return Ok((received, missed));
+                drain.windows += 1;
+                let sequence = json["sequence"].as_u64().unwrap_or(0);
+                drain.in_order &= sequence > previous;
+                previous = sequence;
+                if sequence >= last {
+                    return Ok(drain);
                 }
             }
             _ => {}
