@@ -22,6 +22,16 @@
 #      millicores per 10 000 req/s (target <= 25), RSS (target <= 30 MiB); plus the run time
 #      of the eBPF program itself (kernel.bpf_stats_enabled), which the kernel charges to
 #      the traced processes (nginx, the load generator), not to the agent.
+#   4. Kernel time per traced request on each side (trazor-bench-kernel): a client and a
+#      server process, each in a cgroup of its own, one receive and one send per request on
+#      each side, at BENCH_KERNEL_RATE req/s (a new path each request, so each is parsed
+#      and hashed); the programs' run_time_ns / run_cnt with the server selected, the client
+#      selected, and neither (the filter's cost per call for a process outside the
+#      selection), and of an empty program (what the run statistics add to each call).
+#      Also each program's size.
+#   5. nginx throughput with the agent process absent vs present, as a user compares it:
+#      wrk alone, then with `trazor-node-agent` started (standalone: every process traced),
+#      alternated BENCH_AGENT_CYCLES times, BENCH_AGENT_SECONDS of wrk each.
 #
 # Prints a table and writes it, with the command, date and machine, to
 # bench/results/capture.md. Run as root. Knobs (environment):
@@ -30,6 +40,8 @@
 #   BENCH_CONNECTIONS=16  wrk connections (one wrk thread, one nginx worker)
 #   BENCH_RATE=5000       req/s for the agent CPU/RSS measurement
 #   BENCH_RATE_SECONDS=10 seconds of it
+#   BENCH_KERNEL_CYCLES=30 BENCH_KERNEL_RATE=5000  part 4's cycles and request rate
+#   BENCH_AGENT_CYCLES=8 BENCH_AGENT_SECONDS=3     part 5's cycles and wrk seconds per run
 #   BENCH_SKIP_BUILD=1    use the release binaries already built
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +53,10 @@ SETTLE_MS=${BENCH_SETTLE_MS:-20}
 CONNECTIONS=${BENCH_CONNECTIONS:-16}
 RATE=${BENCH_RATE:-5000}
 RATE_SECONDS=${BENCH_RATE_SECONDS:-10}
+KERNEL_CYCLES=${BENCH_KERNEL_CYCLES:-30}
+KERNEL_RATE=${BENCH_KERNEL_RATE:-5000}
+AGENT_CYCLES=${BENCH_AGENT_CYCLES:-8}
+AGENT_SECONDS=${BENCH_AGENT_SECONDS:-3}
 
 say() { printf '\033[1;34m[bench]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[bench] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -53,7 +69,7 @@ if [ "${BENCH_SKIP_BUILD:-0}" = "0" ]; then
     cargo build --release --locked -p trazor-node-agent -p trazor-collector -p trazor-e2e >&2
 fi
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-for binary in trazor-node-agent trazor-bench-overhead trazor-collector trazor-sample-client; do
+for binary in trazor-node-agent trazor-bench-overhead trazor-bench-kernel trazor-collector trazor-sample-client; do
     [ -x "$BIN/$binary" ] || die "$BIN/$binary missing: build it (cargo build --release)"
 done
 
@@ -63,6 +79,8 @@ CGROUP2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
 [ -n "$CGROUP2" ] || die "no cgroup2 mount: the benchmark selects nginx by its cgroup"
 SERVER_CGROUP="$CGROUP2/trazor-bench-server-$$"
 CLIENT_CGROUP="$CGROUP2/trazor-bench-client-$$"
+KERNEL_SERVER_CGROUP="$CGROUP2/trazor-bench-kernel-server-$$"
+KERNEL_CLIENT_CGROUP="$CGROUP2/trazor-bench-kernel-client-$$"
 NGINX_PID="" COLLECTOR_PID="" AGENT_PID="" WRK_PID=""
 STATS_BEFORE=$(sysctl -n kernel.bpf_stats_enabled)
 
@@ -73,7 +91,7 @@ cleanup() {
     [ -n "$COLLECTOR_PID" ] && kill "$COLLECTOR_PID" 2>/dev/null && wait "$COLLECTOR_PID" 2>/dev/null
     sysctl -q -w kernel.bpf_stats_enabled="$STATS_BEFORE" >/dev/null 2>&1 || true
     sleep 0.2
-    rmdir "$SERVER_CGROUP" "$CLIENT_CGROUP" 2>/dev/null || true
+    rmdir "$SERVER_CGROUP" "$CLIENT_CGROUP" "$KERNEL_SERVER_CGROUP" "$KERNEL_CLIENT_CGROUP" 2>/dev/null || true
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -88,7 +106,7 @@ free_port() {
 
 # --- nginx: one worker, sendfile, a small static file (per-request cost dominates) -------
 NGINX_PORT=$(free_port)
-mkdir -p "$RUN/html" "$SERVER_CGROUP" "$CLIENT_CGROUP"
+mkdir -p "$RUN/html" "$SERVER_CGROUP" "$CLIENT_CGROUP" "$KERNEL_SERVER_CGROUP" "$KERNEL_CLIENT_CGROUP"
 head -c 1024 /dev/zero | tr '\0' 'x' > "$RUN/html/index.html"
 chmod -R a+rX "$RUN/html"
 cat > "$RUN/nginx.conf" <<CONF
@@ -250,9 +268,65 @@ BPF_MC=$(awk -v n=$((bpf_after - bpf_before)) -v s="$ELAPSED_S" -v r="$ACTUAL_RA
     'BEGIN { printf "%.1f", (n / 1e9) / s * 1000 / (r / 10000) }')
 RSS_MIB=$(awk -v k="$RSS_KIB" 'BEGIN { printf "%.1f", k / 1024 }')
 HWM_MIB=$(awk -v k="$HWM_KIB" 'BEGIN { printf "%.1f", k / 1024 }')
+TOTAL_MC=$(awk -v a="$AGENT_MC" -v b="$BPF_MC" 'BEGIN { printf "%.1f", a + b }')
+
+# --- 4. kernel time per traced request, each side ----------------------------------------
+say "kernel time per traced request, server and client side ($KERNEL_CYCLES cycles at $KERNEL_RATE req/s)"
+KERNEL=$("$BIN/trazor-bench-kernel" --server-cgroup "$KERNEL_SERVER_CGROUP" \
+    --client-cgroup "$KERNEL_CLIENT_CGROUP" --cycles "$KERNEL_CYCLES" --rate "$KERNEL_RATE")
+echo "$KERNEL" >&2
+kernel_figure() { awk -v name="$1" '$1 == name { print $2 }' <<<"$KERNEL"; }
+SERVER_SIDE_NS=$(kernel_figure server_side_ns_per_request)
+CLIENT_SIDE_NS=$(kernel_figure client_side_ns_per_request)
+FILTER_CALL_NS=$(kernel_figure not_selected_ns_per_call)
+FLOOR_CALL_NS=$(kernel_figure floor_ns_per_call)
+[ -n "$SERVER_SIDE_NS" ] && [ -n "$CLIENT_SIDE_NS" ] && [ -n "$FILTER_CALL_NS" ] \
+    || die "could not read trazor-bench-kernel's figures"
+KERNEL_MODES=$(grep '^|' <<<"$KERNEL")
+PROGRAM_SIZES=$(awk '$1 == "program" && $2 != "floor" { printf "%s%s %s instructions (%s bytes), JIT %s bytes", sep, $2, $6, $4, $8; sep = "; " }' <<<"$KERNEL")
+
+# --- 5. nginx throughput, agent process absent vs present --------------------------------
+say "nginx throughput with the agent absent vs present ($AGENT_CYCLES cycles of ${AGENT_SECONDS}s wrk runs)"
+wrk_rate() {
+    sh -c 'echo $$ > "$1/cgroup.procs" && exec wrk -t1 -c"$2" -d"$3s" "$4"' wrk \
+        "$CLIENT_CGROUP" "$CONNECTIONS" "$AGENT_SECONDS" "$URL" | awk '/^Requests\/sec:/ { print $2 }'
+}
+AGENT_RATIOS=()
+for cycle in $(seq "$AGENT_CYCLES"); do
+    # Alternate which comes first, so a drifting host favours neither.
+    if [ $((cycle % 2)) -eq 1 ]; then
+        absent=$(wrk_rate)
+        start_agent
+        present=$(wrk_rate)
+        stop_agent
+    else
+        start_agent
+        present=$(wrk_rate)
+        stop_agent
+        absent=$(wrk_rate)
+    fi
+    [ -n "$absent" ] && [ -n "$present" ] || die "wrk printed no rate"
+    AGENT_RATIOS+=("$(awk -v a="$present" -v b="$absent" 'BEGIN { printf "%.4f", a / b }')")
+    say "cycle $cycle: absent $absent req/s, present $present req/s"
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.4f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+THR_AGENT=$(median "${AGENT_RATIOS[@]}")
+AGENT_RATIO_LIST=$(printf '%s ' "${AGENT_RATIOS[@]}")
 
 # --- table -----------------------------------------------------------------------------
 verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == ">=") ? v >= t : v <= t; print ok ? "PASS" : "FAIL" }'; }
+ISSUE_TABLE=$(cat <<TABLE
+| figure | value | target | result |
+|---|---|---|---|
+| kernel time per traced request, server side (receive + send programs, run_time_ns / run_cnt, one receive and one send per request at $KERNEL_RATE req/s; part 4; of which the run statistics' own clock reads, an empty program's run time: 2 × $FLOOR_CALL_NS ns) | $SERVER_SIDE_NS ns | <= 500 ns | $(verdict "$SERVER_SIDE_NS" "<=" 500) |
+| same, client side | $CLIENT_SIDE_NS ns | <= 500 ns | $(verdict "$CLIENT_SIDE_NS" "<=" 500) |
+| kernel time per socket call of a process outside the selection (part 4, another cgroup selected; an empty program measures $FLOOR_CALL_NS ns) | $FILTER_CALL_NS ns | <= 60 ns | $(verdict "$FILTER_CALL_NS" "<=" 60) |
+| total CPU per 10 000 req/s, agent ($AGENT_MC) + eBPF run time charged to the traced processes ($BPF_MC), both sides traced (part 3) | $TOTAL_MC mc | <= 10 mc | $(verdict "$TOTAL_MC" "<=" 10) |
+| nginx throughput traced / untraced (part 1) | $THR_TRACED | >= 0.97 | $(verdict "$THR_TRACED" ">=" 0.97) |
+| nginx throughput, agent process absent vs present (standalone agent, every process traced; median of $AGENT_CYCLES paired wrk runs: $AGENT_RATIO_LIST) | $THR_AGENT | >= 0.95 | $(verdict "$THR_AGENT" ">=" 0.95) |
+| program sizes after the verifier (instructions = translated bytes / 8) | $PROGRAM_SIZES | (reported) | - |
+TABLE
+)
 TABLE=$(cat <<TABLE
 | measurement | value | target | result |
 |---|---|---|---|
@@ -270,6 +344,8 @@ TABLE=$(cat <<TABLE
 | agent peak RSS since start (VmHWM: includes loading the eBPF object), MiB | $HWM_MIB | <= 30 | $(verdict "$HWM_MIB" "<=" 30) |
 TABLE
 )
+echo
+echo "$ISSUE_TABLE"
 echo
 echo "$TABLE"
 echo
@@ -289,7 +365,17 @@ mkdir -p bench/results
     echo "- throughput: nginx's stub_status request counter at each slot's start and end; ratio = a mode's slot / the same cycle's untraced slot, median over the cycles (25th-75th percentile in the detail below)"
     echo "- agent CPU: on-CPU time (user + kernel) of all agent threads from /proc/PID/task/*/schedstat; eBPF run time: \`run_time_ns\` of the agent's programs with \`kernel.bpf_stats_enabled=1\`, fixed rate from \`trazor-sample-client --rate $RATE --concurrency 8\` (keep-alive), agent tracing every process"
     echo
+    echo "Issue 16's figures (kernel cost per traced request), side by side:"
+    echo
+    echo "$ISSUE_TABLE"
+    echo
+    echo "All figures:"
+    echo
     echo "$TABLE"
+    echo
+    echo "Kernel time per request, per mode (part 4: trazor-bench-kernel, $KERNEL_CYCLES cycles at $KERNEL_RATE req/s; medians over the cycles):"
+    echo
+    echo "$KERNEL_MODES"
     echo
     echo "Throughput and latency detail (CPU ns/request: nginx's cgroup; probe: one request per ms on its own keep-alive connection, p99 over every measured slot of the mode):"
     echo

@@ -1300,6 +1300,61 @@ impl Drop for OwnCgroup {
     }
 }
 
+/// A keep-alive connection whose requests switch between paths (a load balancer's): each
+/// request is counted under its own route, whether it begins with the very bytes of the
+/// connection's previous request (the kernel keeps that request's route without parsing or
+/// hashing again) or differs from it anywhere in its head (a character late in the path, an
+/// id, a segment that is not an id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_requests_switching_paths_count_under_their_own_routes() {
+    if !require_ebpf_privileges("keep_alive_requests_switching_paths_count_under_their_own_routes")
+    {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), false).await;
+    let scratch = Scratch::new("switching");
+    let server = TimedServer::start(&scratch, "switching", &["--delay", "1ms"]);
+    let mut connection = RawConnection::open(server.server.address);
+    let sequence = [
+        "/alpha",
+        "/alpha",
+        "/alphb",
+        "/alpha",
+        "/users/1",
+        "/users/2",
+        "/users/2",
+        "/users/me",
+        "/alpha",
+    ];
+    for _ in 0..5 {
+        for path in sequence {
+            connection.send(&[&request(path)], Duration::ZERO);
+            assert_eq!(connection.response(), 200, "{path}");
+        }
+    }
+    capture.settle().await;
+    let windows = capture.windows(server.pid(), Direction::Server);
+    let served = |route: &str| {
+        windows
+            .iter()
+            .filter(|window| window.route == route)
+            .map(|window| stats(window).count)
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (
+            served("/alpha"),
+            served("/alphb"),
+            served("/users/{id}"),
+            served("/users/me")
+        ),
+        (20, 5, 15, 5),
+        "{windows:?}"
+    );
+    assert_eq!(capture.count(server.pid(), Direction::Server), 45);
+}
+
 fn kernel_drops(capture: &Capture, reason: &str) -> u64 {
     let drops = capture.agent.telemetry.kernel_drops();
     drops

@@ -41,7 +41,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
         generated::{self, bpf_get_current_task_btf, bpf_task_pt_regs},
     },
@@ -51,9 +51,9 @@ use aya_ebpf::{
 };
 use trazor_node_agent_ebpf_common::{
     AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, CgroupRule,
-    Connection, Direction, IGNORED_CONNECTION, PATH_LEN, PortKey, RequestEvent, SeriesKey,
-    SeriesTotals, bucket_index, cgroup_slot, connection_count, drop_reason, event_flag, method,
-    peer_hash, route_hash,
+    Connection, Direction, HEAD_LEN, IGNORED_CONNECTION, PATH_LEN, PortKey, RequestEvent,
+    SeriesKey, SeriesTotals, bucket_index, cgroup_slot, connection_count, drop_reason, event_flag,
+    method, peer_hash, route_hash_at,
 };
 
 /// Connections traced at once by default (the agent can load the map with another size):
@@ -220,10 +220,9 @@ impl SavedRegisters {
 
 /// Bytes of a response inspected: enough for "HTTP/1.1 200".
 const STATUS_LEN: usize = 16;
-/// Bytes of a request inspected, in one read: the longest "METHOD " ("OPTIONS ", 8 bytes)
-/// and the path after it. Each read of user memory costs about as much as a hash lookup,
-/// so the request line is read once, not once for the method and again for the path.
-const HEAD_LEN: usize = 8 + PATH_LEN;
+// A request's head (HEAD_LEN bytes) is read in one read: each read of user memory costs
+// about as much as a hash lookup, so the request line is read once, not once for the
+// method and again for the path.
 /// Offset of `skc_v6_daddr` in `struct sock_common`: after the head, `skc_bind_node`,
 /// `skc_prot` and `skc_net` (a pointer: network namespaces, which Kubernetes needs), stable
 /// since Linux 3.13 (checked against this kernel's BTF when it was written).
@@ -439,30 +438,51 @@ fn is_interim(status: u16) -> bool {
     (100..200).contains(&status) && status != 101
 }
 
+/// Words of a request's head.
+const HEAD_WORDS: usize = HEAD_LEN / 8;
+
 /// Marks `connection` as carrying the request `head` began, started at `start`.
 #[inline(always)]
 fn start_request(connection: *mut Connection, head: &RequestHead, start: u64) {
     // SAFETY: a valid map value pointer for the duration of this program.
     let connection = unsafe { &mut *connection };
-    // A helper copies the path from its variable offset: unrolled byte copies would double
-    // the program's size, and its code competes with the server's for the CPU's caches.
-    // Bounded again here for the verifier (it loses the bound through the stack).
-    let path_offset = usize::from(head.path_offset).min(HEAD_LEN - PATH_LEN);
-    // SAFETY: `path_offset` <= HEAD_LEN - PATH_LEN, so the source is within `head`.
-    if !head.path_known
-        || unsafe {
-            bpf_probe_read_kernel_buf(head.bytes.as_ptr().add(path_offset), &mut connection.path)
-        }
-        .is_err()
-    {
-        connection.path = [0; PATH_LEN];
-    }
-    let (route, len) = route_hash(&connection.path);
-    connection.route = route;
-    connection.path_len = len as u8;
-    connection.method = head.method;
     connection.request_start_nanos = start;
     connection.batch_start_nanos = start;
+    // Both heads are 8-byte aligned (`RequestHead` is align(8); `head` sits at offset 32 of
+    // the map value), so they compare and copy a word at a time, without a helper.
+    let stored = connection.head.as_mut_ptr() as *mut u64;
+    let received = head.bytes.as_ptr() as *const u64;
+    if head.path_known {
+        let mut same = true;
+        for word in 0..HEAD_WORDS {
+            // SAFETY: word < HEAD_WORDS, within both heads.
+            same &= unsafe { *stored.add(word) == *received.add(word) };
+        }
+        // The same bytes as the connection's last request: the same method and path, so
+        // the same route (a keep-alive client repeating itself). Nothing to parse or hash.
+        if same {
+            return;
+        }
+        for word in 0..HEAD_WORDS {
+            // SAFETY: as above.
+            unsafe { *stored.add(word) = *received.add(word) };
+        }
+    } else {
+        // The method alone (the buffer ended too close to unmapped memory for the long
+        // read): an empty path, and a head that no request will match.
+        connection.head[0] = 0;
+    }
+    // Bounded again here for the verifier (it loses the bound through the stack).
+    let path_offset = usize::from(head.path_offset).min(HEAD_LEN - PATH_LEN);
+    let (route, len) = if head.path_known {
+        route_hash_at(&connection.head, path_offset)
+    } else {
+        route_hash_at(&[0u8; 1], 0)
+    };
+    connection.route = route;
+    connection.path_len = len as u8;
+    connection.path_offset = path_offset as u8;
+    connection.method = head.method;
 }
 
 /// What is traced of the current process's cgroup.
@@ -553,8 +573,9 @@ fn track_connection(
         method: method::UNKNOWN,
         path_len: 0,
         peer_ipv6: 0,
-        _pad: [0; 2],
-        path: [0; PATH_LEN],
+        path_offset: 0,
+        _pad: 0,
+        head: [0; HEAD_LEN],
         peer_addr6: [0; 16],
     };
     if direction == Direction::Client {
@@ -889,6 +910,28 @@ fn emit(
         count_drop(drop_reason::EVENT_RING_FULL);
         return;
     };
+    // The path, from where it lies in the connection's head (a helper: the offset varies).
+    // Not cleared first (a byte-by-byte memset): the helper writes every byte, zeros on
+    // failure.
+    let path_offset = usize::from(connection.path_offset).min(HEAD_LEN - PATH_LEN);
+    let mut path = MaybeUninit::<[u8; PATH_LEN]>::uninit();
+    // SAFETY: `path_offset` <= HEAD_LEN - PATH_LEN, so the source is within the head; the
+    // helper checks the kernel address and writes PATH_LEN bytes into `path`.
+    let copied = unsafe {
+        generated::bpf_probe_read_kernel(
+            path.as_mut_ptr().cast(),
+            PATH_LEN as u32,
+            connection.head.as_ptr().add(path_offset).cast(),
+        )
+    } == 0;
+    // A head starting with 0 holds no path (see `start_request`).
+    let path_len = if copied && connection.head[0] != 0 {
+        connection.path_len
+    } else {
+        0
+    };
+    // SAFETY: every byte written by the helper, as above.
+    let path = unsafe { path.assume_init() };
     entry.write(RequestEvent {
         series,
         start_nanos: start,
@@ -896,8 +939,8 @@ fn emit(
         tid: bpf_get_current_pid_tgid() as u32,
         status,
         flags,
-        path_len: connection.path_len,
-        path: connection.path,
+        path_len,
+        path,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         peer_addr6: connection.peer_addr6,
     });

@@ -51,6 +51,20 @@ pub struct ClosedSeries {
     pub buckets: BTreeMap<i32, u64>,
 }
 
+/// One program's run statistics and sizes, as the kernel reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    /// Time spent running it, summed over calls (kernel statistics on only).
+    pub run_time_nanos: u64,
+    /// Calls counted while the statistics were on.
+    pub run_count: u64,
+    /// Size of its eBPF code after the verifier's rewrites (8 bytes per instruction).
+    pub translated_bytes: u32,
+    /// Size of its JIT-compiled machine code.
+    pub jitted_bytes: u32,
+}
+
 /// Connections the kernel tracks at once unless told otherwise (about 5 MiB of kernel
 /// memory).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 32_768;
@@ -612,6 +626,34 @@ impl KernelCapture {
             }
         }
         Ok(closed.into_values().collect())
+    }
+
+    /// Run statistics and sizes of each of [`PROGRAMS`] and of [`FLOOR`], for benchmarks.
+    /// Run time and count grow only while the kernel's statistics are on
+    /// (`kernel.bpf_stats_enabled`, or [`aya::sys::enable_stats`] held open).
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        PROGRAMS
+            .iter()
+            .chain([&FLOOR])
+            .map(|&name| {
+                let info = self
+                    .ebpf
+                    .program(name)
+                    .ok_or_else(|| Error::MissingInObject {
+                        kind: "program",
+                        name: name.to_owned(),
+                    })?
+                    .info()
+                    .map_err(Error::program(name))?;
+                Ok(ProgramStats {
+                    name,
+                    run_time_nanos: info.run_time().as_nanos() as u64,
+                    run_count: info.run_count(),
+                    translated_bytes: info.size_translated().unwrap_or(0),
+                    jitted_bytes: info.size_jitted(),
+                })
+            })
+            .collect()
     }
 
     /// Kernel-side drop counters, summed over CPUs, by [`drop_reason`] name.

@@ -256,6 +256,10 @@ pub const IGNORED_CONNECTION: u8 = 0;
 /// Bytes of a request path kept for routes and exemplars.
 pub const PATH_LEN: usize = 64;
 
+/// Bytes of a request inspected, in one read: the longest "METHOD " ("OPTIONS ", 8 bytes)
+/// and the path after it.
+pub const HEAD_LEN: usize = 8 + PATH_LEN;
+
 /// Flags of a [`RequestEvent`].
 pub mod event_flag {
     /// First request of its series in this window: carries the path the route hash stands for.
@@ -308,13 +312,23 @@ pub fn peer_hash(address: &[u8; 16]) -> u32 {
 /// are folded in user space, when routes are named.)
 #[inline(always)]
 pub fn route_hash(path: &[u8; PATH_LEN]) -> (u32, usize) {
+    route_hash_at(path, 0)
+}
+
+/// [`route_hash`] of the (at most [`PATH_LEN`]) bytes of `bytes` from `start` on, which
+/// stops at the end of `bytes` too: so the kernel hashes a request's path where it lies in
+/// the request's head, without copying it out first.
+#[inline(always)]
+pub fn route_hash_at<const N: usize>(bytes: &[u8; N], start: usize) -> (u32, usize) {
     let mut hash = FNV_OFFSET;
     let mut segment = FNV_OFFSET;
     let mut all_digits = 1u32;
     let mut non_empty = 0u32;
     let mut index = 0usize;
     while index < PATH_LEN {
-        let byte = path[index];
+        let Some(&byte) = bytes.get(start + index) else {
+            break;
+        };
         if byte == b'?'
             || byte == b'#'
             || byte == b' '
@@ -430,12 +444,19 @@ pub struct Connection {
     pub direction: u8,
     /// One of [`method`].
     pub method: u8,
-    /// Valid bytes in `path`.
+    /// Bytes of the path (from `path_offset` in `head`) that `route` hashed.
     pub path_len: u8,
     /// Client side: 1 when the peer is an IPv6 address (see [`SeriesKey::peer_ipv6`]).
     pub peer_ipv6: u8,
-    pub _pad: [u8; 2],
-    pub path: [u8; PATH_LEN],
+    /// Where the path starts in `head` (the length of "METHOD ").
+    pub path_offset: u8,
+    pub _pad: u8,
+    /// The first [`HEAD_LEN`] bytes of the current request as received (server side) or
+    /// sent (client side). The next request on the connection is compared with them: when
+    /// it begins with the very same bytes (a keep-alive client asking for the same path
+    /// again), `method`, `route` and `path_len` stand as they are, and nothing is parsed,
+    /// copied or hashed again. A head that starts with 0 matches no request.
+    pub head: [u8; HEAD_LEN],
     /// Client side: the peer's IPv6 address when `peer_ipv6` is 1.
     pub peer_addr6: [u8; 16],
 }
@@ -541,7 +562,7 @@ mod tests {
         );
         assert_eq!(
             size_of::<Connection>(),
-            8 + 8 + 4 + 4 + 2 + 1 + 1 + 1 + 1 + 2 + PATH_LEN + 16
+            8 + 8 + 4 + 4 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + HEAD_LEN + 16
         );
         assert_eq!(size_of::<CgroupRule>(), 8);
         assert_eq!(size_of::<PortKey>(), 16);
@@ -581,5 +602,20 @@ mod tests {
             "short mixed segments stay"
         );
         assert_ne!(hash(""), 0);
+    }
+
+    #[test]
+    fn route_hash_at_an_offset_hashes_the_path_there() {
+        let mut head = [0u8; HEAD_LEN];
+        let line = b"DELETE /users/42/orders?x=1 HTTP/1.1";
+        head[..line.len()].copy_from_slice(line);
+        assert_eq!(route_hash_at(&head, 7), (hash("/users/7/orders"), 16));
+        // A long path stops after PATH_LEN bytes, and at the end of the head.
+        let mut long = [b'a'; HEAD_LEN];
+        long[..5].copy_from_slice(b"POST ");
+        long[5] = b'/';
+        assert_eq!(route_hash_at(&long, 5).1, PATH_LEN);
+        assert_eq!(route_hash_at(&long, HEAD_LEN - 3).1, 3);
+        assert_eq!(route_hash_at(&[0u8; HEAD_LEN], 4).0, hash(""));
     }
 }
