@@ -31,6 +31,11 @@ const POLICY_VIOLATION: u16 = 1008;
 const MESSAGE_TOO_BIG: u16 = 1009;
 const PROTOCOL_ERROR: u16 = 1002;
 
+/// Answers (errors, acknowledgements) a client may leave unread before it is closed: the
+/// message rate bounds how fast they come, this bounds how many pile up when the client
+/// sends but never reads (its socket buffers full).
+const MAX_UNREAD_CONTROL: usize = 64;
+
 /// How long the writer may take to deliver a closing frame before the TCP connection is
 /// dropped without it (a dead or stalled peer never reads it).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -75,6 +80,30 @@ impl Outbox {
 
     fn push_control(&self, frame: Control) {
         self.lock().control.push_back(frame);
+        self.wake.notify_one();
+    }
+
+    /// Control frames not yet written: more than [`MAX_UNREAD_CONTROL`] means the client
+    /// keeps sending but does not read the answers.
+    fn control_backlog(&self) -> usize {
+        self.lock().control.len()
+    }
+
+    /// Queues a ping unless one is still waiting to be written.
+    fn push_ping(&self) {
+        {
+            let mut state = self.lock();
+            if state
+                .control
+                .iter()
+                .any(|frame| matches!(frame, Control::Other(Message::Ping(_))))
+            {
+                return;
+            }
+            state
+                .control
+                .push_back(Control::Other(Message::Ping(bytes::Bytes::new())));
+        }
         self.wake.notify_one();
     }
 
@@ -430,10 +459,19 @@ async fn run(
                     return Ending::Close(POLICY_VIOLATION, "rate limit exceeded".into());
                 }
                 match message {
-                    Message::Text(text) => match parse_control(text.as_str()) {
-                        Ok(request) => connection.subscribe(request),
-                        Err(error) => connection.refuse(error),
-                    },
+                    Message::Text(text) => {
+                        match parse_control(text.as_str()) {
+                            Ok(request) => connection.subscribe(request),
+                            Err(error) => connection.refuse(error),
+                        }
+                        if connection.outbox.control_backlog() > MAX_UNREAD_CONTROL {
+                            stats.closed_rate_limited.fetch_add(1, Ordering::Relaxed);
+                            return Ending::Close(
+                                POLICY_VIOLATION,
+                                "answers not read; read the socket".into(),
+                            );
+                        }
+                    }
                     Message::Binary(_) => {
                         stats.closed_bad_input.fetch_add(1, Ordering::Relaxed);
                         return Ending::Close(
@@ -452,9 +490,7 @@ async fn run(
                 }
                 if last_ping.elapsed() >= config.ping_interval {
                     last_ping = Instant::now();
-                    connection
-                        .outbox
-                        .push_control(Control::Other(Message::Ping(bytes::Bytes::new())));
+                    connection.outbox.push_ping();
                 }
             },
             _ = &mut *writer => return Ending::Gone,
@@ -488,4 +524,31 @@ fn read_error(error: axum::Error, feed: &WindowFeed) -> Ending {
         .closed_bad_input
         .fetch_add(1, Ordering::Relaxed);
     Ending::Close(code, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(capacity: usize) -> Outbox {
+        Outbox {
+            state: Mutex::new(OutboxState::default()),
+            wake: Notify::new(),
+            capacity,
+        }
+    }
+
+    #[test]
+    fn pings_do_not_pile_up_behind_a_stalled_writer() {
+        let outbox = outbox(4);
+        for _ in 0..10 {
+            outbox.push_ping();
+        }
+        assert_eq!(outbox.control_backlog(), 1);
+        assert!(matches!(
+            outbox.try_next(Encoding::Json),
+            Some(Next::Send(Message::Ping(_)))
+        ));
+        assert!(outbox.try_next(Encoding::Json).is_none());
+    }
 }
