@@ -1,6 +1,7 @@
 //! TLS for the OTLP export, over HTTP and gRPC, with certificates made at test time (no
-//! key is committed). The receivers are servers in this test, not a third-party one (Rotel,
-//! the third-party receiver of `otlp_grpc.rs`, has TLS options for its exporter only): an
+//! key is committed). Rotel, the third-party receiver of `otlp_grpc.rs`, has TLS options
+//! for its exporter only, so the third-party path is nginx (a real TLS server, requiring a
+//! client certificate) in front of Rotel; the failure cases use receivers in this test: an
 //! OTLP/HTTP server (hyper over tokio-rustls) and an OTLP/gRPC server (tonic with rustls),
 //! both decoding the real `opentelemetry-proto` messages and both requiring a client
 //! certificate from the test CA.
@@ -29,7 +30,9 @@ use opentelemetry_proto::tonic::collector::{
     },
 };
 use prost::Message as _;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use trazor_collector::{
     otlp::{OtlpConfig, OtlpProtocol, SERVER_DURATION_METRIC, TlsPaths},
@@ -48,15 +51,22 @@ struct Pki {
 }
 
 fn make_pki(directory: &std::path::Path, name: &str) -> Pki {
+    // Distinct names for the CA and each leaf: with rcgen's one default name for all,
+    // OpenSSL (nginx) takes a leaf whose issuer is its own subject for self-signed.
+    let named = |params: &mut CertificateParams, name: &str| {
+        let mut distinguished = DistinguishedName::new();
+        distinguished.push(DnType::CommonName, name);
+        params.distinguished_name = distinguished;
+    };
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    named(&mut ca_params, &format!("Trazor test CA {name}"));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let leaf = |names: Vec<String>| {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        named(&mut params, &names[0]);
+        let cert = params.signed_by(&key, &ca).unwrap();
         (cert.pem(), key.serialize_pem())
     };
     let server = leaf(vec!["localhost".into()]);
@@ -499,5 +509,172 @@ fn settings_that_cannot_work_stop_the_collector_at_start_saying_what_to_do() {
         assert!(!success, "{args:?} started");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+    std::fs::remove_dir_all(&directory).unwrap();
+}
+
+/// nginx (Debian's `nginx-light`, installed by scripts/setup.sh), a third-party TLS server,
+/// terminating mutual TLS in front of Rotel: OTLP/HTTP proxied to Rotel's HTTP port,
+/// OTLP/gRPC (HTTP/2, `grpc_pass`) to its gRPC port. Killed on drop.
+struct Nginx {
+    child: std::process::Child,
+    https_port: u16,
+    grpcs_port: u16,
+}
+
+impl Nginx {
+    fn start(directory: &std::path::Path, pki: &Pki, rotel: &common::rotel::Rotel) -> Self {
+        let binary = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|path| path.is_file())
+            .expect(
+                "nginx is missing: this test needs the nginx that scripts/setup.sh installs \
+                 (Debian's nginx-light) as the TLS server in front of Rotel; run it",
+            );
+        let (https_port, grpcs_port) = (common::rotel::free_port(), common::rotel::free_port());
+        let write = |file: &str, text: &str| {
+            let path = directory.join(file);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let certificate = write("nginx-server.crt", &pki.server.0);
+        let key = write("nginx-server.key", &pki.server.1);
+        let ca = pki.ca.display().to_string();
+        let prefix = directory.display();
+        let tls = format!(
+            "ssl_certificate {certificate}; ssl_certificate_key {key}; \
+             ssl_client_certificate {ca}; ssl_verify_client on;"
+        );
+        let config = format!(
+            "worker_processes 1;\n\
+             master_process off;\n\
+             pid {prefix}/nginx.pid;\n\
+             error_log stderr info;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n\
+               access_log off;\n\
+               client_body_temp_path {prefix}/nginx-body;\n\
+               proxy_temp_path {prefix}/nginx-proxy;\n\
+               fastcgi_temp_path {prefix}/nginx-fastcgi;\n\
+               uwsgi_temp_path {prefix}/nginx-uwsgi;\n\
+               scgi_temp_path {prefix}/nginx-scgi;\n\
+               server {{ listen 127.0.0.1:{https_port} ssl; {tls}\n\
+                 location / {{ proxy_http_version 1.1; proxy_pass http://127.0.0.1:{}; }} }}\n\
+               server {{ listen 127.0.0.1:{grpcs_port} ssl http2; {tls}\n\
+                 location / {{ grpc_pass grpc://127.0.0.1:{}; }} }}\n\
+             }}\n",
+            rotel.http_port, rotel.grpc_port
+        );
+        let config_path = write("nginx.conf", &config);
+        let child = std::process::Command::new(&binary)
+            .args(["-p", &prefix.to_string(), "-c", &config_path])
+            .args(["-g", "daemon off;"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
+        let nginx = Self {
+            child,
+            https_port,
+            grpcs_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in [https_port, grpcs_port] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "nginx did not listen on {port}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        nginx
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Through a real TLS server to a real receiver: nginx checks the collector's client
+/// certificate against the test CA and presents a server certificate the collector checks
+/// against it, over HTTP/1.1 and over HTTP/2 (gRPC); Rotel behind it decodes and prints
+/// the metrics and spans. Without a client certificate nginx answers 400 and nothing
+/// reaches Rotel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_through_nginx_reaches_rotel_over_http_and_grpc() {
+    let directory = directory("nginx");
+    let pki = make_pki(&directory, "test");
+    let rotel = common::rotel::Rotel::start();
+    let nginx = Nginx::start(&directory, &pki, &rotel);
+    let address = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    for (protocol, port, count) in [
+        (OtlpProtocol::HttpProtobuf, nginx.https_port, 3),
+        (OtlpProtocol::Grpc, nginx.grpcs_port, 6),
+    ] {
+        let running = start_collector(Some(tls_config(protocol, address(port), &pki, true))).await;
+        let end = window_end();
+        let mut message = pod_window(1, "checkout-1", end, &[(1_400, count)], &[0, 0, count]);
+        let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+            panic!("pod_window made no window");
+        };
+        window.exemplars = vec![Exemplar {
+            start_unix_nanos: end - 500_000_000,
+            duration_nanos: 2_000_000,
+            method: "GET".into(),
+            status_code: 200,
+            path: "/cart/42".into(),
+            tid: u32::try_from(count).unwrap(),
+        }];
+        send(&running.grpc, "agent-a", vec![message]).await;
+        let metrics = rotel
+            .wait_for(&format!("{protocol:?} metrics through nginx"), |block| {
+                block.signal == "metrics"
+                    && block.attribute("service.name") == Some("checkout")
+                    && block.counts.contains(&count)
+            })
+            .await;
+        assert!(
+            metrics
+                .units
+                .contains(&(SERVER_DURATION_METRIC.to_owned(), "s".to_owned())),
+            "{metrics:?}"
+        );
+        metrics_once(
+            &running.stats,
+            &[
+                "trazor_collector_otlp_points_exported_total 2",
+                "trazor_collector_otlp_spans_exported_total 1",
+                "trazor_collector_otlp_failures_total 0",
+            ],
+        )
+        .await;
+    }
+    let spans: usize = rotel
+        .blocks()
+        .iter()
+        .filter(|block| block.signal == "spans")
+        .map(|block| block.names.len())
+        .sum();
+    assert_eq!(spans, 2, "{:?}", rotel.blocks());
+
+    // No client certificate: nginx refuses the request (400), which is not retried.
+    let blocks = rotel.blocks().len();
+    export(
+        tls_config(
+            OtlpProtocol::HttpProtobuf,
+            address(nginx.https_port),
+            &pki,
+            false,
+        ),
+        &[
+            "trazor_collector_otlp_points_dropped_total 2",
+            "trazor_collector_otlp_spans_dropped_total 2",
+            "trazor_collector_otlp_points_exported_total 0",
+        ],
+    )
+    .await;
+    assert_eq!(rotel.blocks().len(), blocks, "{:?}", rotel.blocks());
+    drop(nginx);
     std::fs::remove_dir_all(&directory).unwrap();
 }
