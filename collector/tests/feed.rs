@@ -68,7 +68,9 @@ async fn filters_choose_windows_and_aggregates() {
         feeds.push(feed);
     }
     // One window end for all: their aggregates close together 300 ms after it.
-    let end_ms = unix_ms() + 1_000;
+    // Far enough ahead that every window arrives before its aggregate closes, even on a
+    // loaded machine.
+    let end_ms = unix_ms() + 3_000;
     let base = TestWindow {
         end_ms,
         ..Default::default()
@@ -319,7 +321,7 @@ async fn protobuf_frames_carry_the_same_items() {
     assert_eq!(subscribed.filter.unwrap().namespace, ["shop"]);
     let mut agent = Agent::connect(&collector.grpc, "agent-1").await;
     let sent = TestWindow {
-        end_ms: unix_ms() + 500,
+        end_ms: unix_ms() + 1_500,
         ..Default::default()
     };
     let mut window = sent.window();
@@ -390,8 +392,8 @@ async fn protobuf_frames_carry_the_same_items() {
 
 fn heartbeat_config() -> FeedConfig {
     FeedConfig {
-        ping_interval: Duration::from_millis(200),
-        pong_timeout: Duration::from_millis(300),
+        ping_interval: Duration::from_millis(400),
+        pong_timeout: Duration::from_millis(600),
         ..Default::default()
     }
 }
@@ -401,7 +403,7 @@ fn heartbeat_config() -> FeedConfig {
 #[tokio::test]
 async fn heartbeat_keeps_live_clients_and_closes_dead_ones_within_the_bound() {
     let collector = Running::start(config(heartbeat_config())).await;
-    let bound = Duration::from_millis(500);
+    let bound = Duration::from_millis(1_000);
     let mut alive = collector.feed("").await;
     alive.subscribed().await;
     // A peer that never answers (it reads nothing until the end).
@@ -411,7 +413,7 @@ async fn heartbeat_keeps_live_clients_and_closes_dead_ones_within_the_bound() {
         // Reading makes tungstenite answer pings (it queues the pong and flushes it on
         // the next read or write).
         let mut pings = 0;
-        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
         loop {
             match tokio::time::timeout_at(until, alive.socket.next()).await {
                 Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
@@ -433,13 +435,13 @@ async fn heartbeat_keeps_live_clients_and_closes_dead_ones_within_the_bound() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = opened.elapsed();
-    // The heartbeat ticks every 100 ms here; 200 ms more for a loaded test machine.
+    // The heartbeat ticks every 200 ms here; 300 ms more for a loaded test machine.
     assert!(
-        elapsed >= bound && elapsed <= bound + Duration::from_millis(300),
+        elapsed >= bound && elapsed <= bound + Duration::from_millis(500),
         "dead peer closed after {elapsed:?}, bound {bound:?}"
     );
     let pings = reader.await.unwrap();
-    assert!(pings >= 5, "pings every 200 ms for 2 s, got {pings}");
+    assert!(pings >= 5, "pings every 400 ms for 3 s, got {pings}");
     assert_eq!(
         collector
             .metric("trazor_collector_feed_closed_heartbeat_total")

@@ -60,7 +60,7 @@ async fn real_frames_of_every_kind_match_the_schema() {
     let mut feed = collector.feed("history=0").await;
     let mut frames = vec![feed.subscribed().await];
     let mut agent = Agent::connect(&collector.grpc, "agent-1").await;
-    let end_ms = unix_ms() + 500;
+    let end_ms = unix_ms() + 2_000;
     let windows = [
         TestWindow {
             end_ms,
