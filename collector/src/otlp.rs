@@ -86,9 +86,12 @@ use tonic::{
 };
 use trazor_proto::v1::{Direction, ExponentialHistogram, LatencyWindow};
 
+pub mod cumulative;
 mod seconds;
 pub mod spool;
 
+use cumulative::Cumulative;
+pub use cumulative::Temporality;
 pub use seconds::QUANTILE_ERROR_BOUND;
 use spool::{PutError, Spool, SpoolConfig};
 
@@ -196,6 +199,11 @@ pub struct OtlpConfig {
     /// over `protocol` for that signal: spans to Tempo over gRPC, metrics to Mimir over HTTP.
     pub metrics_protocol: Option<OtlpProtocol>,
     pub traces_protocol: Option<OtlpProtocol>,
+    /// Delta (each window alone, the default) or cumulative (running totals per series,
+    /// for backends that store only those): `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`.
+    pub temporality: Temporality,
+    /// Series whose totals are kept at most with cumulative temporality.
+    pub max_series: usize,
     /// Largest request body (protobuf, before compression): a bigger batch of aggregates
     /// is split into several requests, so that it fits a receiver's limit (gRPC's default
     /// is 4 MiB) and the spool's bound per batch.
@@ -308,6 +316,8 @@ impl Default for OtlpConfig {
             traces_tls: TlsPaths::default(),
             metrics_protocol: None,
             traces_protocol: None,
+            temporality: Temporality::Delta,
+            max_series: 100_000,
             max_batch_bytes: 2 * 1024 * 1024,
             spool: None,
         }
@@ -428,6 +438,10 @@ impl OtlpSettings {
         };
         config.metrics_protocol = signal_protocol("METRICS")?;
         config.traces_protocol = signal_protocol("TRACES")?;
+        if let Some(temporality) = or_env(None, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
+        {
+            config.temporality = temporality.parse()?;
+        }
         Ok(Some(config))
     }
 }
@@ -472,6 +486,8 @@ pub struct OtlpExporter {
     /// Every queued batch is here too, until it is accepted or dropped for good.
     spool: Option<Arc<Spool>>,
     max_batch_bytes: usize,
+    /// Series totals, with cumulative temporality.
+    cumulative: Option<Arc<Cumulative>>,
     /// Whether metrics, and spans, have an endpoint: a signal without one is not exported
     /// (the user's choice, so nothing is counted as dropped).
     exports_metrics: bool,
@@ -577,6 +593,8 @@ impl OtlpExporter {
         }
         let headers = config.header_map()?;
         let max_batch_bytes = config.max_batch_bytes.max(1);
+        let cumulative = (config.temporality == Temporality::Cumulative)
+            .then(|| Arc::new(Cumulative::new(config.max_series)));
         let destination =
             |signal: Signal, uri: Option<Uri>| -> Result<Option<Destination>, String> {
                 let Some(uri) = uri else { return Ok(None) };
@@ -664,6 +682,7 @@ impl OtlpExporter {
             stats,
             spool,
             max_batch_bytes,
+            cumulative,
             exports_metrics,
             exports_spans,
         })
@@ -675,7 +694,16 @@ impl OtlpExporter {
         if aggregates.is_empty() || !self.exports_metrics {
             return;
         }
-        self.queue_split(&aggregates);
+        match &self.cumulative {
+            Some(cumulative) => {
+                let (totals, evicted) = cumulative.accumulate(&aggregates);
+                self.stats
+                    .otlp_series_evicted
+                    .fetch_add(evicted, Ordering::Relaxed);
+                self.queue_split(&totals, Temporality::Cumulative);
+            }
+            None => self.queue_split(&aggregates, Temporality::Delta),
+        }
     }
 
     /// Queues the aggregates closed at `now` ([`Self::export`]), then records in the spool
@@ -695,12 +723,12 @@ impl OtlpExporter {
 
     /// Halves `aggregates` until each half's request fits `max_batch_bytes` (one aggregate
     /// always goes, whatever its size).
-    fn queue_split(&self, aggregates: &[Aggregate]) {
-        let request = request_of(aggregates);
+    fn queue_split(&self, aggregates: &[Aggregate], temporality: Temporality) {
+        let request = request_with(aggregates, temporality);
         if aggregates.len() > 1 && request.encoded_len() > self.max_batch_bytes {
             let (first, second) = aggregates.split_at(aggregates.len() / 2);
-            self.queue_split(first);
-            self.queue_split(second);
+            self.queue_split(first, temporality);
+            self.queue_split(second, temporality);
             return;
         }
         self.queue(Batch {
@@ -1400,6 +1428,14 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// workload, a pod without one, or a process name), in the order first seen, so that a
 /// backend files each point under its service and its Kubernetes object.
 pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
+    request_with(aggregates, Temporality::Delta)
+}
+
+/// The same with points of `temporality` (cumulative: each aggregate is its series' total).
+pub fn request_with(
+    aggregates: &[Aggregate],
+    temporality: Temporality,
+) -> ExportMetricsServiceRequest {
     let mut entities: Vec<EntityPoints<'_>> = Vec::new();
     let mut index_of: HashMap<&Subject, usize> = HashMap::new();
     for aggregate in aggregates {
@@ -1460,6 +1496,7 @@ pub fn request_of(aggregates: &[Aggregate]) -> ExportMetricsServiceRequest {
                         entity.server_durations,
                         entity.client_durations,
                         entity.responses,
+                        temporality,
                     ),
                     schema_url: String::new(),
                 }],
@@ -1523,8 +1560,12 @@ fn metrics_of(
     server_durations: Vec<ExponentialHistogramDataPoint>,
     client_durations: Vec<ExponentialHistogramDataPoint>,
     responses: Vec<NumberDataPoint>,
+    temporality: Temporality,
 ) -> Vec<Metric> {
-    let delta = AggregationTemporality::Delta as i32;
+    let delta = match temporality {
+        Temporality::Delta => AggregationTemporality::Delta,
+        Temporality::Cumulative => AggregationTemporality::Cumulative,
+    } as i32;
     let duration = |name: &str, description: &str, data_points| Metric {
         name: name.to_owned(),
         description: description.to_owned(),
@@ -2151,6 +2192,32 @@ mod tests {
     }
 
     #[test]
+    fn every_metric_says_its_temporality() {
+        let aggregates = [Aggregate::of_window(&window(
+            "/a",
+            pod_source("p", "c", None),
+        ))];
+        for (temporality, expected) in [
+            (Temporality::Delta, AggregationTemporality::Delta),
+            (Temporality::Cumulative, AggregationTemporality::Cumulative),
+        ] {
+            let request = request_with(&aggregates, temporality);
+            let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;
+            assert_eq!(metrics.len(), 2);
+            for metric in metrics {
+                let said = match &metric.data {
+                    Some(metric::Data::ExponentialHistogram(histogram)) => {
+                        histogram.aggregation_temporality
+                    }
+                    Some(metric::Data::Sum(sum)) => sum.aggregation_temporality,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(said, expected as i32, "{}", metric.name);
+            }
+        }
+    }
+
+    #[test]
     fn a_client_to_two_servers_is_two_aggregates() {
         let merger = crate::merge::WindowMerger::new(Duration::from_secs(1));
         for address in ["10.0.0.7", "10.0.0.8", "10.0.0.7"] {
@@ -2582,6 +2649,10 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
                 ("OTEL_EXPORTER_OTLP_HEADERS", "x-scope-orgid=t1,api-key=k"),
                 ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+                (
+                    "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+                    "cumulative",
+                ),
             ],
         )
         .unwrap()
@@ -2598,6 +2669,7 @@ mod tests {
             OtlpProtocol::HttpProtobuf
         );
         assert_eq!(config.signal_protocol(Signal::Spans), OtlpProtocol::Grpc);
+        assert_eq!(config.temporality, Temporality::Cumulative);
         // And the traces one, over an HTTP default.
         let traces = resolve(
             OtlpSettings::default(),
@@ -2651,6 +2723,7 @@ mod tests {
         assert_eq!(config.compression, OtlpCompression::None);
         assert_eq!(config.timeout, Duration::from_secs(10));
         assert!(config.headers.is_empty());
+        assert_eq!(config.temporality, Temporality::Delta);
     }
 
     #[test]
@@ -2733,6 +2806,11 @@ mod tests {
                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                 "thrift",
                 "not one of grpc, http/protobuf",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+                "monthly",
+                "not one of cumulative, delta, lowmemory",
             ),
         ] {
             let error = resolve(

@@ -51,12 +51,14 @@ pub struct CollectorStats {
     pub otlp_spool_errors: AtomicU64,
     pub otlp_spool_corrupt: AtomicU64,
     pub otlp_spool_recovered: AtomicU64,
+    /// Series whose cumulative totals were dropped to stay within the bound.
+    pub otlp_series_evicted: AtomicU64,
 }
 
 impl CollectorStats {
     /// Prometheus exposition text.
     pub fn render(&self) -> String {
-        let metrics: [(&str, &str, &str, &AtomicU64); 36] = [
+        let metrics: [(&str, &str, &str, &AtomicU64); 37] = [
             (
                 "trazor_collector_streams_opened_total",
                 "counter",
@@ -272,6 +274,12 @@ impl CollectorStats {
                 "counter",
                 "OTLP batches found in the spool at start and sent after the restart.",
                 &self.otlp_spool_recovered,
+            ),
+            (
+                "trazor_collector_otlp_series_evicted_total",
+                "counter",
+                "Series whose cumulative OTLP totals were dropped to stay within the bound (they start again at zero).",
+                &self.otlp_series_evicted,
             ),
         ];
         let mut text = String::new();

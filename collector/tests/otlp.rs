@@ -734,3 +734,77 @@ async fn with_only_a_traces_endpoint_metrics_are_not_exported_nor_counted_as_dro
         receiver.pending
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_cumulative_temporality_each_point_is_its_series_total() {
+    let mut receiver = Receiver::start();
+    let (grpc, stats) = collector(OtlpConfig {
+        temporality: trazor_collector::otlp::Temporality::Cumulative,
+        ..OtlpConfig::new(format!("http://127.0.0.1:{}", receiver.port))
+    })
+    .await;
+    // Two windows of one series, a second apart: two aggregates, closed one after the
+    // other, so two requests.
+    let end = window_end();
+    send(
+        &grpc,
+        "agent-a",
+        vec![
+            pod_window(1, "checkout-1", end, &[(1_400, 3)], &[0, 0, 3]),
+            pod_window(
+                2,
+                "checkout-1",
+                end + 1_000_000_000,
+                &[(1_400, 1), (1_450, 4)],
+                &[0, 0, 4, 0, 0, 1],
+            ),
+        ],
+    )
+    .await;
+    let point = |metric: &serde_json::Value| {
+        assert_eq!(
+            metric["exponential_histogram"]["aggregation_temporality"],
+            "AGGREGATION_TEMPORALITY_CUMULATIVE",
+            "{metric}"
+        );
+        metric["exponential_histogram"]["data_points"][0].clone()
+    };
+    let (first, _) = receiver.metric(SERVER_DURATION_METRIC);
+    let first = point(&first);
+    assert_eq!(number(&first["count"]), 3.0);
+    let (second, resource) = receiver.metric(SERVER_DURATION_METRIC);
+    assert_eq!(resource, checkout_resource());
+    let second = point(&second);
+    // The total since the series' first window: 3 + 5 requests, from its start to the
+    // second window's end, buckets added.
+    assert_eq!(number(&second["count"]), 8.0);
+    assert_eq!(nanos(&second["start_time_unix_nano"]), end - 1_000_000_000);
+    assert_eq!(nanos(&second["time_unix_nano"]), end + 1_000_000_000);
+    assert_eq!(number(&second["sum"]), 0.008);
+    let counts: Vec<f64> = second["positive"]["bucket_counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(number)
+        .collect();
+    assert_eq!((counts[0], counts[200], counts.len()), (4.0, 4.0, 201));
+    // The responses too: 2xx 3 then 7, and the 5xx since it appeared.
+    let (_, _) = receiver.metric(RESPONSES_METRIC);
+    let (responses, _) = receiver.metric(RESPONSES_METRIC);
+    let classes: BTreeMap<String, f64> = responses["sum"]["data_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| {
+            (
+                attributes(point)["trazor.http.response.status_class"].clone(),
+                number(&point["as_int"]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        classes,
+        BTreeMap::from([("2xx".to_owned(), 7.0), ("5xx".to_owned(), 1.0)])
+    );
+    metrics_once(&stats, "trazor_collector_otlp_series_evicted_total 0").await;
+}
