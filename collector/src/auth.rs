@@ -69,6 +69,7 @@ impl ServerTls {
 
 /// Token reading is shared with the other side of the stream.
 pub use trazor_proto::auth::{TOKEN_ENV, load_token};
+use trazor_proto::auth::{TokenError, load_secret};
 
 /// Equal-length comparison that takes the same time wherever the first difference is.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -271,27 +272,13 @@ impl ViewerAuth {
 /// Reads the feed token from `file` (trimmed), else from `TRAZOR_FEED_TOKEN`; `None` when
 /// neither is set. An empty token is an error, never an open feed by accident.
 pub fn load_feed_token(file: Option<&Path>) -> Result<Option<String>> {
-    let token = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| Error::TokenFile {
-                    path: path.to_owned(),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
-        ),
-        None => std::env::var(FEED_TOKEN_ENV)
-            .ok()
-            .map(|token| token.trim().to_owned()),
-    };
-    match token {
-        Some(token) if token.is_empty() => Err(Error::Config(format!(
-            "the feed token is empty; put it in --feed-token-file (or {FEED_TOKEN_ENV}), or set \
-             neither for an open feed"
-        ))),
-        other => Ok(other),
-    }
+    load_secret(file, FEED_TOKEN_ENV).map_err(|error| match error {
+        TokenError::File { path, source } => Error::TokenFile { path, source },
+        TokenError::Empty { env } => Error::Config(format!(
+            "the feed token is empty; put it in --feed-token-file (or {env}), or set neither \
+             for an open feed"
+        )),
+    })
 }
 
 fn session_message(expiry: &str) -> String {
@@ -439,6 +426,27 @@ mod tests {
                 .insert("authorization", value.parse().unwrap());
         }
         request
+    }
+
+    #[test]
+    fn the_feed_token_file_is_read_trimmed_and_an_empty_one_names_its_flag() {
+        let path = std::env::temp_dir().join(format!("trazor-feed-token-{}", std::process::id()));
+        std::fs::write(&path, "viewer\n").unwrap();
+        assert_eq!(
+            load_feed_token(Some(&path)).unwrap().as_deref(),
+            Some("viewer")
+        );
+        std::fs::write(&path, "\n").unwrap();
+        let empty = load_feed_token(Some(&path)).unwrap_err().to_string();
+        assert!(
+            empty.contains("--feed-token-file") && empty.contains(FEED_TOKEN_ENV),
+            "{empty}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            load_feed_token(Some(Path::new("/nonexistent/feed-token"))),
+            Err(Error::TokenFile { .. })
+        ));
     }
 
     #[test]

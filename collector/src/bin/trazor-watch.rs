@@ -24,6 +24,7 @@ use futures::StreamExt as _;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest as _};
+use trazor_proto::auth::{TokenError, load_secret};
 
 /// The environment variable holding the feed token when no `--token-file` is given.
 const TOKEN_ENV: &str = "TRAZOR_FEED_TOKEN";
@@ -139,19 +140,12 @@ fn unix_ms_now() -> u64 {
 /// The feed token: the file's content (trimmed), else `TRAZOR_FEED_TOKEN`, else none. An
 /// empty one is an error, never "no token" by accident.
 fn load_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
-    let token =
-        match file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
-                format!("cannot read the token file {}: {error}", path.display())
-            })?),
-            None => std::env::var(TOKEN_ENV).ok(),
-        };
-    match token.map(|token| token.trim().to_owned()) {
-        Some(token) if token.is_empty() => Err(format!(
-            "the feed token is empty; put it in the file (or {TOKEN_ENV}), or give neither"
-        )),
-        other => Ok(other),
-    }
+    load_secret(file, TOKEN_ENV).map_err(|error| match error {
+        TokenError::File { .. } => error.to_string(),
+        TokenError::Empty { env } => {
+            format!("the feed token is empty; put it in the file (or {env}), or give neither")
+        }
+    })
 }
 
 /// Percent-encodes a query parameter value (RFC 3986 unreserved characters stay).
