@@ -206,7 +206,16 @@ impl BoundCollector {
             // Up to when aggregates were closed (and their OTLP batches spooled) before the
             // restart: a window whose aggregate was still open then is merged again even if
             // its grace ran out while the collector was down, so it is not lost.
-            let closed_through = otlp::spool::closed_through(&otlp::spool_dir(dir));
+            let spool_dir = otlp::spool_dir(dir);
+            let closed_through = if config.otlp.is_some() {
+                otlp::spool::closed_through(&spool_dir)
+            } else {
+                // Nothing records closings without export: drop a mark an earlier run left.
+                if let Err(error) = otlp::spool::forget_closed_through(&spool_dir) {
+                    tracing::warn!(%error, "cannot delete the OTLP spool's closed-through mark");
+                }
+                None
+            };
             let windows = replay.windows.len();
             for (agent, boot, window) in replay.windows {
                 if !service.dedup.first_sighting(&agent, &boot, window.sequence) {

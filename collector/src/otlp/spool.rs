@@ -223,6 +223,16 @@ pub fn closed_through(dir: &Path) -> Option<u64> {
         .ok()
 }
 
+/// Deletes the `closed-through` mark of the spool in `dir`: a collector that exports no
+/// metrics records no closings, so a mark left by an earlier run would be stale by the
+/// next run that exports (it would merge again windows whose aggregates were published).
+pub fn forget_closed_through(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join(CLOSED_THROUGH)) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +318,9 @@ mod tests {
         spool.set_closed_through(1_234).unwrap();
         spool.set_closed_through(5_678).unwrap();
         assert_eq!(closed_through(&dir), Some(5_678));
+        forget_closed_through(&dir).unwrap();
+        assert_eq!(closed_through(&dir), None);
+        forget_closed_through(&dir).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
