@@ -2511,6 +2511,28 @@ mod tests {
             config.signal_tls(Signal::Spans),
             paths("/tempo/ca.crt", "/generic/tls.crt", "/generic/tls.key")
         );
+        // The other three, the other way round.
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel:4318"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/generic/ca.crt"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/generic/tls.crt"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/generic/tls.key"),
+            ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "/mimir/ca.crt"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                "/tempo/tls.crt",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/tempo/tls.key"),
+        ];
+        let config = resolve(OtlpSettings::default(), &env).unwrap().unwrap();
+        assert_eq!(
+            config.signal_tls(Signal::Metrics),
+            paths("/mimir/ca.crt", "/generic/tls.crt", "/generic/tls.key")
+        );
+        assert_eq!(
+            config.signal_tls(Signal::Spans),
+            paths("/generic/ca.crt", "/tempo/tls.crt", "/tempo/tls.key")
+        );
     }
 
     #[test]
