@@ -8,8 +8,7 @@
 //! for a person to look at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod ui_common;
+mod feed_support;
 
 use std::{
     io::{Read as _, Write as _},
@@ -21,11 +20,12 @@ use std::{
 };
 
 use base64::Engine as _;
-use common::send;
+use feed_support::{
+    CollectorProcess, SECOND, TestWindow, expected_point, metric, send, unix_nanos,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
-use ui_common::{CollectorProcess, TestWindow, expected_point, metric, now_nanos};
 
 /// Headless Chromium with the DevTools protocol on a port of its choosing; the whole
 /// process group is killed on drop.
@@ -303,11 +303,9 @@ fn assert_point(point: &Value, windows: &[&TestWindow]) {
     }
 }
 
-const SECOND: u64 = 1_000_000_000;
-
 /// Windows of 10 s ending on a multiple of 10 s, `minutes_ago` minutes before the last.
 fn window_end(minutes_ago: u64) -> u64 {
-    (now_nanos() / (10 * SECOND)) * 10 * SECOND - minutes_ago * 60 * SECOND
+    (unix_nanos() / (10 * SECOND)) * 10 * SECOND - minutes_ago * 60 * SECOND
 }
 
 fn checkout(
@@ -322,13 +320,12 @@ fn checkout(
         workload: "checkout",
         pod,
         node,
-        route: "/cart/{id}",
-        method: "GET",
         end_unix_nanos: end,
         length_nanos: 10 * SECOND,
         buckets,
         errors,
         exemplars: vec![],
+        ..Default::default()
     }
 }
 
@@ -638,7 +635,7 @@ async fn a_page_that_falls_behind_shows_how_many_windows_it_missed() {
     let messages = (1..=sent).map(|sequence| big.message(sequence)).collect();
     send(&grpc, "agent-a", messages).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(collector.http, "trazor_collector_feed_dropped_total") == 0 {
+    while metric(collector.http, "trazor_collector_feed_dropped_total").await == 0 {
         assert!(
             Instant::now() < deadline,
             "the collector dropped nothing for the paused page"
@@ -662,7 +659,7 @@ async fn a_page_that_falls_behind_shows_how_many_windows_it_missed() {
             },
         )
         .await;
-    let dropped = metric(collector.http, "trazor_collector_feed_dropped_total");
+    let dropped = metric(collector.http, "trazor_collector_feed_dropped_total").await;
     assert_eq!(counters["missed"], dropped.to_string(), "{counters}");
     let text = page
         .evaluate("document.getElementById('counters').textContent")

@@ -8,7 +8,9 @@ mod feed_support;
 
 use std::time::Duration;
 
-use feed_support::{Agent, Feed, Frame, Running, TestWindow, http_request, unix_ms};
+use feed_support::{
+    Agent, Feed, Frame, Running, SECOND, TestWindow, free_port, http_request, unix_ms, unix_nanos,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use prost::Message as _;
 use tokio::io::AsyncReadExt as _;
@@ -70,9 +72,9 @@ async fn filters_choose_windows_and_aggregates() {
     // One window end for all: their aggregates close together 300 ms after it.
     // Far enough ahead that every window arrives before its aggregate closes, even on a
     // loaded machine.
-    let end_ms = unix_ms() + 3_000;
+    let end_unix_nanos = unix_nanos() + 3 * SECOND;
     let base = TestWindow {
-        end_ms,
+        end_unix_nanos,
         ..Default::default()
     };
     let windows = [
@@ -242,13 +244,13 @@ async fn history_replays_last_n_or_since_t_and_joins_live_exactly() {
     })
     .await;
     let mut agent = Agent::connect(&collector.grpc, "agent-1").await;
-    let t0 = unix_ms() - 60_000;
+    let t0 = unix_nanos() - 60 * SECOND;
     for n in 0..10u64 {
         let namespace = if n % 2 == 0 { "shop" } else { "ops" };
         agent
             .send_test(&TestWindow {
                 namespace,
-                end_ms: t0 + n * 1_000,
+                end_unix_nanos: t0 + n * SECOND,
                 ..Default::default()
             })
             .await; // sequence n + 1
@@ -260,7 +262,8 @@ async fn history_replays_last_n_or_since_t_and_joins_live_exactly() {
     let mut last = collector.feed("namespace=shop&history=2").await;
     assert_eq!(last.subscribed().await["replayed"], 2);
     assert_eq!(sequences(&last.items(2).await), [7, 9]);
-    let mut since = collector.feed(&format!("since={}", t0 + 7_000)).await;
+    let since_ms = (t0 + 7 * SECOND) / 1_000_000;
+    let mut since = collector.feed(&format!("since={since_ms}")).await;
     assert_eq!(since.subscribed().await["replayed"], 3);
     assert_eq!(sequences(&since.items(3).await), [8, 9, 10]);
     let mut none = collector.feed("history=0").await;
@@ -321,7 +324,7 @@ async fn protobuf_frames_carry_the_same_items() {
     assert_eq!(subscribed.filter.unwrap().namespace, ["shop"]);
     let mut agent = Agent::connect(&collector.grpc, "agent-1").await;
     let sent = TestWindow {
-        end_ms: unix_ms() + 1_500,
+        end_unix_nanos: unix_nanos() + 1_500_000_000,
         ..Default::default()
     };
     let mut window = sent.window();
@@ -482,7 +485,8 @@ async fn a_slow_client_misses_the_oldest_and_is_told_while_others_are_unaffected
     slow.subscribed().await;
     // Big windows fill the kernel's socket buffers quickly; then the slow client's queue.
     let big = TestWindow {
-        buckets: 2_000,
+        // 2 000 buckets sent dense.
+        buckets: vec![(1_000, 1), (2_999, 1)],
         ..Default::default()
     };
     let mut published = 0u64;
@@ -832,10 +836,7 @@ async fn auth_by_bearer_token_or_login_session() {
 async fn the_collector_warns_at_start_when_the_feed_is_open() {
     use tokio::io::AsyncBufReadExt as _;
     for token in [None, Some("from-the-environment")] {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_trazor-collector"));
         command
             .args(["--grpc-listen", "127.0.0.1:0", "--http-listen"])

@@ -10,7 +10,7 @@ mod feed_support;
 
 use std::time::Duration;
 
-use feed_support::{Agent, Running, TestWindow, unix_ms};
+use feed_support::{Agent, Running, SECOND, TestWindow, unix_nanos};
 use serde_json::{Value, json};
 use trazor_collector::{CollectorConfig, feed::FeedConfig};
 use trazor_proto::v1::Direction;
@@ -60,14 +60,14 @@ async fn real_frames_of_every_kind_match_the_schema() {
     let mut feed = collector.feed("history=0").await;
     let mut frames = vec![feed.subscribed().await];
     let mut agent = Agent::connect(&collector.grpc, "agent-1").await;
-    let end_ms = unix_ms() + 2_000;
+    let end_unix_nanos = unix_nanos() + 2 * SECOND;
     let windows = [
         TestWindow {
-            end_ms,
+            end_unix_nanos,
             ..Default::default()
         },
         TestWindow {
-            end_ms,
+            end_unix_nanos,
             namespace: "",
             workload: "",
             pod: "",
@@ -76,7 +76,7 @@ async fn real_frames_of_every_kind_match_the_schema() {
             ..Default::default()
         },
         TestWindow {
-            end_ms,
+            end_unix_nanos,
             workload: "",
             pod: "lonely",
             direction: Direction::Client,
@@ -84,7 +84,7 @@ async fn real_frames_of_every_kind_match_the_schema() {
         },
         // Its aggregate closed long ago: late.
         TestWindow {
-            end_ms: unix_ms() - 60_000,
+            end_unix_nanos: unix_nanos() - 60 * SECOND,
             ..Default::default()
         },
     ];
@@ -164,7 +164,8 @@ async fn real_frames_of_every_kind_match_the_schema() {
     let mut slow = collector.feed("history=0").await;
     frames.push(slow.subscribed().await);
     let big = TestWindow {
-        buckets: 2_000,
+        // 2 000 buckets sent dense.
+        buckets: vec![(1_000, 1), (2_999, 1)],
         ..Default::default()
     };
     while collector

@@ -5,8 +5,7 @@
 //! arrive, the feed's filters, the token from a file, and `q` to quit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod ui_common;
+mod feed_support;
 
 use std::{
     path::PathBuf,
@@ -14,10 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::send;
-use ui_common::{CollectorProcess, TestWindow, metric, now_nanos};
+use feed_support::{CollectorProcess, SECOND, TestWindow, metric, send, unix_nanos};
 
-const SECOND: u64 = 1_000_000_000;
 const TOKEN: &str = "watch-secret";
 
 /// A tmux server of our own (its own socket), killed on drop.
@@ -124,13 +121,12 @@ fn window(
         workload,
         pod,
         node: "node-a",
-        route: "/cart/{id}",
-        method: "GET",
         end_unix_nanos: end,
         length_nanos: 10 * SECOND,
         buckets,
         errors,
         exemplars: vec![],
+        ..Default::default()
     }
 }
 
@@ -179,7 +175,7 @@ fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
     // Eight items queued per connection: a view that stops reading loses the oldest.
     let mut collector = CollectorProcess::start_with(Some(TOKEN), None, &["--feed-queue", "8"]);
     let grpc = collector.grpc_url();
-    let end = (now_nanos() / (10 * SECOND)) * 10 * SECOND;
+    let end = (unix_nanos() / (10 * SECOND)) * 10 * SECOND;
     let fast = window("shop", "checkout", "checkout-1", end, vec![(1275, 50)], 0);
     let slow = window(
         "shop",
@@ -390,7 +386,11 @@ fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
     let messages = (1..=3_000).map(|sequence| big.message(sequence)).collect();
     runtime.block_on(send(&collector.grpc_url(), "agent-d", messages));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(collector.http, "trazor_collector_feed_dropped_total") == 0 {
+    while runtime.block_on(metric(
+        collector.http,
+        "trazor_collector_feed_dropped_total",
+    )) == 0
+    {
         assert!(
             Instant::now() < deadline,
             "nothing dropped for the stopped view"
@@ -409,7 +409,10 @@ fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
     let (_, missed, _) = counts(&screen).unwrap();
     assert_eq!(
         missed,
-        metric(collector.http, "trazor_collector_feed_dropped_total"),
+        runtime.block_on(metric(
+            collector.http,
+            "trazor_collector_feed_dropped_total"
+        )),
         "{screen}"
     );
     let _ = std::fs::remove_file(&token_file);
@@ -419,7 +422,7 @@ fn trazor_watch_is_a_top_like_view_sorted_by_p99_refreshed_in_place() {
 fn into_a_pipe_trazor_watch_prints_one_line_per_window() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let collector = CollectorProcess::start(None, None);
-    let end = (now_nanos() / (10 * SECOND)) * 10 * SECOND;
+    let end = (unix_nanos() / (10 * SECOND)) * 10 * SECOND;
     let windows = [
         window("shop", "checkout", "checkout-1", end, vec![(1275, 50)], 0),
         window("shop", "checkout", "checkout-2", end, vec![(1400, 20)], 2),

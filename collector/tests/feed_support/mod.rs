@@ -1,12 +1,18 @@
-//! What the feed tests share: a real collector on loopback, a test agent streaming windows
-//! to it over gRPC (waiting for each ack), and WebSocket clients of its feed.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! What the tests of the live feed and its clients (feed, feed_schema, dashboard,
+//! watch_terminal) share: a real collector on loopback, in this process ([`Running`]) or as
+//! the `trazor-collector` binary that a test can stop and start again on the same ports
+//! ([`CollectorProcess`]); test windows ([`TestWindow`]); a test agent streaming them over
+//! gRPC and waiting for each ack; WebSocket clients of the feed; `/metrics` read over HTTP.
+// Each test crate uses its own subset (of the re-exports too).
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+mod process;
+mod window;
+
+pub use process::{CollectorProcess, free_port};
+pub use window::{SECOND, TestWindow, bucket_lower, expected_point, unix_ms, unix_nanos};
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::{
@@ -21,9 +27,8 @@ use tokio_tungstenite::{
 };
 use trazor_collector::{BoundCollector, CollectorConfig, stats::CollectorStats};
 use trazor_proto::v1::{
-    AgentHello, AgentMessage, CollectorMessage, Direction, Exemplar, ExponentialHistogram,
-    LatencyStats, LatencyWindow, Peer, PodIdentity, Quantile, Source, agent_message,
-    collector_message, latency_ingest_client::LatencyIngestClient,
+    AgentHello, AgentMessage, CollectorMessage, LatencyWindow, agent_message, collector_message,
+    latency_ingest_client::LatencyIngestClient,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,128 +74,19 @@ impl Running {
 
     /// One metric's value from `/metrics`.
     pub async fn metric(&self, name: &str) -> u64 {
-        let (_, _, body) = http_request(self.http, "GET", "/metrics", &[], "").await;
-        body.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
-            .trim()
-            .parse()
-            .unwrap()
+        metric(self.http, name).await
     }
 }
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+/// The value of metric `name` (no labels) on the `/metrics` of the collector at `address`.
+pub async fn metric(address: SocketAddr, name: &str) -> u64 {
+    let (_, _, body) = http_request(address, "GET", "/metrics", &[], "").await;
+    body.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+        .trim()
+        .parse()
         .unwrap()
-        .as_millis() as u64
-}
-
-/// A window's identity and figures, made into a `LatencyWindow`.
-#[derive(Clone, Debug)]
-pub struct TestWindow {
-    pub namespace: &'static str,
-    pub workload: &'static str,
-    pub pod: &'static str,
-    pub node: &'static str,
-    pub process: &'static str,
-    pub profile: &'static str,
-    pub direction: Direction,
-    pub route: &'static str,
-    pub method: &'static str,
-    pub end_ms: u64,
-    pub count: u64,
-    /// Histogram buckets (dense); more make bigger frames.
-    pub buckets: usize,
-}
-
-impl Default for TestWindow {
-    fn default() -> Self {
-        Self {
-            namespace: "shop",
-            workload: "checkout",
-            pod: "checkout-1",
-            node: "node-a",
-            process: "app",
-            profile: "shop/latency",
-            direction: Direction::Server,
-            route: "/cart/{id}",
-            method: "GET",
-            end_ms: unix_ms(),
-            count: 10,
-            buckets: 8,
-        }
-    }
-}
-
-impl TestWindow {
-    pub fn window(&self) -> LatencyWindow {
-        LatencyWindow {
-            sequence: 0,
-            source: Some(Source {
-                node_name: self.node.into(),
-                cgroup_id: 42,
-                cgroup_path: "/kubepods/pod-1/c1".into(),
-                pid: 7,
-                process_name: self.process.into(),
-                pod: (!self.namespace.is_empty()).then(|| PodIdentity {
-                    namespace: self.namespace.into(),
-                    name: self.pod.into(),
-                    uid: format!("uid-{}", self.pod),
-                    container: "app".into(),
-                    workload_kind: if self.workload.is_empty() {
-                        String::new()
-                    } else {
-                        "Deployment".into()
-                    },
-                    workload_name: self.workload.into(),
-                }),
-            }),
-            direction: self.direction as i32,
-            start_unix_nanos: (self.end_ms - 1_000) * 1_000_000,
-            end_unix_nanos: self.end_ms * 1_000_000,
-            stats: Some(LatencyStats {
-                count: self.count,
-                error_count: 1,
-                sum_nanos: self.count * 2_000_000,
-                min_nanos: 1_000_000,
-                max_nanos: 3_000_000,
-                quantiles: vec![
-                    Quantile {
-                        quantile: 0.5,
-                        value_nanos: 2_000_000,
-                    },
-                    Quantile {
-                        quantile: 0.99,
-                        value_nanos: 2_900_000,
-                    },
-                ],
-            }),
-            histogram: Some(ExponentialHistogram {
-                scale: 6,
-                offset: 1_300,
-                bucket_counts: (0..self.buckets as u64)
-                    .map(|bucket| u64::from(bucket == 0) * (self.count - 1) + 1)
-                    .collect(),
-            }),
-            status_class_counts: vec![0, 0, self.count - 1, 0, 0, 1],
-            profile: self.profile.into(),
-            route: self.route.into(),
-            peer: (self.direction == Direction::Client).then(|| Peer {
-                address: "10.0.0.9".into(),
-                port: 8080,
-            }),
-            exemplars: vec![Exemplar {
-                start_unix_nanos: (self.end_ms - 500) * 1_000_000,
-                duration_nanos: 3_000_000,
-                method: self.method.into(),
-                status_code: 503,
-                path: "/cart/17".into(),
-                tid: 8,
-            }],
-            method: self.method.into(),
-        }
-    }
 }
 
 /// A test agent: one gRPC stream, windows numbered 1, 2, 3, ...
@@ -228,11 +124,17 @@ impl Agent {
         }
     }
 
-    /// Sends `window` and waits for its ack; returns its sequence.
+    /// Sends `window` numbered next and waits for its ack; returns its sequence.
     pub async fn send(&mut self, mut window: LatencyWindow) -> u64 {
-        let sequence = self.next_sequence;
-        self.next_sequence += 1;
-        window.sequence = sequence;
+        window.sequence = self.next_sequence;
+        self.send_numbered(window).await
+    }
+
+    /// Sends `window` with the sequence it has (numbering goes on after it) and waits for
+    /// its ack; returns its sequence.
+    pub async fn send_numbered(&mut self, window: LatencyWindow) -> u64 {
+        let sequence = window.sequence;
+        self.next_sequence = sequence + 1;
         self.sender
             .send(AgentMessage {
                 kind: Some(agent_message::Kind::Window(window)),
@@ -256,6 +158,18 @@ impl Agent {
 
     pub async fn send_test(&mut self, window: &TestWindow) -> u64 {
         self.send(window.window()).await
+    }
+}
+
+/// Sends `windows` (numbered already, e.g. by [`TestWindow::message`]) from agent
+/// `agent_id` over a new stream, and waits until each is acknowledged.
+pub async fn send(grpc: &str, agent_id: &str, windows: Vec<AgentMessage>) {
+    let mut agent = Agent::connect(grpc, agent_id).await;
+    for message in windows {
+        let Some(agent_message::Kind::Window(window)) = message.kind else {
+            panic!("not a window: {message:?}");
+        };
+        agent.send_numbered(window).await;
     }
 }
 
