@@ -597,23 +597,28 @@ async fn main() -> ExitCode {
     }
 }
 
-/// One line per window: the format scripts (and the demo's smoke check) read.
-async fn stream(flags: &Flags, token: Option<&str>) -> ExitCode {
-    let url = flags.feed_url(None);
-    let mut socket = match connect(&url, token).await {
-        Ok(socket) => socket,
-        Err(FeedError::Refused(reason)) => {
-            eprintln!("trazor-watch: error: {reason}");
-            return ExitCode::FAILURE;
-        }
-        Err(FeedError::Lost(reason)) => {
-            eprintln!(
+/// The first connection, which must work: a wrong URL or token is reported (on stderr)
+/// and ends the program rather than being retried.
+async fn open_first(flags: &Flags, url: &str, token: Option<&str>) -> Result<Socket, ExitCode> {
+    connect(url, token).await.map_err(|error| {
+        match error {
+            FeedError::Refused(reason) => eprintln!("trazor-watch: error: {reason}"),
+            FeedError::Lost(reason) => eprintln!(
                 "trazor-watch: error: cannot open {}: {reason}; is the collector running \
                  (trazor-collector --http-listen ...)?",
                 flags.url
-            );
-            return ExitCode::FAILURE;
+            ),
         }
+        ExitCode::FAILURE
+    })
+}
+
+/// One line per window: the format scripts (and the demo's smoke check) read.
+async fn stream(flags: &Flags, token: Option<&str>) -> ExitCode {
+    let url = flags.feed_url(None);
+    let mut socket = match open_first(flags, &url, token).await {
+        Ok(socket) => socket,
+        Err(code) => return code,
     };
     println!(
         "{:<8} {:<24} {:<36} {:>6} {:>4} {:>9} {:>9} {:>9} {:>9}",
@@ -687,19 +692,9 @@ async fn stream(flags: &Flags, token: Option<&str>) -> ExitCode {
 async fn top(flags: &Flags, token: Option<&str>) -> ExitCode {
     let since = unix_ms_now().saturating_sub(flags.since.as_millis() as u64);
     // The first connection must work: a wrong URL or token should not spin.
-    let socket = match connect(&flags.feed_url(Some(since)), token).await {
+    let socket = match open_first(flags, &flags.feed_url(Some(since)), token).await {
         Ok(socket) => socket,
-        Err(FeedError::Refused(reason)) => {
-            eprintln!("trazor-watch: error: {reason}");
-            return ExitCode::FAILURE;
-        }
-        Err(FeedError::Lost(reason)) => {
-            eprintln!(
-                "trazor-watch: error: cannot open {}: {reason}; is the collector running?",
-                flags.url
-            );
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let _keyboard = KeyboardMode::enter();
     let mut keys = keys();
