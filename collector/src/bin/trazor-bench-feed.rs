@@ -413,8 +413,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Phase 1: no subscribers.
     let rss_idle = collector.rss_kib()?;
-    publishing.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(3)).await; // warm-up
+    resume(&publishing).await;
     let (cpu_start, start, first) = (
         collector.cpu()?,
         Instant::now(),
@@ -480,17 +479,19 @@ async fn main() -> anyhow::Result<()> {
     let rss_connected = collector.rss_kib()?;
 
     // Phase 2: 1 000 + 1 subscribers.
-    publishing.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let fanout = run_phase(
-        &format!("{} + 1 narrow subscribers", flags.subscribers),
-        &collector,
-        &next_sequence,
-        flags.duration,
-        &deliveries,
-        &narrow,
-    )
-    .await?;
+    let probes = Probes {
+        collector: &collector,
+        next_sequence: &next_sequence,
+        deliveries: &deliveries,
+        narrow: &narrow,
+    };
+    resume(&publishing).await;
+    let fanout = probes
+        .phase(
+            &format!("{} + 1 narrow subscribers", flags.subscribers),
+            flags.duration,
+        )
+        .await?;
     let rss_after_fanout = collector.rss_kib()?;
 
     // Phase 3: plus one subscriber that stops reading.
@@ -502,15 +503,12 @@ async fn main() -> anyhow::Result<()> {
         .metric("trazor_collector_feed_dropped_total")
         .await?;
     let slow_first = next_sequence.load(Ordering::Relaxed);
-    let slowed = run_phase(
-        &format!("… + 1 not reading for {} s", flags.slow_duration.as_secs()),
-        &collector,
-        &next_sequence,
-        flags.slow_duration,
-        &deliveries,
-        &narrow,
-    )
-    .await?;
+    let slowed = probes
+        .phase(
+            &format!("… + 1 not reading for {} s", flags.slow_duration.as_secs()),
+            flags.slow_duration,
+        )
+        .await?;
     let slow_last = next_sequence.load(Ordering::Relaxed) - 1;
     // The slow subscriber reads again, with no new windows: everything published since it
     // connected is either received or reported missed, and the drops it is told of are
@@ -527,17 +525,13 @@ async fn main() -> anyhow::Result<()> {
         - dropped_before;
     // The same fan-out again once it is gone: a fair reference for the phase with it,
     // whatever else the machine did meanwhile.
-    publishing.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = run_phase(
-        &format!("{} + 1 again, slow one gone", flags.subscribers),
-        &collector,
-        &next_sequence,
-        flags.duration,
-        &deliveries,
-        &narrow,
-    )
-    .await?;
+    resume(&publishing).await;
+    let after = probes
+        .phase(
+            &format!("{} + 1 again, slow one gone", flags.subscribers),
+            flags.duration,
+        )
+        .await?;
     publishing.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let mut collector = collector;
@@ -713,63 +707,80 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_phase(
-    name: &str,
-    collector: &Collector,
-    next_sequence: &AtomicU64,
-    duration: Duration,
-    deliveries: &[Deliveries],
-    narrow: &[Deliveries],
-) -> anyhow::Result<Phase> {
-    let first = next_sequence.load(Ordering::Relaxed);
-    let dropped_start = collector
-        .metric("trazor_collector_feed_dropped_total")
-        .await?;
-    let frames_start = collector
-        .metric("trazor_collector_feed_frames_sent_total")
-        .await?;
-    let cpu_start = collector.cpu()?;
-    let bench_cpu_start = process_cpu("self")?;
-    let start = Instant::now();
-    let mut rss_max = 0;
-    while start.elapsed() < duration {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        rss_max = rss_max.max(collector.rss_kib()?);
+/// Publishes again, and waits 3 s (a warm-up, and time for the fan-out to settle) before
+/// a phase is measured.
+async fn resume(publishing: &AtomicBool) {
+    publishing.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
+/// What a measured phase reads: the collector, the agent's next sequence, and what the
+/// subscribers that take every window and the narrow one received.
+struct Probes<'a> {
+    collector: &'a Collector,
+    next_sequence: &'a AtomicU64,
+    deliveries: &'a [Deliveries],
+    narrow: &'a [Deliveries],
+}
+
+impl Probes<'_> {
+    async fn phase(&self, name: &str, duration: Duration) -> anyhow::Result<Phase> {
+        let Self {
+            collector,
+            next_sequence,
+            deliveries,
+            narrow,
+        } = *self;
+        let first = next_sequence.load(Ordering::Relaxed);
+        let dropped_start = collector
+            .metric("trazor_collector_feed_dropped_total")
+            .await?;
+        let frames_start = collector
+            .metric("trazor_collector_feed_frames_sent_total")
+            .await?;
+        let cpu_start = collector.cpu()?;
+        let bench_cpu_start = process_cpu("self")?;
+        let start = Instant::now();
+        let mut rss_max = 0;
+        while start.elapsed() < duration {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rss_max = rss_max.max(collector.rss_kib()?);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let cpu = collector.cpu()? - cpu_start;
+        let bench_cpu = process_cpu("self")? - bench_cpu_start;
+        let frames_sent = collector
+            .metric("trazor_collector_feed_frames_sent_total")
+            .await?
+            - frames_start;
+        let dropped = collector
+            .metric("trazor_collector_feed_dropped_total")
+            .await?
+            - dropped_start;
+        let last = next_sequence.load(Ordering::Relaxed);
+        // Give the last windows time to arrive everywhere.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let range = first..last;
+        let all = latencies(deliveries, &range);
+        let narrow = latencies(narrow, &range);
+        Ok(Phase {
+            name: name.to_owned(),
+            windows: last - first,
+            seconds,
+            frames_sent,
+            deliveries: all.len(),
+            p50: percentile_ms(&all, 0.5),
+            p99: percentile_ms(&all, 0.99),
+            max: percentile_ms(&all, 1.0),
+            narrow_deliveries: narrow.len(),
+            narrow_p50: percentile_ms(&narrow, 0.5),
+            narrow_p99: percentile_ms(&narrow, 0.99),
+            cpu_cores: cpu.as_secs_f64() / seconds,
+            bench_cpu_cores: bench_cpu.as_secs_f64() / seconds,
+            rss_max_mib: rss_max as f64 / 1024.0,
+            dropped,
+        })
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let cpu = collector.cpu()? - cpu_start;
-    let bench_cpu = process_cpu("self")? - bench_cpu_start;
-    let frames_sent = collector
-        .metric("trazor_collector_feed_frames_sent_total")
-        .await?
-        - frames_start;
-    let dropped = collector
-        .metric("trazor_collector_feed_dropped_total")
-        .await?
-        - dropped_start;
-    let last = next_sequence.load(Ordering::Relaxed);
-    // Give the last windows time to arrive everywhere.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let range = first..last;
-    let all = latencies(deliveries, &range);
-    let narrow = latencies(narrow, &range);
-    Ok(Phase {
-        name: name.to_owned(),
-        windows: last - first,
-        seconds,
-        frames_sent,
-        deliveries: all.len(),
-        p50: percentile_ms(&all, 0.5),
-        p99: percentile_ms(&all, 0.99),
-        max: percentile_ms(&all, 1.0),
-        narrow_deliveries: narrow.len(),
-        narrow_p50: percentile_ms(&narrow, 0.5),
-        narrow_p99: percentile_ms(&narrow, 0.99),
-        cpu_cores: cpu.as_secs_f64() / seconds,
-        bench_cpu_cores: bench_cpu.as_secs_f64() / seconds,
-        rss_max_mib: rss_max as f64 / 1024.0,
-        dropped,
-    })
 }
 
 type RawSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
