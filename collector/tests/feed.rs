@@ -9,7 +9,8 @@ mod feed_support;
 use std::time::Duration;
 
 use feed_support::{
-    Agent, Feed, Frame, Running, SECOND, TestWindow, free_port, http_request, unix_ms, unix_nanos,
+    Agent, CollectorProcess, Feed, Frame, Running, SECOND, TestWindow, http_request, unix_ms,
+    unix_nanos,
 };
 use futures::{SinkExt as _, StreamExt as _};
 use prost::Message as _;
@@ -834,42 +835,15 @@ async fn auth_by_bearer_token_or_login_session() {
 /// `TRAZOR_FEED_TOKEN` it does not, and the feed needs the token.
 #[tokio::test]
 async fn the_collector_warns_at_start_when_the_feed_is_open() {
-    use tokio::io::AsyncBufReadExt as _;
     for token in [None, Some("from-the-environment")] {
-        let port = free_port();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_trazor-collector"));
-        command
-            .args(["--grpc-listen", "127.0.0.1:0", "--http-listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .env_remove("TRAZOR_TOKEN")
-            .env_remove("TRAZOR_FEED_TOKEN")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(token) = token {
-            command.env("TRAZOR_FEED_TOKEN", token);
-        }
-        let mut child = command.spawn().unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut log = String::new();
-        while !log.contains("collector serving") {
-            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-                .await
-                .unwrap()
-                .unwrap()
-                .expect("the collector started");
-            log.push_str(&line);
-            log.push('\n');
-        }
-        // The warning comes as serving starts, just after that line.
-        while let Ok(Ok(Some(line))) =
-            tokio::time::timeout(Duration::from_millis(1_500), lines.next_line()).await
-        {
-            log.push_str(&line);
-            log.push('\n');
-        }
+        // Ready once /readyz answers; the warning comes as serving starts.
+        let collector = CollectorProcess::start(token, None);
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let log = std::fs::read_to_string(&collector.log).unwrap();
+        assert!(log.contains("collector serving"), "{log}");
         let warned = log.contains("the live feed and dashboard are OPEN");
         assert_eq!(warned, token.is_none(), "{log}");
-        let url = format!("ws://127.0.0.1:{port}/ws");
+        let url = format!("ws://{}/ws", collector.http);
         match token {
             None => drop(Feed::connect(&url, &[]).await.unwrap()),
             Some(token) => {
@@ -882,6 +856,5 @@ async fn the_collector_warns_at_start_when_the_feed_is_open() {
                 );
             }
         }
-        child.kill().await.unwrap();
     }
 }

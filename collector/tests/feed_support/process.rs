@@ -44,7 +44,7 @@ impl CollectorProcess {
             http,
             grpc,
             log: std::env::temp_dir().join(format!(
-                "trazor-ui-collector-{}-{}.log",
+                "trazor-test-collector-{}-{}.log",
                 std::process::id(),
                 http.port()
             )),
