@@ -808,3 +808,46 @@ async fn with_cumulative_temporality_each_point_is_its_series_total() {
     );
     metrics_once(&stats, "trazor_collector_otlp_series_evicted_total 0").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_drops_the_new_batch_and_counts_it() {
+    let dir = std::env::temp_dir().join(format!("trazor-otlp-spool-full-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let collector = trazor_collector::BoundCollector::bind(&trazor_collector::CollectorConfig {
+        late_grace: Duration::from_millis(300),
+        state_dir: Some(dir.clone()),
+        // Room for no batch at all.
+        otlp_spool_max_bytes: 16,
+        otlp: Some(OtlpConfig::new(format!("http://127.0.0.1:{}", free_port()))),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grpc = format!("http://{}", collector.grpc_addr());
+    let stats = collector.stats();
+    tokio::spawn(collector.serve());
+    let end = window_end();
+    let mut message = pod_window(1, "checkout-1", end, &[(1_400, 5)], &[0, 0, 5]);
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("not a window");
+    };
+    window.exemplars = (0..2)
+        .map(|tid| Exemplar {
+            start_unix_nanos: end - 500_000_000,
+            duration_nanos: 2_000_000,
+            method: "GET".into(),
+            status_code: 200,
+            path: "/cart/7".into(),
+            tid,
+        })
+        .collect();
+    send(&grpc, "agent-a", vec![message]).await;
+    // The spans' batch, then the metrics' (a histogram point and a status-class point):
+    // refused by the spool, dropped and counted, never queued.
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_spool_full_total 2").await;
+    assert_line(&metrics, "trazor_collector_otlp_spans_dropped_total 2");
+    assert_line(&metrics, "trazor_collector_otlp_points_dropped_total 2");
+    assert_line(&metrics, "trazor_collector_otlp_spool_batches 0");
+    assert_line(&metrics, "trazor_collector_otlp_queued_batches 0");
+    let _ = std::fs::remove_dir_all(&dir);
+}
