@@ -531,7 +531,26 @@ impl Nginx {
                 "nginx is missing: this test needs the nginx that scripts/setup.sh installs \
                  (Debian's nginx-light) as the TLS server in front of Rotel; run it",
             );
-        let (https_port, grpcs_port) = (common::rotel::free_port(), common::rotel::free_port());
+        // The ports are picked free, but a test running in parallel may bind one before nginx
+        // does: nginx then exits at start, and another set of ports is tried.
+        for _ in 0..3 {
+            let ports = (common::rotel::free_port(), common::rotel::free_port());
+            if let Some(nginx) = Self::start_on(&binary, directory, pki, rotel, ports) {
+                return nginx;
+            }
+        }
+        panic!("nginx could not start (see its errors above)");
+    }
+
+    /// nginx on `https_port` (HTTP) and `grpcs_port` (gRPC), once both listen; `None` if it
+    /// exited instead.
+    fn start_on(
+        binary: &std::path::Path,
+        directory: &std::path::Path,
+        pki: &Pki,
+        rotel: &common::rotel::Rotel,
+        (https_port, grpcs_port): (u16, u16),
+    ) -> Option<Self> {
         let write = |file: &str, text: &str| {
             let path = directory.join(file);
             std::fs::write(&path, text).unwrap();
@@ -566,14 +585,14 @@ impl Nginx {
             rotel.http_port, rotel.grpc_port
         );
         let config_path = write("nginx.conf", &config);
-        let child = std::process::Command::new(&binary)
+        let child = std::process::Command::new(binary)
             .args(["-p", &prefix.to_string(), "-c", &config_path])
             .args(["-g", "daemon off;"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
-        let nginx = Self {
+        let mut nginx = Self {
             child,
             https_port,
             grpcs_port,
@@ -581,11 +600,19 @@ impl Nginx {
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in [https_port, grpcs_port] {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Ok(Some(_)) = nginx.child.try_wait() {
+                    return None;
+                }
                 assert!(Instant::now() < deadline, "nginx did not listen on {port}");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        nginx
+        // What answered must be nginx, not a server of another test on a port taken first.
+        std::thread::sleep(Duration::from_millis(200));
+        match nginx.child.try_wait() {
+            Ok(None) => Some(nginx),
+            _ => None,
+        }
     }
 }
 
