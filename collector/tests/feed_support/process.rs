@@ -6,6 +6,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,6 +19,40 @@ pub struct CollectorProcess {
     feed_token: Option<String>,
     state_dir: Option<PathBuf>,
     extra_args: Vec<String>,
+}
+
+/// Collectors started by this test process, so each gets its own log file.
+static COLLECTORS_STARTED: AtomicUsize = AtomicUsize::new(0);
+
+/// The gRPC and HTTP addresses in the collector's "collector serving" log line (`grpc=ADDR
+/// feed=ws://ADDR/ws`, among terminal colour escapes).
+fn serving_addresses(log: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let line = log
+        .lines()
+        .find(|line| line.contains("collector serving"))?;
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // An escape runs to its final letter (`\x1b[2m`).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let value = |key: &str| {
+        plain
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    let grpc = value("grpc=")?.parse().ok()?;
+    let http = value("feed=ws://")?.strip_suffix("/ws")?.parse().ok()?;
+    Some((grpc, http))
 }
 
 /// A port nothing listens on now.
@@ -37,16 +72,17 @@ impl CollectorProcess {
 
     /// Same, with more flags.
     pub fn start_with(feed_token: Option<&str>, state_dir: Option<&Path>, extra: &[&str]) -> Self {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // Port 0: the collector picks free ports itself and logs them, so no other test can
+        // take a port between our picking it and the collector binding it.
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut collector = Self {
             child: None,
-            http,
-            grpc,
+            http: any_port,
+            grpc: any_port,
             log: std::env::temp_dir().join(format!(
                 "trazor-test-collector-{}-{}.log",
                 std::process::id(),
-                http.port()
+                COLLECTORS_STARTED.fetch_add(1, Ordering::Relaxed)
             )),
             feed_token: feed_token.map(str::to_owned),
             state_dir: state_dir.map(Path::to_path_buf),
@@ -56,12 +92,15 @@ impl CollectorProcess {
         collector
     }
 
+    /// Starts the process on `self.http`/`self.grpc` (port 0 the first time: then they become
+    /// the ports it logs), and waits until it says it serves and answers `/readyz`.
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
+        let log_start = log.metadata().unwrap().len() as usize;
         let mut command = Command::new(env!("CARGO_BIN_EXE_trazor-collector"));
         command
             .arg("--http-listen")
@@ -83,13 +122,25 @@ impl CollectorProcess {
         }
         self.child = Some(command.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(20);
-        while http_status(self.http, "/readyz") != Some(200) {
+        let (grpc, http) = loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
                     "the collector exited ({status}): {}",
                     std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
             }
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(addresses) = text.get(log_start..).and_then(serving_addresses) {
+                break addresses;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the collector never logged 'collector serving': {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (self.grpc, self.http) = (grpc, http);
+        while http_status(self.http, "/readyz") != Some(200) {
             assert!(Instant::now() < deadline, "the collector never got ready");
             std::thread::sleep(Duration::from_millis(50));
         }
