@@ -25,7 +25,7 @@ use trazor_proto::{
     v1::{ExponentialHistogram, LatencyWindow, Peer},
 };
 
-use crate::view::{HistogramView, percentile_label};
+use crate::view::{HistogramView, PeerView, percentile_label};
 
 /// What an aggregate is about.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -288,6 +288,10 @@ impl Aggregate {
                 offset: self.histogram.offset,
                 counts: self.histogram.bucket_counts.clone(),
             },
+            peer: self.peer.as_ref().map(|peer| PeerView {
+                address: peer.address.clone(),
+                port: peer.port,
+            }),
         }
     }
 }
@@ -313,6 +317,9 @@ pub struct AggregateView {
     pub percentiles: serde_json::Map<String, serde_json::Value>,
     pub status_class_counts: Vec<u64>,
     pub histogram: HistogramView,
+    /// The server of a client-side aggregate: client windows to different servers are
+    /// separate aggregates, and this tells them apart. `null` server side.
+    pub peer: Option<PeerView>,
 }
 
 /// What happened to a window handed to [`WindowMerger::accept`].
@@ -425,7 +432,7 @@ impl WindowMerger {
 mod tests {
     use std::collections::BTreeMap;
 
-    use trazor_proto::v1::{LatencyStats, PodIdentity, Quantile, Source};
+    use trazor_proto::v1::{Direction, LatencyStats, PodIdentity, Quantile, Source};
 
     use super::*;
 
@@ -542,6 +549,49 @@ mod tests {
         };
         // Its containers are one pod, as a workload's pods are one workload.
         assert_eq!(subjects, vec![(pod("uid-2"), 1), (pod("uid-1"), 2)]);
+    }
+
+    #[test]
+    fn client_windows_to_different_servers_are_separate_aggregates_that_name_their_server() {
+        let merger = WindowMerger::new(Duration::from_secs(5));
+        let to = |address: &str| {
+            let mut client = window("checkout-1", "checkout", &[(600, 1)]);
+            client.direction = Direction::Client as i32;
+            client.peer = Some(Peer {
+                address: address.into(),
+                port: 8080,
+            });
+            client
+        };
+        for w in [to("10.0.0.1"), to("10.0.0.2"), to("10.0.0.1")] {
+            assert_eq!(merger.accept(&w, 111 * SECOND), Merged::Merged);
+        }
+        let mut views: Vec<_> = merger
+            .close_due(116 * SECOND)
+            .iter()
+            .map(|aggregate| serde_json::to_value(aggregate.view()).unwrap())
+            .map(|json| (json["peer"].clone(), json["windows"].clone()))
+            .collect();
+        views.sort_by_key(|(peer, _)| peer.to_string());
+        assert_eq!(
+            views,
+            vec![
+                (
+                    serde_json::json!({"address": "10.0.0.1", "port": 8080}),
+                    2.into()
+                ),
+                (
+                    serde_json::json!({"address": "10.0.0.2", "port": 8080}),
+                    1.into()
+                ),
+            ]
+        );
+        // Server side, no peer: null, as windows say it.
+        let server = Aggregate::of_window(&window("p", "w", &[(600, 1)]));
+        assert_eq!(
+            serde_json::to_value(server.view()).unwrap()["peer"],
+            serde_json::Value::Null
+        );
     }
 
     #[test]

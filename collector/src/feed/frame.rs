@@ -233,6 +233,7 @@ pub fn aggregate_protobuf(aggregate: &Aggregate) -> Bytes {
             }),
             status_class_counts: aggregate.status_class_counts.clone(),
             histogram: Some(aggregate.histogram.clone()),
+            peer: aggregate.peer.clone(),
         })),
     }
     .encode_to_vec()
