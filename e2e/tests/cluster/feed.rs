@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 use serde_json::Value;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _, http};
 
 use crate::kube_io::running_pods;
 
@@ -49,10 +49,23 @@ impl Drop for FeedRecorder {
 
 impl FeedRecorder {
     /// Subscribes to the feed of the collector pods matching `selector` in `namespace`
-    /// (port `port`, path `/ws?history=N`).
-    pub fn start(client: Client, namespace: String, selector: String, port: u16) -> Self {
+    /// (port `port`, path `/ws?history=N`), presenting the feed `token` as a bearer token.
+    pub fn start(
+        client: Client,
+        namespace: String,
+        selector: String,
+        port: u16,
+        token: String,
+    ) -> Self {
         let log = Arc::new(Mutex::new(FeedLog::default()));
-        let task = tokio::spawn(follow(client, namespace, selector, port, log.clone()));
+        let source = FeedSource {
+            client,
+            namespace,
+            selector,
+            port,
+            token,
+        };
+        let task = tokio::spawn(follow(source, log.clone()));
         Self { log, task }
     }
 
@@ -78,16 +91,19 @@ impl FeedRecorder {
     }
 }
 
-async fn follow(
+/// Where the feed is read from, and with what credential.
+struct FeedSource {
     client: Client,
     namespace: String,
     selector: String,
     port: u16,
-    log: Arc<Mutex<FeedLog>>,
-) {
+    token: String,
+}
+
+async fn follow(source: FeedSource, log: Arc<Mutex<FeedLog>>) {
     let mut last_error = String::new();
     loop {
-        if let Err(error) = read_one_collector(&client, &namespace, &selector, port, &log).await {
+        if let Err(error) = read_one_collector(&source, &log).await {
             let error = format!("{error:#}");
             if error != last_error {
                 eprintln!("    (feed: {error}; reconnecting)");
@@ -98,13 +114,15 @@ async fn follow(
     }
 }
 
-async fn read_one_collector(
-    client: &Client,
-    namespace: &str,
-    selector: &str,
-    port: u16,
-    log: &Mutex<FeedLog>,
-) -> Result<()> {
+async fn read_one_collector(source: &FeedSource, log: &Mutex<FeedLog>) -> Result<()> {
+    let FeedSource {
+        client,
+        namespace,
+        selector,
+        port,
+        token,
+    } = source;
+    let port = *port;
     let pods = running_pods(client, namespace, selector).await?;
     let (name, _) = pods
         .iter()
@@ -115,10 +133,14 @@ async fn read_one_collector(
     let stream = forwarder
         .take_stream(port)
         .ok_or_else(|| anyhow!("no port-forward stream"))?;
-    let (mut socket, _) =
-        tokio_tungstenite::client_async("ws://localhost/ws?history=100000", stream)
-            .await
-            .context("WebSocket handshake with the collector")?;
+    let mut request = "ws://localhost/ws?history=100000".into_client_request()?;
+    request.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_str(&format!("Bearer {token}"))?,
+    );
+    let (mut socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .context("WebSocket handshake with the collector")?;
     {
         let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         log.connections += 1;

@@ -245,6 +245,40 @@ pub async fn http_get(
     port: u16,
     path: &str,
 ) -> Result<(u16, String)> {
+    let response = http_request(client, namespace, pod, port, "GET", path, &[], "").await?;
+    Ok((response.status, response.body))
+}
+
+/// An HTTP answer: status, header lines (as sent) and body.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<String>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of header `name` (case-insensitive), the first one.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 request (`method path`, extra `headers`, `body`) on a pod's port, through the
+/// API server's port-forward, as `kubectl port-forward` and a browser or curl would make it.
+#[allow(clippy::too_many_arguments)]
+pub async fn http_request(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<HttpResponse> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let mut forwarder = pods
         .portforward(pod, &[port])
@@ -253,7 +287,15 @@ pub async fn http_get(
     let mut stream = forwarder
         .take_stream(port)
         .ok_or_else(|| anyhow!("no stream for port {port}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
@@ -262,15 +304,18 @@ pub async fn http_get(
     drop(stream);
     let _ = forwarder.join().await;
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| anyhow!("not an HTTP response: {text:.200}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_owned());
-    Ok((status, body))
+    Ok(HttpResponse {
+        status,
+        headers: lines.map(str::to_owned).collect(),
+        body: body.to_owned(),
+    })
 }
 
 /// The value of a Prometheus sample line `name` (without labels) in `text`.

@@ -51,8 +51,8 @@ use trazor_proto::api_access::{ApiCall, ObjectName, Scope};
 use crate::{
     feed::FeedRecorder,
     kube_io::{
-        Seen, apply, delete_and_wait, http_get, logs, logs_since, metric_value, ready_pods,
-        resource_of, running_pods, wait_for,
+        Seen, apply, delete_and_wait, http_get, http_request, logs, logs_since, metric_value,
+        ready_pods, resource_of, running_pods, wait_for,
     },
     otlp::OtlpReceiver,
 };
@@ -716,9 +716,12 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
         )
         .await?;
 
+    // The feed and dashboard behind their own token, as a team exposing them would run them.
+    let feed_token = format!("e2e-feed-{:032x}", rand::random::<u128>());
     let install_started = Instant::now();
     suite
         .step("helm install", Duration::from_secs(300), async {
+            let feed_token_value = format!("auth.feed.token={feed_token}");
             let otlp = format!("collector.otlp.endpoint=http://{host_address}:{OTLP_PORT}");
             let clusterip = format!("collector.service.clusterIP={}", settings.collector_ip);
             let endpoint = format!(
@@ -745,6 +748,8 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
                     &clusterip,
                     "--set",
                     &endpoint,
+                    "--set",
+                    &feed_token_value,
                 ],
             )
             .await?;
@@ -793,6 +798,7 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
         SYSTEM_NS.to_owned(),
         COLLECTOR_SELECTOR.to_owned(),
         8080,
+        feed_token.clone(),
     );
 
     let applied_at = Instant::now();
@@ -988,17 +994,48 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
         .await?;
 
     suite
-        .step("dashboard and feed served by the collector (port-forward, as a user opens them)", Duration::from_secs(30), async {
+        .step("dashboard and feed behind the feed token (port-forward, as a user opens them)", Duration::from_secs(60), async {
             let collectors = ready_pods(client, SYSTEM_NS, COLLECTOR_SELECTOR, 1, Duration::from_secs(20)).await?;
             let collector = collectors.keys().next().cloned().context("collector pod")?;
-            let (status, page) = http_get(client, SYSTEM_NS, &collector, 8080, "/").await?;
-            ensure!(status == 200 && page.contains("<title>Trazor: live request latency</title>"), "GET / answered {status}: {page:.200}");
+            let anonymous = http_request(client, SYSTEM_NS, &collector, 8080, "GET", "/", &[], "").await?;
+            ensure!(
+                anonymous.status == 401 && anonymous.body.contains(r#"action="/login""#),
+                "GET / without a session should be the login page (401), got {}: {:.200}",
+                anonymous.status,
+                anonymous.body
+            );
+            let upgrade = [
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Version", "13"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ];
+            let refused = http_request(client, SYSTEM_NS, &collector, 8080, "GET", "/ws", &upgrade, "").await?;
+            ensure!(refused.status == 401, "a WebSocket upgrade without the token should get 401, got {}", refused.status);
+            let wrong = http_request(client, SYSTEM_NS, &collector, 8080, "POST", "/login",
+                &[("Content-Type", "application/x-www-form-urlencoded")], "token=not-the-token").await?;
+            ensure!(wrong.status == 401 && wrong.header("set-cookie").is_none(), "a wrong token at /login should get 401 and no cookie, got {}", wrong.status);
+            let form = format!("token={feed_token}");
+            let login = http_request(client, SYSTEM_NS, &collector, 8080, "POST", "/login",
+                &[("Content-Type", "application/x-www-form-urlencoded")], &form).await?;
+            let cookie = login
+                .header("set-cookie")
+                .and_then(|value| value.split(';').next())
+                .filter(|pair| pair.starts_with("trazor_session="))
+                .map(str::to_owned);
+            let Some(cookie) = cookie.filter(|_| login.status == 303) else {
+                bail!("POST /login with the chart's feed token should answer 303 with a trazor_session cookie, got {} {:?}", login.status, login.headers);
+            };
+            let session = [("Cookie", cookie.as_str())];
+            let page = http_request(client, SYSTEM_NS, &collector, 8080, "GET", "/", &session, "").await?;
+            ensure!(page.status == 200 && page.body.contains("<title>Trazor: live request latency</title>"), "GET / with the session answered {}: {:.200}", page.status, page.body);
+            let page = page.body;
             let (status, metrics) = http_get(client, SYSTEM_NS, &collector, 8080, "/metrics").await?;
             ensure!(status == 200, "GET /metrics answered {status}");
             let accepted = metric_value(&metrics, "trazor_collector_windows_published_total").unwrap_or_default();
             ensure!(accepted > 0.0, "the collector reports no published window: {metrics:.400}");
             let connections = feed.with_log(|log| log.connections);
-            Ok(((), format!("GET / is the dashboard page ({} bytes); /metrics: {accepted} windows published; the feed subscriber connected {connections} time(s)", page.len())))
+            Ok(((), format!("GET / without a session: 401 login page; upgrade without the token: 401; wrong token: 401; the chart's token: 303 + session cookie, then the dashboard page ({} bytes); /metrics open: {accepted} windows published; the feed subscriber (Bearer token) connected {connections} time(s)", page.len())))
         })
         .await?;
 
