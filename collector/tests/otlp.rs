@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_line, collector, metrics_once, pod_window, send, window_end};
+use common::{assert_line, collector, metrics_once, pod_window, send, window_end, with_exemplars};
 use trazor_collector::otlp::{OtlpConfig, RESPONSES_METRIC, SERVER_DURATION_METRIC};
 use trazor_proto::v1::{AgentMessage, Exemplar, PodIdentity, Source, agent_message};
 
@@ -826,21 +826,10 @@ async fn a_full_spool_drops_the_new_batch_and_counts_it() {
     let grpc = format!("http://{}", collector.grpc_addr());
     let stats = collector.stats();
     tokio::spawn(collector.serve());
-    let end = window_end();
-    let mut message = pod_window(1, "checkout-1", end, &[(1_400, 5)], &[0, 0, 5]);
-    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
-        panic!("not a window");
-    };
-    window.exemplars = (0..2)
-        .map(|tid| Exemplar {
-            start_unix_nanos: end - 500_000_000,
-            duration_nanos: 2_000_000,
-            method: "GET".into(),
-            status_code: 200,
-            path: "/cart/7".into(),
-            tid,
-        })
-        .collect();
+    let message = with_exemplars(
+        pod_window(1, "checkout-1", window_end(), &[(1_400, 5)], &[0, 0, 5]),
+        2,
+    );
     send(&grpc, "agent-a", vec![message]).await;
     // The spans' batch, then the metrics' (a histogram point and a status-class point):
     // refused by the spool, dropped and counted, never queued.

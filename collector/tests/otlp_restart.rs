@@ -16,9 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_line, pod_window, rotel::Rotel, send, window_end};
+use common::{assert_line, pod_window, rotel::Rotel, send, window_end, with_exemplars};
 use trazor_collector::otlp::SERVER_DURATION_METRIC;
-use trazor_proto::v1::{AgentMessage, Exemplar, agent_message};
+use trazor_proto::v1::AgentMessage;
 
 mod common;
 
@@ -118,27 +118,16 @@ impl Drop for Collector {
 /// A window of Deployment shop/checkout (`count` requests) ending at `end`, with
 /// `exemplars` requests of its own as exemplars.
 fn window(sequence: u64, end: u64, count: u64, exemplars: u32) -> AgentMessage {
-    let mut message = pod_window(
-        sequence,
-        "checkout-1",
-        end,
-        &[(1_400, count)],
-        &[0, 0, count],
-    );
-    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
-        panic!("pod_window made no window");
-    };
-    window.exemplars = (0..exemplars)
-        .map(|n| Exemplar {
-            start_unix_nanos: end - 500_000_000 + u64::from(n),
-            duration_nanos: 2_000_000,
-            method: "GET".into(),
-            status_code: 200,
-            path: format!("/cart/{n}"),
-            tid: n,
-        })
-        .collect();
-    message
+    with_exemplars(
+        pod_window(
+            sequence,
+            "checkout-1",
+            end,
+            &[(1_400, count)],
+            &[0, 0, count],
+        ),
+        exemplars,
+    )
 }
 
 /// `N` free ports, all different (each listener is held until all are picked, so one

@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{pod_window, send, start_collector, window_end};
+use common::{metrics_with_all, pod_window, send, start_collector, window_end, with_exemplars};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::{
@@ -34,10 +34,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-use trazor_collector::{
-    otlp::{OtlpConfig, OtlpProtocol, SERVER_DURATION_METRIC, TlsPaths},
-    stats::CollectorStats,
-};
+use trazor_collector::otlp::{OtlpConfig, OtlpProtocol, SERVER_DURATION_METRIC, TlsPaths};
 use trazor_proto::v1::{AgentMessage, Exemplar, agent_message};
 
 mod common;
@@ -235,38 +232,10 @@ async fn serve_grpcs(pki: &Pki) -> (SocketAddr, Received) {
 
 /// A window of Deployment shop/checkout with two exemplars.
 fn checkout_window() -> AgentMessage {
-    let end = window_end();
-    let mut message = pod_window(1, "checkout-1", end, &[(1_400, 3)], &[0, 0, 3]);
-    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
-        panic!("pod_window made no window");
-    };
-    window.exemplars = (0..2)
-        .map(|tid| Exemplar {
-            start_unix_nanos: end - 500_000_000,
-            duration_nanos: 2_000_000,
-            method: "GET".into(),
-            status_code: 200,
-            path: "/cart/42".into(),
-            tid,
-        })
-        .collect();
-    message
-}
-
-/// The collector's metrics once they contain every line of `lines` (within 10 s).
-async fn metrics_once(stats: &CollectorStats, lines: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = stats.render();
-        if lines
-            .iter()
-            .all(|line| metrics.lines().any(|metric| metric == *line))
-        {
-            return metrics;
-        }
-        assert!(Instant::now() < deadline, "never {lines:?}:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    with_exemplars(
+        pod_window(1, "checkout-1", window_end(), &[(1_400, 3)], &[0, 0, 3]),
+        2,
+    )
 }
 
 /// Exports one checkout window with `config` and returns the collector's counters once
@@ -274,7 +243,7 @@ async fn metrics_once(stats: &CollectorStats, lines: &[&str]) -> String {
 async fn export(config: OtlpConfig, lines: &[&str]) -> String {
     let running = start_collector(Some(config)).await;
     send(&running.grpc, "agent-a", vec![checkout_window()]).await;
-    metrics_once(&running.stats, lines).await
+    metrics_with_all(&running.stats, lines).await
 }
 
 /// Settings trusting `pki`'s CA, with its client certificate when `identity`.
@@ -667,7 +636,7 @@ async fn mutual_tls_through_nginx_reaches_rotel_over_http_and_grpc() {
                 .contains(&(SERVER_DURATION_METRIC.to_owned(), "s".to_owned())),
             "{metrics:?}"
         );
-        metrics_once(
+        metrics_with_all(
             &running.stats,
             &[
                 "trazor_collector_otlp_points_exported_total 2",

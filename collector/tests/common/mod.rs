@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use trazor_collector::{BoundCollector, CollectorConfig, otlp::OtlpConfig, stats::CollectorStats};
 use trazor_proto::v1::{
-    AgentHello, AgentMessage, ExponentialHistogram, LatencyStats, LatencyWindow, PodIdentity,
-    Quantile, Source, agent_message, collector_message, latency_ingest_client::LatencyIngestClient,
+    AgentHello, AgentMessage, Exemplar, ExponentialHistogram, LatencyStats, LatencyWindow,
+    PodIdentity, Quantile, Source, agent_message, collector_message,
+    latency_ingest_client::LatencyIngestClient,
 };
 
 /// A collector serving in the background.
@@ -153,18 +154,46 @@ pub async fn collector(otlp: OtlpConfig) -> (String, Arc<CollectorStats>) {
 
 /// The collector's metrics once they contain `line` (within 10 s).
 pub async fn metrics_once(stats: &CollectorStats, line: &str) -> String {
+    metrics_with_all(stats, &[line]).await
+}
+
+/// The collector's metrics once they contain every line of `lines` (within 10 s).
+pub async fn metrics_with_all(stats: &CollectorStats, lines: &[&str]) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let metrics = stats.render();
-        if metrics.lines().any(|metric| metric == line) {
+        if lines
+            .iter()
+            .all(|line| metrics.lines().any(|metric| metric == *line))
+        {
             return metrics;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "never {line:?}:\n{metrics}"
+            "never {lines:?}:\n{metrics}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `message` (a window from [`pod_window`]) with `count` of its requests kept as
+/// exemplars: `GET /cart/{n}`, 200, 2 ms, starting half a second before the window's end.
+pub fn with_exemplars(mut message: AgentMessage, count: u32) -> AgentMessage {
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("with_exemplars needs a window message");
+    };
+    let end = window.end_unix_nanos;
+    window.exemplars = (0..count)
+        .map(|n| Exemplar {
+            start_unix_nanos: end - 500_000_000 + u64::from(n),
+            duration_nanos: 2_000_000,
+            method: "GET".into(),
+            status_code: 200,
+            path: format!("/cart/{n}"),
+            tid: n,
+        })
+        .collect();
+    message
 }
 
 /// Asserts that the collector's metrics text has `line` (a metric and its value).
