@@ -21,6 +21,14 @@ pub struct CollectorProcess {
     extra_args: Vec<String>,
 }
 
+// Only its `strip_ansi` is used here (the file is shared with the OTLP tests and the
+// cluster suite).
+#[allow(dead_code)]
+#[path = "../common/rotel_log.rs"]
+mod rotel_log;
+
+use rotel_log::strip_ansi;
+
 /// Collectors started by this test process, so each gets its own log file.
 static COLLECTORS_STARTED: AtomicUsize = AtomicUsize::new(0);
 
@@ -30,20 +38,7 @@ fn serving_addresses(log: &str) -> Option<(SocketAddr, SocketAddr)> {
     let line = log
         .lines()
         .find(|line| line.contains("collector serving"))?;
-    let mut plain = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // An escape runs to its final letter (`\x1b[2m`).
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
+    let plain = strip_ansi(line);
     let value = |key: &str| {
         plain
             .split_whitespace()
