@@ -820,13 +820,9 @@ fn finish_request(
         peer_port: connection.peer_port,
         direction: connection.direction,
         method: connection.method,
-        status_class: if status < 600 {
-            (status / 100) as u8
-        } else {
-            0
-        },
         peer_ipv6: connection.peer_ipv6,
-        _pad: [0; 2],
+        _pad: 0,
+        status,
     };
     let mut flags = 0u8;
     // Creating a key races with other CPUs counting the same series: an insert that loses

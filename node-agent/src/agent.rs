@@ -290,6 +290,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent> {
         events: Vec::new(),
         events_dropped: 0,
         requests_over_cap: 0,
+        requests_over_status_cap: 0,
         reported_drops: Vec::new(),
         connection_sweep: config.connection_sweep,
         reported_evictions: 0,
@@ -410,6 +411,8 @@ struct WindowLoop {
     events: Vec<RequestEvent>,
     events_dropped: u64,
     requests_over_cap: u64,
+    /// Requests whose status code was folded into code 0 by the per-window status limit.
+    requests_over_status_cap: u64,
     reported_drops: Vec<u64>,
     connection_sweep: Duration,
     reported_evictions: u64,
@@ -502,6 +505,15 @@ impl WindowLoop {
                 total = self.requests_over_cap,
                 "requests folded into route \"other\" by the per-process series cap \
                  (raise it, or add route templates)"
+            );
+        }
+        if report.requests_over_status_cap > 0 {
+            self.requests_over_status_cap += report.requests_over_status_cap;
+            tracing::warn!(
+                total = self.requests_over_status_cap,
+                limit = crate::window::MAX_STATUS_CODES_PER_WINDOW,
+                "requests reported with status code 0 (unknown): their window had more \
+                 distinct status codes than the limit"
             );
         }
         if self.events_dropped > 0 {

@@ -1,8 +1,8 @@
 //! Window: turns the kernel's closed series into [`LatencyWindow`]s, one per source,
-//! direction, route and peer, with totals, status classes, quantiles, the histogram itself
-//! and a few exemplars.
+//! direction, route and peer, with totals, status classes, quantiles, the histogram itself,
+//! the same split by status code, and a few exemplars.
 //!
-//! The kernel keys series finer (method, status class, raw route hash); they are merged
+//! The kernel keys series finer (method, status code, raw route hash); they are merged
 //! here exactly, by adding histogram buckets, never by combining percentiles.
 
 use std::{
@@ -12,10 +12,11 @@ use std::{
 };
 
 use trazor_node_agent_ebpf_common::{
-    HISTOGRAM_SCALE, PATH_LEN, RequestEvent, SeriesKey, event_flag, method,
+    HISTOGRAM_SCALE, PATH_LEN, RequestEvent, SeriesKey, SeriesTotals, event_flag, method,
 };
 use trazor_proto::v1::{
     Direction, Exemplar, ExponentialHistogram, LatencyStats, LatencyWindow, Peer, Quantile,
+    StatusLatency,
 };
 
 use crate::{
@@ -26,6 +27,10 @@ use crate::{
 
 /// Requests whose status is 5xx count as errors.
 const ERROR_STATUS_CLASS: u8 = 5;
+/// Status codes a window keeps apart; the requests of rarer codes beyond them are folded
+/// into code 0 (unknown), so that a server answering with many codes cannot multiply the
+/// series downstream.
+pub const MAX_STATUS_CODES_PER_WINDOW: usize = 16;
 /// Exemplars kept per window (the slowest).
 pub const MAX_EXEMPLARS_PER_WINDOW: usize = 8;
 
@@ -41,6 +46,8 @@ pub struct WindowBuilder {
 pub struct BuildReport {
     /// Requests folded into the `other` route by the per-source series cap.
     pub requests_over_series_cap: u64,
+    /// Requests whose status code was folded into code 0 by [`MAX_STATUS_CODES_PER_WINDOW`].
+    pub requests_over_status_cap: u64,
 }
 
 /// (window, cgroup id, tgid): the unit the series cap applies to.
@@ -64,14 +71,71 @@ struct WindowKey {
 
 #[derive(Default)]
 struct Accumulator {
-    count: u64,
+    totals: Totals,
     errors: u64,
+    status_classes: [u64; 6],
+    by_status: BTreeMap<u16, Totals>,
+    exemplars: Vec<Exemplar>,
+}
+
+/// Count, sum, min, max and histogram of some requests.
+#[derive(Default)]
+struct Totals {
+    count: u64,
     sum: u64,
     min: u64,
     max: u64,
-    status_classes: [u64; 6],
     buckets: BTreeMap<i32, u64>,
-    exemplars: Vec<Exemplar>,
+}
+
+impl Totals {
+    fn add(&mut self, series: &SeriesTotals, buckets: &BTreeMap<i32, u64>) {
+        self.min = if self.count == 0 {
+            series.min_nanos
+        } else {
+            self.min.min(series.min_nanos)
+        };
+        self.max = self.max.max(series.max_nanos);
+        self.count += series.count;
+        self.sum += series.sum_nanos;
+        for (&bucket, &count) in buckets {
+            *self.buckets.entry(bucket).or_default() += count;
+        }
+    }
+
+    fn fold_into(self, into: &mut Self) {
+        if self.count == 0 {
+            return;
+        }
+        into.add(
+            &SeriesTotals {
+                count: self.count,
+                sum_nanos: self.sum,
+                min_nanos: self.min,
+                max_nanos: self.max,
+            },
+            &self.buckets,
+        );
+    }
+
+    fn histogram(&self) -> ExponentialHistogram {
+        match ExponentialHistogram::from_sparse(HISTOGRAM_SCALE, &self.buckets) {
+            Ok(histogram) => histogram,
+            Err(error) => {
+                tracing::warn!(%error, "dropping a malformed histogram");
+                ExponentialHistogram::default()
+            }
+        }
+    }
+}
+
+/// A status line's code as a window reports it: 0 for one outside 100..=599.
+fn reported_status(status: u16) -> u16 {
+    if (100..600).contains(&status) {
+        status
+    } else {
+        0
+    }
 }
 
 impl WindowBuilder {
@@ -164,22 +228,18 @@ impl WindowBuilder {
             );
             keys_by_series.insert(series.key, key.clone());
             let entry = grouped.entry(key).or_default();
-            entry.min = if entry.count == 0 {
-                series.totals.min_nanos
-            } else {
-                entry.min.min(series.totals.min_nanos)
-            };
-            entry.max = entry.max.max(series.totals.max_nanos);
-            entry.count += series.totals.count;
-            entry.sum += series.totals.sum_nanos;
-            let status_class = series.key.status_class;
+            entry.totals.add(&series.totals, &series.buckets);
+            let status = reported_status(series.key.status);
+            let status_class = (status / 100) as u8;
             if status_class == ERROR_STATUS_CLASS {
                 entry.errors += series.totals.count;
             }
-            entry.status_classes[usize::from(status_class.min(5))] += series.totals.count;
-            for (bucket, count) in series.buckets {
-                *entry.buckets.entry(bucket).or_default() += count;
-            }
+            entry.status_classes[usize::from(status_class)] += series.totals.count;
+            entry
+                .by_status
+                .entry(status)
+                .or_default()
+                .add(&series.totals, &series.buckets);
         }
         for event in events {
             if event.flags & event_flag::EXEMPLAR == 0 {
@@ -206,15 +266,13 @@ impl WindowBuilder {
         let windows = keys
             .into_iter()
             .filter_map(|key| {
-                let mut totals = grouped.remove(&key)?;
-                let histogram =
-                    match ExponentialHistogram::from_sparse(HISTOGRAM_SCALE, &totals.buckets) {
-                        Ok(histogram) => histogram,
-                        Err(error) => {
-                            tracing::warn!(%error, "dropping a malformed histogram");
-                            ExponentialHistogram::default()
-                        }
-                    };
+                let mut accumulator = grouped.remove(&key)?;
+                let statuses = status_latencies(
+                    std::mem::take(&mut accumulator.by_status),
+                    &mut report.requests_over_status_cap,
+                );
+                let totals = &accumulator.totals;
+                let histogram = totals.histogram();
                 let quantiles = self
                     .quantiles
                     .iter()
@@ -226,10 +284,9 @@ impl WindowBuilder {
                         })
                     })
                     .collect();
-                totals
-                    .exemplars
-                    .sort_by_key(|exemplar| std::cmp::Reverse(exemplar.duration_nanos));
-                totals.exemplars.truncate(MAX_EXEMPLARS_PER_WINDOW);
+                let mut exemplars = accumulator.exemplars;
+                exemplars.sort_by_key(|exemplar| std::cmp::Reverse(exemplar.duration_nanos));
+                exemplars.truncate(MAX_EXEMPLARS_PER_WINDOW);
                 let start = u64::from(key.window) * window_nanos;
                 let client = key.direction == 2;
                 Some(LatencyWindow {
@@ -244,14 +301,14 @@ impl WindowBuilder {
                     end_unix_nanos: start + window_nanos,
                     stats: Some(LatencyStats {
                         count: totals.count,
-                        error_count: totals.errors,
+                        error_count: accumulator.errors,
                         sum_nanos: totals.sum,
                         min_nanos: totals.min,
                         max_nanos: totals.max,
                         quantiles,
                     }),
                     histogram: Some(histogram),
-                    status_class_counts: totals.status_classes.to_vec(),
+                    status_class_counts: accumulator.status_classes.to_vec(),
                     profile: String::new(),
                     route: key.route,
                     peer: client.then(|| Peer {
@@ -266,13 +323,60 @@ impl WindowBuilder {
                         },
                         port: u32::from(key.peer_port),
                     }),
-                    exemplars: totals.exemplars,
+                    exemplars,
                     method: method::name(key.method).to_owned(),
+                    statuses,
                 })
             })
             .collect();
         (windows, report)
     }
+}
+
+/// A window's [`StatusLatency`]s, in code order, from its requests by status code: the
+/// busiest [`MAX_STATUS_CODES_PER_WINDOW`] kept apart (the rest folded into code 0 and
+/// counted into `folded`), and a single status in its compact form (code and count: the
+/// rest is the window's).
+fn status_latencies(by_status: BTreeMap<u16, Totals>, folded: &mut u64) -> Vec<StatusLatency> {
+    let mut by_status = by_status;
+    if by_status.len() > MAX_STATUS_CODES_PER_WINDOW {
+        let mut busiest: Vec<(u16, u64)> = by_status
+            .iter()
+            .map(|(&status, totals)| (status, totals.count))
+            .collect();
+        busiest.sort_by_key(|&(status, count)| (std::cmp::Reverse(count), status));
+        let mut unknown = by_status.remove(&0).unwrap_or_default();
+        // Code 0 takes one of the places kept.
+        for &(status, count) in busiest
+            .iter()
+            .filter(|(status, _)| *status != 0)
+            .skip(MAX_STATUS_CODES_PER_WINDOW - 1)
+        {
+            if let Some(totals) = by_status.remove(&status) {
+                *folded += count;
+                totals.fold_into(&mut unknown);
+            }
+        }
+        by_status.insert(0, unknown);
+    }
+    let single = by_status.len() == 1;
+    by_status
+        .into_iter()
+        .map(|(status, totals)| {
+            let mut latency = StatusLatency {
+                status_code: u32::from(status),
+                count: totals.count,
+                ..StatusLatency::default()
+            };
+            if !single {
+                latency.sum_nanos = totals.sum;
+                latency.min_nanos = totals.min;
+                latency.max_nanos = totals.max;
+                latency.histogram = Some(totals.histogram());
+            }
+            latency
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -283,7 +387,7 @@ mod tests {
 
     use super::*;
 
-    fn series(window: u32, tgid: u32, status_class: u8, latencies_ms: &[u64]) -> ClosedSeries {
+    fn series(window: u32, tgid: u32, status: u16, latencies_ms: &[u64]) -> ClosedSeries {
         let nanos: Vec<u64> = latencies_ms.iter().map(|ms| ms * 1_000_000).collect();
         let mut buckets = BTreeMap::new();
         for &latency in &nanos {
@@ -299,9 +403,9 @@ mod tests {
                 peer_port: 0,
                 direction: 1,
                 method: 1,
-                status_class,
                 peer_ipv6: 0,
-                _pad: [0; 2],
+                _pad: 0,
+                status,
             },
             totals: SeriesTotals {
                 count: nanos.len() as u64,
@@ -320,10 +424,10 @@ mod tests {
         let mut routes = RouteNamer::new(Vec::new(), 10);
         let (windows, _) = builder.build(
             vec![
-                series(7, 100, 2, &[10, 20, 30, 40]),
-                series(7, 100, 5, &[50]),
-                series(7, 200, 2, &[1]),
-                series(8, 100, 2, &[5]),
+                series(7, 100, 200, &[10, 20, 30, 40]),
+                series(7, 100, 503, &[50]),
+                series(7, 200, 200, &[1]),
+                series(8, 100, 200, &[5]),
             ],
             &[],
             0,
@@ -347,6 +451,90 @@ mod tests {
         assert!(stats.quantiles[1].value_nanos <= 50_000_000);
         assert_eq!(windows[1].source.as_ref().unwrap().pid, 200);
         assert_eq!(windows[2].start_unix_nanos, 80_000_000_000);
+        // Each status keeps its own distribution; together they are the window's.
+        let statuses: Vec<(u32, u64, u64, u64, u64, u64)> = first
+            .statuses
+            .iter()
+            .map(|status| {
+                (
+                    status.status_code,
+                    status.count,
+                    status.sum_nanos,
+                    status.min_nanos,
+                    status.max_nanos,
+                    status.histogram.as_ref().unwrap().total(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![
+                (200, 4, 100_000_000, 10_000_000, 40_000_000, 4),
+                (503, 1, 50_000_000, 50_000_000, 50_000_000, 1),
+            ]
+        );
+        let mut merged = first.statuses[0].histogram.clone().unwrap();
+        merged
+            .merge(first.statuses[1].histogram.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(Some(&merged), first.histogram.as_ref());
+        // A single status: its code and count, the rest is the window's.
+        let single = &windows[1].statuses;
+        assert_eq!(single.len(), 1);
+        assert_eq!((single[0].status_code, single[0].count), (200, 1));
+        assert_eq!(single[0].histogram, None);
+        assert_eq!(
+            windows[1].status_shares().unwrap()[0].histogram,
+            windows[1].histogram.as_ref()
+        );
+    }
+
+    #[test]
+    fn codes_of_one_class_stay_apart_and_odd_codes_are_unknown() {
+        let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
+        let mut resolver = SourceResolver::new("n".into(), None);
+        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let (windows, report) = builder.build(
+            vec![
+                series(7, 100, 200, &[1, 1]),
+                series(7, 100, 204, &[2]),
+                series(7, 100, 404, &[3]),
+                series(7, 100, 999, &[4]),
+            ],
+            &[],
+            0,
+            &mut resolver,
+            &mut routes,
+        );
+        assert_eq!(windows.len(), 1);
+        let codes: Vec<(u32, u64)> = windows[0]
+            .statuses
+            .iter()
+            .map(|status| (status.status_code, status.count))
+            .collect();
+        assert_eq!(codes, vec![(0, 1), (200, 2), (204, 1), (404, 1)]);
+        assert_eq!(windows[0].status_class_counts, vec![1, 0, 3, 0, 1, 0]);
+        assert_eq!(report.requests_over_status_cap, 0);
+    }
+
+    #[test]
+    fn status_codes_past_the_limit_fold_into_unknown_and_are_counted() {
+        let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
+        let mut resolver = SourceResolver::new("n".into(), None);
+        let mut routes = RouteNamer::new(Vec::new(), 10);
+        // 200 the busiest, then 20 codes of one request each.
+        let mut closed = vec![series(7, 100, 200, &[1, 1, 1])];
+        closed.extend((0..20).map(|code| series(7, 100, 400 + code, &[2])));
+        let (windows, report) = builder.build(closed, &[], 0, &mut resolver, &mut routes);
+        let statuses = &windows[0].statuses;
+        assert_eq!(statuses.len(), MAX_STATUS_CODES_PER_WINDOW);
+        assert_eq!(statuses[0].status_code, 0);
+        // Code 0 takes one place, 200 another: 14 of the 20 stay apart, 6 are folded.
+        assert_eq!(statuses[0].count, 6);
+        assert_eq!(report.requests_over_status_cap, 6);
+        assert_eq!(statuses.iter().map(|status| status.count).sum::<u64>(), 23);
+        assert_eq!(statuses[1].status_code, 200);
+        assert!(windows[0].status_shares().is_ok());
     }
 
     #[test]
@@ -354,8 +542,8 @@ mod tests {
         let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
         let mut resolver = SourceResolver::new("n".into(), None);
         let mut routes = RouteNamer::new(Vec::new(), 10);
-        let get = series(7, 100, 2, &[1, 2]);
-        let mut delete = series(7, 100, 2, &[40]);
+        let get = series(7, 100, 200, &[1, 2]);
+        let mut delete = series(7, 100, 200, &[40]);
         delete.key.method = method::DELETE;
         let (windows, _) = builder.build(vec![get, delete], &[], 0, &mut resolver, &mut routes);
         let by_method: Vec<(&str, u64)> = windows
@@ -397,13 +585,13 @@ mod tests {
         let v6: Ipv6Addr = "2001:db8::7".parse().unwrap();
         let hash = trazor_node_agent_ebpf_common::peer_hash(&v6.octets());
         let v4 = client(
-            series(7, 100, 2, &[1]),
+            series(7, 100, 200, &[1]),
             u32::from_le_bytes([10, 0, 0, 9]),
             0,
         );
-        let named = client(series(7, 100, 2, &[2]), hash, 1);
+        let named = client(series(7, 100, 200, &[2]), hash, 1);
         // Its first event lost: the window still counts, its peer is unnamed.
-        let unnamed = client(series(7, 100, 2, &[3]), hash ^ 1, 1);
+        let unnamed = client(series(7, 100, 200, &[3]), hash ^ 1, 1);
         let mut first = event(&named, "/", event_flag::NEW_SERIES, 2);
         first.peer_addr6 = v6.octets();
         let (windows, _) = builder.build(
@@ -437,10 +625,10 @@ mod tests {
         let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
         let mut resolver = SourceResolver::new("n".into(), None);
         let mut routes = RouteNamer::new(vec![RouteTemplate::parse("/users/{name}").unwrap()], 2);
-        let alice = with_route(series(1, 9, 2, &[10, 10, 10]), 11);
-        let bob = with_route(series(1, 9, 2, &[30]), 12);
-        let items = with_route(series(1, 9, 2, &[5, 5]), 13);
-        let health = with_route(series(1, 9, 2, &[1]), 14);
+        let alice = with_route(series(1, 9, 200, &[10, 10, 10]), 11);
+        let bob = with_route(series(1, 9, 200, &[30]), 12);
+        let items = with_route(series(1, 9, 200, &[5, 5]), 13);
+        let health = with_route(series(1, 9, 200, &[1]), 14);
         let events = [
             event(&alice, "/users/alice", event_flag::NEW_SERIES, 10),
             event(

@@ -136,6 +136,7 @@ fn window(sequence: u64, end_unix_nanos: u64) -> LatencyWindow {
             bucket_counts: (0..40).map(|bucket| 10 + bucket * 7).collect(),
         }),
         status_class_counts: vec![0, 0, 1_434, 0, 0, 11],
+        statuses: Vec::new(),
         profile: "shop/latency".into(),
         route: "/cart/{id}".into(),
         peer: None,

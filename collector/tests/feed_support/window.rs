@@ -149,6 +149,8 @@ impl TestWindow {
             }),
             histogram: Some(histogram),
             status_class_counts: vec![0, 0, count - self.errors, 0, 0, self.errors],
+            // The feed reads the window's totals, not its split by status.
+            statuses: Vec::new(),
             profile: self.profile.into(),
             route: self.route.into(),
             peer: (self.direction == Direction::Client).then(|| Peer {
