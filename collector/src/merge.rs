@@ -5,7 +5,7 @@
 //! The merge is exact: counts, errors, sums and status classes add, min and max take the
 //! extremes, and the histograms add bucket by bucket ([`ExponentialHistogram::merge`]), so
 //! the aggregate's percentiles are what one agent counting every request would report —
-//! never an average of percentiles.
+//! never an average of percentiles. The same holds for each status code's share.
 //!
 //! An aggregate stays open until `grace` after its window's end, then is closed and
 //! published. A window arriving after that is late: it is still published on its own (it
@@ -13,7 +13,7 @@
 //! merged (its aggregate is already out).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     hash::{DefaultHasher, Hash, Hasher},
     sync::Mutex,
     time::Duration,
@@ -22,6 +22,7 @@ use std::{
 use serde::Serialize;
 use trazor_proto::{
     histogram::MAX_DENSE_BUCKETS,
+    status::StatusShare,
     v1::{ExponentialHistogram, LatencyWindow, Peer},
 };
 
@@ -140,7 +141,84 @@ pub fn validate(window: &LatencyWindow) -> Result<(), String> {
             histogram.bucket_counts.len()
         ));
     }
+    let shares = window
+        .status_shares()
+        .map_err(|reason| format!("status breakdown: {reason}"))?;
+    for share in shares {
+        if share.status_code != 0 && !(100..600).contains(&share.status_code) {
+            return Err(format!(
+                "status code {} is not one of 100..=599 (0 for unknown)",
+                share.status_code
+            ));
+        }
+        if let Some(histogram) = share.histogram
+            && histogram.bucket_counts.len() > MAX_DENSE_BUCKETS
+        {
+            return Err(format!(
+                "status {}'s histogram has {} buckets, more than the limit of \
+                 {MAX_DENSE_BUCKETS}",
+                share.status_code,
+                histogram.bucket_counts.len()
+            ));
+        }
+    }
     Ok(())
+}
+
+/// The requests of one status code in an aggregate: merged exactly, as the aggregate's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusAggregate {
+    pub count: u64,
+    pub sum_nanos: u64,
+    /// `u64::MAX` until a request is counted.
+    pub min_nanos: u64,
+    pub max_nanos: u64,
+    pub histogram: ExponentialHistogram,
+    /// Shares whose histogram could not be merged (other scale): counted, not merged.
+    pub unmergeable: u64,
+}
+
+impl Default for StatusAggregate {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            sum_nanos: 0,
+            min_nanos: u64::MAX,
+            max_nanos: 0,
+            histogram: ExponentialHistogram::default(),
+            unmergeable: 0,
+        }
+    }
+}
+
+impl StatusAggregate {
+    /// Adds one window's share of this status.
+    pub fn add(&mut self, share: &StatusShare<'_>) {
+        self.count = self.count.saturating_add(share.count);
+        self.sum_nanos = self.sum_nanos.saturating_add(share.sum_nanos);
+        if share.count > 0 {
+            self.min_nanos = self.min_nanos.min(share.min_nanos);
+            self.max_nanos = self.max_nanos.max(share.max_nanos);
+        }
+        if let Some(histogram) = share.histogram
+            && self.histogram.merge(histogram).is_err()
+        {
+            self.unmergeable += 1;
+        }
+    }
+
+    /// Adds another aggregate of this status.
+    pub fn merge(&mut self, other: &Self) {
+        self.add(&StatusShare {
+            status_code: 0,
+            count: other.count,
+            sum_nanos: other.sum_nanos,
+            min_nanos: other.min_nanos,
+            max_nanos: other.max_nanos,
+            histogram: Some(&other.histogram),
+        });
+        self.unmergeable = self.unmergeable.saturating_add(other.unmergeable);
+    }
 }
 
 /// Windows of one subject and window, merged.
@@ -168,6 +246,9 @@ pub struct Aggregate {
     pub max_nanos: u64,
     pub status_class_counts: Vec<u64>,
     pub histogram: ExponentialHistogram,
+    /// The requests by status code (0: unknown), each with its own distribution; they add
+    /// up to the aggregate's.
+    pub statuses: BTreeMap<u32, StatusAggregate>,
     /// Quantiles to report: those the agents asked for.
     pub quantiles: Vec<f64>,
     /// Windows whose histogram could not be merged (other scale): counted, not merged.
@@ -193,6 +274,7 @@ impl Aggregate {
             max_nanos: 0,
             status_class_counts: Vec::new(),
             histogram: ExponentialHistogram::default(),
+            statuses: BTreeMap::new(),
             quantiles: Vec::new(),
             unmergeable: 0,
         }
@@ -249,6 +331,12 @@ impl Aggregate {
             && self.histogram.merge(histogram).is_err()
         {
             self.unmergeable += 1;
+        }
+        for share in window.status_shares_or_unknown() {
+            self.statuses
+                .entry(share.status_code)
+                .or_default()
+                .add(&share);
         }
     }
 
@@ -611,5 +699,88 @@ mod tests {
         w.sequence = 1;
         w.end_unix_nanos = w.start_unix_nanos;
         assert!(validate(&w).unwrap_err().contains("not after"));
+        w.end_unix_nanos = w.start_unix_nanos + SECOND;
+        let status = |status_code, count| trazor_proto::v1::StatusLatency {
+            status_code,
+            count,
+            ..Default::default()
+        };
+        w.statuses = vec![status(200, 2)];
+        let error = validate(&w).unwrap_err();
+        assert!(
+            error.contains("status breakdown") && error.contains("the window 1"),
+            "{error}"
+        );
+        w.statuses = vec![status(700, 1)];
+        assert!(validate(&w).unwrap_err().contains("status code 700"));
+        w.statuses = vec![status(200, 1)];
+        assert!(validate(&w).is_ok());
+    }
+
+    #[test]
+    fn statuses_merge_code_by_code_and_add_up_to_the_aggregate() {
+        let with_statuses = |pod, statuses: &[(u32, i32, u64)]| {
+            let mut w = window(
+                pod,
+                "checkout",
+                &statuses
+                    .iter()
+                    .map(|&(_, bucket, count)| (bucket, count))
+                    .collect::<Vec<_>>(),
+            );
+            w.statuses = statuses
+                .iter()
+                .map(
+                    |&(status_code, bucket, count)| trazor_proto::v1::StatusLatency {
+                        status_code,
+                        count,
+                        sum_nanos: count * 1_000,
+                        min_nanos: 900,
+                        max_nanos: 5_000,
+                        histogram: Some(
+                            ExponentialHistogram::from_sparse(
+                                6,
+                                &BTreeMap::from([(bucket, count)]),
+                            )
+                            .unwrap(),
+                        ),
+                    },
+                )
+                .collect();
+            w
+        };
+        let merger = WindowMerger::new(Duration::from_secs(5));
+        merger.accept(&with_statuses("a", &[(200, 600, 3), (500, 700, 1)]), 0);
+        // One status: the compact form (code and count; the rest is the window's).
+        let mut single = window("b", "checkout", &[(610, 2)]);
+        single.statuses = vec![trazor_proto::v1::StatusLatency {
+            status_code: 200,
+            count: 2,
+            ..Default::default()
+        }];
+        merger.accept(&single, 0);
+        // An agent before statuses: its requests' status is unknown (code 0).
+        merger.accept(&window("c", "checkout", &[(620, 1)]), 0);
+        let closed = merger.close_due(200 * SECOND);
+        assert_eq!(closed.len(), 1);
+        let aggregate = &closed[0];
+        let by_code: Vec<(u32, u64, Vec<(i32, u64)>)> = aggregate
+            .statuses
+            .iter()
+            .map(|(&code, status)| (code, status.count, status.histogram.sparse().collect()))
+            .collect();
+        assert_eq!(
+            by_code,
+            vec![
+                (0, 1, vec![(620, 1)]),
+                (200, 5, vec![(600, 3), (610, 2)]),
+                (500, 1, vec![(700, 1)]),
+            ]
+        );
+        let mut total = ExponentialHistogram::default();
+        for status in aggregate.statuses.values() {
+            total.merge(&status.histogram).unwrap();
+        }
+        assert_eq!(total, aggregate.histogram);
     }
 }

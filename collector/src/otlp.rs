@@ -12,9 +12,10 @@
 //!   (requests made), unit `s`, an exponential histogram: the aggregate's histogram
 //!   re-bucketed from nanoseconds to seconds ([`seconds`]: scale 6 in ns becomes scale 8 in
 //!   s, each count moved whole into a bucket inside its kernel bucket; quantiles within
-//!   [`QUANTILE_ERROR_BOUND`]), with count, sum, min and max in seconds. Attributes:
-//!   [`point_attributes`]. No `http.response.status_code` or `error.type`: a window's
-//!   latencies share one histogram whatever their status.
+//!   [`QUANTILE_ERROR_BOUND`]), with count, sum, min and max in seconds. One point per
+//!   status code: the kernel keeps each code's latencies in their own histogram, so each
+//!   point's `http.response.status_code` (and `error.type`) is exact. Attributes:
+//!   [`point_attributes`] and [`status_attributes`].
 //! - `trazor.http.responses`, a monotonic sum: requests by
 //!   `trazor.http.response.status_class` (`1xx` … `5xx`, `unknown`) and `trazor.direction`,
 //!   the exact counts behind an error rate.
@@ -96,7 +97,7 @@ pub use seconds::QUANTILE_ERROR_BOUND;
 use spool::{PutError, Spool, SpoolConfig};
 
 use crate::{
-    merge::{Aggregate, Subject},
+    merge::{Aggregate, StatusAggregate, Subject},
     stats::CollectorStats,
     view::direction_name,
 };
@@ -820,17 +821,18 @@ impl CollectorStats {
     }
 }
 
-/// Data points a batch makes: one histogram point per aggregate, one sum point per
-/// status class seen.
+/// Data points a batch makes: one histogram point per status code of each aggregate, one
+/// sum point per status class seen.
 fn points_of(aggregates: &[Aggregate]) -> u64 {
     aggregates
         .iter()
         .map(|aggregate| {
-            1 + aggregate
-                .status_class_counts
-                .iter()
-                .filter(|count| **count > 0)
-                .count() as u64
+            aggregate.statuses.len() as u64
+                + aggregate
+                    .status_class_counts
+                    .iter()
+                    .filter(|count| **count > 0)
+                    .count() as u64
         })
         .sum()
 }
@@ -1451,11 +1453,15 @@ pub fn request_with(
         let entity = &mut entities[index];
         let attributes = point_attributes(aggregate);
         let client = aggregate.direction == Direction::Client as i32;
-        let duration = duration_point(aggregate, attributes.clone());
-        if client {
-            entity.client_durations.push(duration);
-        } else {
-            entity.server_durations.push(duration);
+        for (&status_code, status) in &aggregate.statuses {
+            let mut attributes = attributes.clone();
+            attributes.extend(status_attributes(status_code, client));
+            let duration = duration_point(aggregate, status, attributes);
+            if client {
+                entity.client_durations.push(duration);
+            } else {
+                entity.server_durations.push(duration);
+            }
         }
         for (class, &count) in aggregate.status_class_counts.iter().enumerate() {
             if count == 0 {
@@ -1506,10 +1512,11 @@ pub fn request_with(
     }
 }
 
-/// An aggregate's duration point: its histogram in seconds ([`seconds::to_seconds`]), with
-/// count, sum, min and max in seconds.
+/// The duration point of one status's requests in an aggregate: their histogram in seconds
+/// ([`seconds::to_seconds`]), with count, sum, min and max in seconds.
 fn duration_point(
     aggregate: &Aggregate,
+    status: &StatusAggregate,
     attributes: Vec<KeyValue>,
 ) -> ExponentialHistogramDataPoint {
     let seconds = |nanos: u64| nanos as f64 / seconds::NANOS_PER_SECOND;
@@ -1517,10 +1524,10 @@ fn duration_point(
     // (another scale) is in the count but not the buckets, so the point says what its
     // buckets hold. A histogram of a scale that cannot be refined (no agent sends one)
     // leaves the point with its count and no buckets.
-    let histogram = seconds::to_seconds(&aggregate.histogram);
+    let histogram = seconds::to_seconds(&status.histogram);
     let bucket_total = histogram.as_ref().map_or(0, ExponentialHistogram::total);
-    let count = if aggregate.unmergeable == 0 && histogram.is_some() {
-        aggregate.count
+    let count = if status.unmergeable == 0 && histogram.is_some() {
+        status.count
     } else {
         bucket_total
     };
@@ -1530,7 +1537,7 @@ fn duration_point(
         start_time_unix_nano: aggregate.start_unix_nanos,
         time_unix_nano: aggregate.end_unix_nanos,
         count,
-        sum: Some(seconds(aggregate.sum_nanos)),
+        sum: Some(seconds(status.sum_nanos)),
         scale: histogram.scale,
         zero_count: 0,
         positive: Some(exponential_histogram_data_point::Buckets {
@@ -1540,8 +1547,8 @@ fn duration_point(
         negative: None,
         flags: 0,
         exemplars: Vec::new(),
-        min: (aggregate.count > 0).then_some(seconds(aggregate.min_nanos)),
-        max: (aggregate.count > 0).then_some(seconds(aggregate.max_nanos)),
+        min: (status.count > 0).then_some(seconds(status.min_nanos)),
+        max: (status.count > 0).then_some(seconds(status.max_nanos)),
         zero_threshold: 0.0,
     }
 }
@@ -1622,11 +1629,8 @@ fn semconv_method(method: &str) -> &str {
 /// sockets in plain text, so a request it parsed was not inside TLS), and server side
 /// `http.route`, client side `server.address`/`server.port` (the peer's IP address, as
 /// the conventions say when no host name is known) and `url.template` (the route the
-/// agent folded the path into). `http.response.status_code` and `error.type` are not
-/// there: a window's latencies are counted in one histogram whatever their status, so no
-/// point can say which code its latencies had (the status classes are counted exactly in
-/// [`RESPONSES_METRIC`]). And `trazor.profile`. Who was measured is the resource's
-/// ([`subject_resource`]).
+/// agent folded the path into). And `trazor.profile`. The status is each point's own
+/// ([`status_attributes`]). Who was measured is the resource's ([`subject_resource`]).
 fn point_attributes(aggregate: &Aggregate) -> Vec<KeyValue> {
     let mut attributes = Vec::with_capacity(6);
     if !aggregate.method.is_empty() {
@@ -1810,6 +1814,29 @@ pub fn spans_of(window: &LatencyWindow) -> ExportTraceServiceRequest {
     }
 }
 
+/// Whether a response of `status` is an error under the HTTP conventions: a 5xx served, or
+/// a 4xx or 5xx received by a client (a server's 4xx is the client's error).
+fn is_error_status(status: u32, client: bool) -> bool {
+    status >= 500 || (client && status >= 400)
+}
+
+/// `http.response.status_code` (unless unknown, 0) and, for an error
+/// ([`is_error_status`]), `error.type` the code as a string, as the HTTP conventions set
+/// them on both the duration metrics and the spans.
+fn status_attributes(status: u32, client: bool) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(2);
+    if status != 0 {
+        attributes.push(int_attribute(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if is_error_status(status, client) {
+            attributes.push(string_attribute("error.type", status.to_string()));
+        }
+    }
+    attributes
+}
+
 /// One request as an HTTP span, after the HTTP span conventions: kind server or client;
 /// named `{method} {route}` (`{method}` alone without a route: a raw path would make
 /// names unbounded; `HTTP` for a method the kernel does not know); `http.request.method`
@@ -1832,12 +1859,6 @@ fn http_span(window: &LatencyWindow, exemplar: &trazor_proto::v1::Exemplar) -> S
         attributes.push(string_attribute("http.request.method", method.to_owned()));
     }
     let status = exemplar.status_code;
-    if status != 0 {
-        attributes.push(int_attribute(
-            "http.response.status_code",
-            i64::from(status),
-        ));
-    }
     let peer = window.peer.as_ref().filter(|_| client);
     if client {
         if let Some(peer) = peer {
@@ -1864,10 +1885,8 @@ fn http_span(window: &LatencyWindow, exemplar: &trazor_proto::v1::Exemplar) -> S
             attributes.push(string_attribute("http.route", window.route.clone()));
         }
     }
-    let error = status >= 500 || (client && status >= 400);
-    if error {
-        attributes.push(string_attribute("error.type", status.to_string()));
-    }
+    let error = is_error_status(status, client);
+    attributes.extend(status_attributes(status, client));
     attributes.push(int_attribute("thread.id", i64::from(exemplar.tid)));
     if !window.profile.is_empty() {
         attributes.push(string_attribute("trazor.profile", window.profile.clone()));
@@ -2099,6 +2118,150 @@ mod tests {
             ]
         );
         assert_eq!(points_of(&aggregates), 8);
+    }
+
+    /// A window of `route` from `pod` with requests of each `(status, [latency ns])`,
+    /// split by status as an agent sends it (one status: compact).
+    fn window_by_status(
+        pod: &str,
+        direction: Direction,
+        statuses: &[(u32, &[u64])],
+    ) -> LatencyWindow {
+        let histogram_of = |latencies: &[u64]| {
+            let mut buckets = std::collections::BTreeMap::new();
+            for &latency in latencies {
+                *buckets
+                    .entry(trazor_node_agent_bucket(latency))
+                    .or_insert(0u64) += 1;
+            }
+            ExponentialHistogram::from_sparse(6, &buckets).unwrap()
+        };
+        let all: Vec<u64> = statuses
+            .iter()
+            .flat_map(|(_, latencies)| latencies.iter().copied())
+            .collect();
+        let mut window = window(
+            "/pay",
+            pod_source(pod, "app", Some(("Deployment", "checkout"))),
+        );
+        window.direction = direction as i32;
+        window.stats = Some(trazor_proto::v1::LatencyStats {
+            count: all.len() as u64,
+            sum_nanos: all.iter().sum(),
+            min_nanos: *all.iter().min().unwrap(),
+            max_nanos: *all.iter().max().unwrap(),
+            ..Default::default()
+        });
+        window.histogram = Some(histogram_of(&all));
+        window.statuses = statuses
+            .iter()
+            .map(
+                |&(status_code, latencies)| trazor_proto::v1::StatusLatency {
+                    status_code,
+                    count: latencies.len() as u64,
+                    sum_nanos: latencies.iter().sum(),
+                    min_nanos: *latencies.iter().min().unwrap(),
+                    max_nanos: *latencies.iter().max().unwrap(),
+                    histogram: Some(histogram_of(latencies)),
+                },
+            )
+            .collect();
+        if let [only] = window.statuses.as_mut_slice() {
+            *only = trazor_proto::v1::StatusLatency {
+                status_code: only.status_code,
+                count: only.count,
+                ..Default::default()
+            };
+        }
+        window
+    }
+
+    /// The scale-6 bucket of `nanos`, as the kernel counts it.
+    fn trazor_node_agent_bucket(nanos: u64) -> i32 {
+        ((nanos as f64).log2() * 64.0).ceil() as i32 - 1
+    }
+
+    /// (status code, error.type, count, sum s, min s, max s, bucket total) of each point.
+    type StatusPoint = (String, Option<String>, u64, f64, f64, f64, u64);
+
+    fn status_points(request: &ExportMetricsServiceRequest, metric: &str) -> Vec<StatusPoint> {
+        let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;
+        let found = metrics.iter().find(|m| m.name == metric).unwrap();
+        let Some(metric::Data::ExponentialHistogram(histogram)) = &found.data else {
+            panic!("not a histogram: {found:?}");
+        };
+        histogram
+            .data_points
+            .iter()
+            .map(|point| {
+                let attributes = strings(&point.attributes);
+                let value = |key: &str| {
+                    attributes
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.clone())
+                };
+                (
+                    value("http.response.status_code").unwrap_or_default(),
+                    value("error.type"),
+                    point.count,
+                    point.sum.unwrap(),
+                    point.min.unwrap(),
+                    point.max.unwrap(),
+                    point.positive.as_ref().unwrap().bucket_counts.iter().sum(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn duration_points_are_split_by_status_code_exactly() {
+        // Two pods of one Deployment: their windows merge, status by status.
+        let first = window_by_status(
+            "checkout-1",
+            Direction::Server,
+            &[
+                (200, &[1_000_000, 2_000_000, 3_000_000]),
+                (503, &[40_000_000]),
+            ],
+        );
+        let second = window_by_status("checkout-2", Direction::Server, &[(200, &[5_000_000])]);
+        let mut aggregate = Aggregate::of_window(&first);
+        aggregate.add(&second);
+        let points = status_points(&request_of(&[aggregate]), SERVER_DURATION_METRIC);
+        assert_eq!(
+            points,
+            vec![
+                ("200".into(), None, 4, 0.011, 0.001, 0.005, 4),
+                ("503".into(), Some("503".into()), 1, 0.04, 0.04, 0.04, 1),
+            ]
+        );
+        // Client side a 4xx is an error too; a window without a breakdown (an older agent)
+        // is one point with no status code.
+        let client = window_by_status(
+            "checkout-1",
+            Direction::Client,
+            &[(200, &[1_000_000]), (404, &[2_000_000, 2_000_000])],
+        );
+        let mut older = client.clone();
+        older.statuses.clear();
+        let client_points = |window: &LatencyWindow| {
+            status_points(
+                &request_of(&[Aggregate::of_window(window)]),
+                CLIENT_DURATION_METRIC,
+            )
+        };
+        assert_eq!(
+            client_points(&client),
+            vec![
+                ("200".into(), None, 1, 0.001, 0.001, 0.001, 1),
+                ("404".into(), Some("404".into()), 2, 0.004, 0.002, 0.002, 2),
+            ]
+        );
+        assert_eq!(
+            client_points(&older),
+            vec![(String::new(), None, 3, 0.005, 0.001, 0.002, 3)]
+        );
     }
 
     #[test]
@@ -2367,10 +2530,10 @@ mod tests {
             strings(&span.attributes),
             pairs(&[
                 ("http.request.method", "GET"),
-                ("http.response.status_code", "503"),
                 ("url.scheme", "http"),
                 ("url.path", "/s/1"),
                 ("http.route", "/s/{id}"),
+                ("http.response.status_code", "503"),
                 ("error.type", "503"),
                 ("thread.id", "7"),
             ])
@@ -2416,11 +2579,11 @@ mod tests {
             strings(&span.attributes),
             pairs(&[
                 ("http.request.method", "POST"),
-                ("http.response.status_code", "404"),
                 ("server.address", "fd00::7"),
                 ("server.port", "8080"),
                 ("url.full", "http://[fd00::7]:8080/s/1"),
                 ("url.template", "/stock/{id}"),
+                ("http.response.status_code", "404"),
                 ("error.type", "404"),
                 ("thread.id", "7"),
             ])

@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_line, collector, metrics_once, pod_window, send, window_end, with_exemplars};
+use common::{
+    assert_line, collector, metrics_once, pod_window, send, window_by_status, window_end,
+    with_exemplars,
+};
 use trazor_collector::otlp::{OtlpConfig, RESPONSES_METRIC, SERVER_DURATION_METRIC};
 use trazor_proto::v1::{AgentMessage, Exemplar, PodIdentity, Source, agent_message};
 
@@ -480,6 +483,91 @@ async fn aggregates_reach_a_real_otlp_receiver_exactly() {
     let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 13").await;
     assert_line(&metrics, "trazor_collector_otlp_points_dropped_total 0");
     assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
+}
+
+/// What a stock HTTP RED dashboard reads: `http.server.request.duration` by
+/// `http.response.status_code` (its error panel: `error.type`, or codes 5xx), each point
+/// with the distribution of its own status's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_points_carry_their_status_code_as_a_red_dashboard_reads_them() {
+    let mut receiver = Receiver::start();
+    let (grpc, stats) = collector(OtlpConfig::new(format!(
+        "http://127.0.0.1:{}",
+        receiver.port
+    )))
+    .await;
+    let end = window_end();
+    // Two pods of shop/checkout: 200s on both (merged), 503s and 404s on one each.
+    send(
+        &grpc,
+        "agent-a",
+        vec![window_by_status(
+            1,
+            "checkout-1",
+            end,
+            &[(200, &[(1_400, 3), (1_450, 1)]), (503, &[(1_600, 2)])],
+        )],
+    )
+    .await;
+    send(
+        &grpc,
+        "agent-b",
+        vec![window_by_status(
+            1,
+            "checkout-2",
+            end,
+            &[(200, &[(1_400, 2)]), (404, &[(1_300, 1)])],
+        )],
+    )
+    .await;
+    let durations = receiver.points_by_resource(SERVER_DURATION_METRIC, 3);
+    let points = &durations[&checkout_resource()];
+    let mut by_status: BTreeMap<String, (Option<String>, u64, i64, Vec<u64>)> = BTreeMap::new();
+    for point in points {
+        let attributes = attributes(point);
+        let counts: Vec<u64> = point["positive"]["bucket_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|count| number(count) as u64)
+            .filter(|&count| count > 0)
+            .collect();
+        let offset = point["positive"]["offset"].as_i64().unwrap();
+        by_status.insert(
+            attributes["http.response.status_code"].clone(),
+            (
+                attributes.get("error.type").cloned(),
+                number(&point["count"]) as u64,
+                offset,
+                counts,
+            ),
+        );
+        assert_eq!(attributes["http.route"], "/cart/{id}");
+    }
+    // Each status with its own buckets (kernel bucket i at scale 6 in ns is 4i - 7652 at
+    // scale 8 in s): the 503s are the slow ones, and only they are errors (a server's 404
+    // is its client's error).
+    assert_eq!(
+        by_status,
+        BTreeMap::from([
+            ("200".into(), (None, 6, 4 * 1_400 - 7_652, vec![5, 1])),
+            ("404".into(), (None, 1, 4 * 1_300 - 7_652, vec![1])),
+            (
+                "503".into(),
+                (Some("503".into()), 2, 4 * 1_600 - 7_652, vec![2])
+            ),
+        ])
+    );
+    // The dashboard's error rate, from the duration points alone, is the exact one.
+    let errors: u64 = by_status
+        .values()
+        .filter(|(error, ..)| error.is_some())
+        .map(|(_, count, ..)| count)
+        .sum();
+    let total: u64 = by_status.values().map(|(_, count, ..)| count).sum();
+    assert_eq!((errors, total), (2, 9));
+    let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 6").await;
+    assert_line(&metrics, "trazor_collector_otlp_points_dropped_total 0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

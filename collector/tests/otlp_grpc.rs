@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_line, collector, metrics_once, pod_window, rotel::Rotel, send, window_end};
+use common::{
+    assert_line, collector, metrics_once, pod_window, rotel::Rotel, send, window_by_status,
+    window_end,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
     metrics_service_server::{MetricsService, MetricsServiceServer},
@@ -117,6 +120,57 @@ async fn metrics_and_spans_reach_rotel_over_grpc() {
     let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 2").await;
     assert_line(&metrics, "trazor_collector_otlp_failures_total 0");
     metrics_once(&stats, "trazor_collector_otlp_spans_exported_total 2").await;
+}
+
+/// The duration points by status code, as a second receiver decodes them from gRPC:
+/// `http.response.status_code` on each, `error.type` on the 5xx one only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_points_carry_their_status_code_over_grpc() {
+    let rotel = Rotel::start();
+    let (grpc, _stats) = collector(OtlpConfig {
+        protocol: OtlpProtocol::Grpc,
+        ..OtlpConfig::new(format!("http://127.0.0.1:{}", rotel.grpc_port))
+    })
+    .await;
+    send(
+        &grpc,
+        "agent-a",
+        vec![window_by_status(
+            1,
+            "checkout-1",
+            window_end(),
+            &[(200, &[(1_400, 4)]), (503, &[(1_600, 1)])],
+        )],
+    )
+    .await;
+    let metrics = rotel
+        .wait_for("checkout durations by status", |block| {
+            block.signal == "metrics" && block.attribute("service.name") == Some("checkout")
+        })
+        .await;
+    let by_status: Vec<(u64, Option<&str>, Option<&str>)> = metrics
+        .counts
+        .iter()
+        .zip(&metrics.point_attributes)
+        .map(|(&count, attributes)| {
+            let value = |key: &str| {
+                attributes
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+            };
+            (
+                count,
+                value("http.response.status_code"),
+                value("error.type"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_status,
+        vec![(4, Some("200"), None), (1, Some("503"), Some("503"))],
+        "{metrics:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

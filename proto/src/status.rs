@@ -25,25 +25,17 @@ impl LatencyWindow {
     /// The window's requests by status code, in code order. A window without a breakdown
     /// (from an agent before it) is one share of code 0: all of it, status unknown.
     pub fn status_shares(&self) -> Result<Vec<StatusShare<'_>>, String> {
-        let stats = self.stats.clone().unwrap_or_default();
-        let whole = |status_code| StatusShare {
-            status_code,
-            count: stats.count,
-            sum_nanos: stats.sum_nanos,
-            min_nanos: stats.min_nanos,
-            max_nanos: stats.max_nanos,
-            histogram: self.histogram.as_ref(),
-        };
+        let count = self.stats.as_ref().map_or(0, |stats| stats.count);
         match self.statuses.as_slice() {
-            [] => return Ok(vec![whole(0)]),
+            [] => return Ok(vec![self.whole_share(0)]),
             [only] => {
-                if only.count != stats.count {
+                if only.count != count {
                     return Err(format!(
-                        "its only status ({}) counts {} requests, the window {}",
-                        only.status_code, only.count, stats.count
+                        "its only status ({}) counts {} requests, the window {count}",
+                        only.status_code, only.count
                     ));
                 }
-                return Ok(vec![whole(only.status_code)]);
+                return Ok(vec![self.whole_share(only.status_code)]);
             }
             _ => {}
         }
@@ -76,13 +68,33 @@ impl LatencyWindow {
                 histogram: status.histogram.as_ref(),
             });
         }
-        if total != stats.count {
+        if total != count {
             return Err(format!(
-                "its statuses count {total} requests, the window {}",
-                stats.count
+                "its statuses count {total} requests, the window {count}"
             ));
         }
         Ok(shares)
+    }
+
+    /// [`Self::status_shares`], or when the breakdown contradicts the window (which
+    /// ingest refuses, so only a window that skipped it), the whole window as status unknown:
+    /// nothing is lost, only the split.
+    pub fn status_shares_or_unknown(&self) -> Vec<StatusShare<'_>> {
+        self.status_shares()
+            .unwrap_or_else(|_| vec![self.whole_share(0)])
+    }
+
+    /// All of the window, as the share of `status_code`.
+    fn whole_share(&self, status_code: u32) -> StatusShare<'_> {
+        let stats = self.stats.as_ref();
+        StatusShare {
+            status_code,
+            count: stats.map_or(0, |stats| stats.count),
+            sum_nanos: stats.map_or(0, |stats| stats.sum_nanos),
+            min_nanos: stats.map_or(0, |stats| stats.min_nanos),
+            max_nanos: stats.map_or(0, |stats| stats.max_nanos),
+            histogram: self.histogram.as_ref(),
+        }
     }
 }
 

@@ -132,6 +132,7 @@ impl Cumulative {
                     max_nanos: 0,
                     status_class_counts: Vec::new(),
                     histogram: Default::default(),
+                    statuses: Default::default(),
                     unmergeable: 0,
                     ..aggregate.clone()
                 },
@@ -185,6 +186,9 @@ fn add(total: &mut Aggregate, aggregate: &Aggregate) {
     total.unmergeable = total.unmergeable.saturating_add(aggregate.unmergeable);
     if total.histogram.merge(&aggregate.histogram).is_err() {
         total.unmergeable = total.unmergeable.saturating_add(1);
+    }
+    for (&status_code, status) in &aggregate.statuses {
+        total.statuses.entry(status_code).or_default().merge(status);
     }
 }
 

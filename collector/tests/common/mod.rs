@@ -108,6 +108,47 @@ pub fn pod_window(
     }
 }
 
+/// A `pod_window` whose requests are split by status code as an agent sends them:
+/// `statuses` are (code, its histogram buckets), and the window is their sum.
+pub fn window_by_status(
+    sequence: u64,
+    pod: &str,
+    end: u64,
+    statuses: &[(u32, &[(i32, u64)])],
+) -> AgentMessage {
+    let all: Vec<(i32, u64)> = statuses
+        .iter()
+        .flat_map(|(_, buckets)| buckets.iter().copied())
+        .collect();
+    let mut classes = vec![0u64; 6];
+    for (code, buckets) in statuses {
+        classes[(code / 100) as usize] += buckets.iter().map(|(_, count)| count).sum::<u64>();
+    }
+    let mut message = pod_window(sequence, pod, end, &all, &classes);
+    let Some(agent_message::Kind::Window(window)) = &mut message.kind else {
+        panic!("not a window");
+    };
+    window.statuses = statuses
+        .iter()
+        .map(|&(status_code, buckets)| {
+            let count: u64 = buckets.iter().map(|(_, count)| count).sum();
+            trazor_proto::v1::StatusLatency {
+                status_code,
+                count,
+                // As pod_window: 1 ms on average, 0.9 ms to 1.2 ms.
+                sum_nanos: count * 1_000_000,
+                min_nanos: 900_000,
+                max_nanos: 1_200_000,
+                histogram: Some(
+                    ExponentialHistogram::from_sparse(6, &buckets.iter().copied().collect())
+                        .unwrap(),
+                ),
+            }
+        })
+        .collect();
+    message
+}
+
 /// Sends `windows` from agent `agent` and waits until each is acknowledged.
 pub async fn send(grpc: &str, agent: &str, windows: Vec<AgentMessage>) {
     let mut client = LatencyIngestClient::connect(grpc.to_owned()).await.unwrap();

@@ -17,6 +17,8 @@ pub struct ResourceBlock {
     pub units: Vec<(String, String)>,
     /// The `Count` of each histogram data point, in order.
     pub counts: Vec<u64>,
+    /// The attributes of each histogram data point, in the same order as `counts`.
+    pub point_attributes: Vec<Vec<(String, String)>>,
 }
 
 impl ResourceBlock {
@@ -53,6 +55,8 @@ pub fn parse_debug_log(lines: &[String]) -> Vec<ResourceBlock> {
     let mut blocks: Vec<ResourceBlock> = Vec::new();
     let mut in_resource = false;
     let mut in_descriptor = false;
+    let mut in_point_attributes = false;
+    let mut point_attributes: Vec<(String, String)> = Vec::new();
     for line in lines {
         let trimmed = line.trim();
         if trimmed.starts_with("ResourceMetrics #") || trimmed.starts_with("ResourceSpans #") {
@@ -79,12 +83,23 @@ pub fn parse_debug_log(lines: &[String]) -> Vec<ResourceBlock> {
             in_descriptor = true;
             continue;
         }
+        if trimmed.contains("DataPoints #") {
+            point_attributes.clear();
+            in_point_attributes = false;
+            continue;
+        }
+        if trimmed == "Data point attributes:" {
+            in_point_attributes = true;
+            continue;
+        }
         if let Some(entry) = trimmed.strip_prefix("-> ") {
             let Some((key, value)) = entry.split_once(": ") else {
                 continue;
             };
             if in_resource {
                 block.resource.push((key.to_owned(), printed_value(value)));
+            } else if in_point_attributes {
+                point_attributes.push((key.to_owned(), printed_value(value)));
             } else if in_descriptor && key == "Name" {
                 block.names.push(value.to_owned());
             } else if in_descriptor && key == "Unit" {
@@ -96,11 +111,13 @@ pub fn parse_debug_log(lines: &[String]) -> Vec<ResourceBlock> {
             continue;
         }
         in_resource = false;
+        in_point_attributes = false;
         if block.signal == "metrics"
             && let Some(count) = trimmed.strip_prefix("Count: ")
             && let Ok(count) = count.trim().parse()
         {
             block.counts.push(count);
+            block.point_attributes.push(point_attributes.clone());
         }
         if block.signal == "spans"
             && let Some(name) = trimmed.strip_prefix("Name")
