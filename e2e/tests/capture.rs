@@ -1355,6 +1355,104 @@ async fn keep_alive_requests_switching_paths_count_under_their_own_routes() {
     assert_eq!(capture.count(server.pid(), Direction::Server), 45);
 }
 
+/// Each status code keeps its own latencies: the kernel keys its histograms by the
+/// response's status, so a window's slow 503s are not mixed into its fast 200s. Per code,
+/// counts are exact, min and max are the server's own (within 1 % + one scheduling slice),
+/// and the codes' histograms add up to the window's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_status_code_keeps_its_own_latencies() {
+    if !require_ebpf_privileges("each_status_code_keeps_its_own_latencies") {
+        return;
+    }
+    let _serial = CAPTURE.lock().await;
+    let capture = start_capture(Duration::from_secs(1), false).await;
+    let scratch = Scratch::new("statuses");
+    let server = TimedServer::start(&scratch, "statuses", &["--delay", "1ms"]);
+    // (code, milliseconds, requests), interleaved on one keep-alive connection.
+    let asked: [(u16, u64, usize); 3] = [(200, 2, 12), (404, 8, 4), (503, 40, 3)];
+    let mut connection = RawConnection::open(server.server.address);
+    let mut sent = Vec::new();
+    for round in 0..12 {
+        for &(code, millis, requests) in &asked {
+            if round < requests {
+                let path = format!("/status/{code}/{millis}");
+                connection.send(&[&request(&path)], Duration::ZERO);
+                assert_eq!(connection.response(), code);
+                sent.push(code);
+            }
+        }
+    }
+    capture.settle().await;
+
+    // The server's own latencies, by the code each request was answered with.
+    let truth = server.true_latencies();
+    assert_eq!(truth.len(), sent.len());
+    let mut true_by_code: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (&code, &(latency, _)) in sent.iter().zip(&truth) {
+        true_by_code
+            .entry(u32::from(code))
+            .or_default()
+            .push(latency);
+    }
+    // What the windows say, code by code (count, min, max, histogram).
+    let windows = capture.windows(server.pid(), Direction::Server);
+    let mut reported: BTreeMap<u32, (u64, u64, u64, ExponentialHistogram)> = BTreeMap::new();
+    for window in &windows {
+        let shares = window.status_shares().unwrap();
+        let mut sum = ExponentialHistogram::default();
+        for share in shares {
+            let histogram = share.histogram.unwrap();
+            sum.merge(histogram).unwrap();
+            let entry = reported.entry(share.status_code).or_insert((
+                0,
+                u64::MAX,
+                0,
+                ExponentialHistogram::default(),
+            ));
+            entry.0 += share.count;
+            entry.1 = entry.1.min(share.min_nanos);
+            entry.2 = entry.2.max(share.max_nanos);
+            entry.3.merge(histogram).unwrap();
+        }
+        assert_eq!(Some(&sum), window.histogram.as_ref(), "{window:?}");
+        assert_eq!(
+            stats(window).error_count,
+            window
+                .statuses
+                .iter()
+                .filter(|status| status.status_code >= 500)
+                .map(|status| status.count)
+                .sum::<u64>()
+        );
+    }
+    assert_eq!(
+        reported.keys().copied().collect::<Vec<_>>(),
+        vec![200, 404, 503],
+        "{windows:?}"
+    );
+    for (code, latencies) in &true_by_code {
+        let (count, min, max, histogram) = &reported[code];
+        assert_eq!(*count, latencies.len() as u64, "{code}");
+        assert_eq!(histogram.total(), *count, "{code}");
+        let what = |bound: &str| format!("{code} {bound}");
+        assert_within(
+            &what("min"),
+            *min,
+            *latencies.iter().min().unwrap(),
+            SINGLE_REQUEST_SLACK_NANOS,
+        );
+        assert_within(
+            &what("max"),
+            *max,
+            *latencies.iter().max().unwrap(),
+            SINGLE_REQUEST_SLACK_NANOS,
+        );
+    }
+    // The slow code's requests are all in its own distribution, not the fast ones'.
+    assert!(reported[&200].2 < 40 * MS, "{reported:?}");
+    assert!(reported[&503].1 >= 40 * MS, "{reported:?}");
+}
+
 fn kernel_drops(capture: &Capture, reason: &str) -> u64 {
     let drops = capture.agent.telemetry.kernel_drops();
     drops

@@ -6,6 +6,9 @@
 //! the same interval the agent measures (from the return of the read that brought the
 //! request's first bytes to the return of the write carrying the status line), so tests
 //! compare the agent's percentiles with true ones, not with the configured sleep.
+//!
+//! A request for `/status/{code}/{milliseconds}` is answered with that status code after
+//! that many milliseconds instead (tests of latency by status code).
 use std::{
     fs::File,
     io::{BufRead as _, BufReader, Read, Write as _},
@@ -206,6 +209,17 @@ impl Drop for PageEnd {
     }
 }
 
+/// The status code and delay a request line `GET /status/{code}/{ms} HTTP/1.1` asks for.
+fn asked_status(request_line: &str) -> Option<(u16, Duration)> {
+    let path = request_line.split(' ').nth(1)?;
+    let mut parts = path.strip_prefix("/status/")?.split('/');
+    let code: u16 = parts.next()?.parse().ok()?;
+    let millis: u64 = parts.next()?.parse().ok()?;
+    (100..1000)
+        .contains(&code)
+        .then(|| (code, Duration::from_millis(millis)))
+}
+
 fn serve_connection(stream: TcpStream, flags: &Flags, log: &LatencyLog) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     // Reads and writes on the same fd (no try_clone/dup needed: the agent follows the socket,
@@ -268,11 +282,17 @@ fn serve_connection(stream: TcpStream, flags: &Flags, log: &LatencyLog) -> std::
         if !flags.jitter.is_zero() {
             delay += flags.jitter.mul_f64(rng.random::<f64>());
         }
+        let asked = asked_status(&request_line);
+        if let Some((_, asked_delay)) = asked {
+            delay = asked_delay;
+        }
         thread::sleep(delay);
-        let (status, body) = if rng.random_bool(flags.error_rate.clamp(0.0, 1.0)) {
-            ("500 Internal Server Error", "error\n")
+        let (status, body) = if let Some((code, _)) = asked {
+            (format!("{code} Asked For"), "asked\n")
+        } else if rng.random_bool(flags.error_rate.clamp(0.0, 1.0)) {
+            ("500 Internal Server Error".to_owned(), "error\n")
         } else {
-            ("200 OK", "ok\n")
+            ("200 OK".to_owned(), "ok\n")
         };
         let connection = if close { "close" } else { "keep-alive" };
         let head = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n");
