@@ -933,10 +933,11 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
 
     suite
         .step(
-            "OTLP: metrics and exemplar spans with k8s.* resource attributes",
+            "OTLP: metrics and exemplar spans with k8s.* resource attributes, duration points by status code",
             Duration::from_secs(90),
             async {
                 let checkout_pods: BTreeSet<&String> = checkout.keys().collect();
+                let errors_sent: u64 = loads.values().map(|load| load.errors).sum();
                 let found = wait_for(
                     "a metric block and a span block for checkout with k8s.* resource attributes",
                     Duration::from_secs(85),
@@ -953,12 +954,32 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
                                 && b.attribute("k8s.pod.name")
                                     .is_some_and(|p| checkout_pods.iter().any(|c| c.as_str() == p))
                         });
+                        // The duration points' statuses, as a RED dashboard reads them:
+                        // `http.response.status_code`, and `error.type` on the 5xx ones.
+                        let statuses: BTreeSet<(String, Option<String>)> = blocks
+                            .iter()
+                            .filter(|b| {
+                                b.signal == "metrics"
+                                    && b.attribute("k8s.namespace.name") == Some(SHOP_NS)
+                            })
+                            .flat_map(|b| b.point_attributes.iter())
+                            .filter_map(|attributes| {
+                                let value = |key: &str| {
+                                    attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+                                };
+                                Some((value("http.response.status_code")?, value("error.type")))
+                            })
+                            .collect();
+                        let ok = ("200".to_owned(), None);
+                        let error = ("500".to_owned(), Some("500".to_owned()));
+                        let statuses_seen = statuses.contains(&ok)
+                            && (errors_sent == 0 || statuses.contains(&error));
                         Ok(match (metric, span) {
-                            (Some(metric), Some(span)) => {
-                                Seen::Done((metric.clone(), span.clone()))
+                            (Some(metric), Some(span)) if statuses_seen => {
+                                Seen::Done((metric.clone(), span.clone(), statuses))
                             }
                             _ => Seen::NotYet(format!(
-                                "{} blocks; resources seen: {:?}",
+                                "{} blocks; duration point statuses {statuses:?} ({errors_sent} 5xx sent); resources seen: {:?}",
                                 blocks.len(),
                                 blocks
                                     .iter()
@@ -978,13 +999,14 @@ async fn story(suite: &mut Suite, settings: &Settings, client: &Client, node: &N
                     },
                 )
                 .await?;
-                let (metric, span) = found;
+                let (metric, span, statuses) = found;
                 Ok((
                     (),
                     format!(
-                        "metrics resource {:?} ({:?}); span resource {:?} ({:?})",
+                        "metrics resource {:?} ({:?}); duration points by (status code, error.type) {:?} ({errors_sent} 5xx sent); span resource {:?} ({:?})",
                         metric.resource,
                         metric.names,
+                        statuses,
                         span.resource,
                         span.names.first()
                     ),
