@@ -15,7 +15,11 @@
 //!   [`QUANTILE_ERROR_BOUND`]), with count, sum, min and max in seconds. One point per
 //!   status code: the kernel keeps each code's latencies in their own histogram, so each
 //!   point's `http.response.status_code` (and `error.type`) is exact. Attributes:
-//!   [`point_attributes`] and [`status_attributes`].
+//!   [`point_attributes`] and [`status_attributes`]. With
+//!   `OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=explicit_bucket_histogram`,
+//!   explicit buckets at the conventions' boundaries instead ([`explicit`]: counts, sum,
+//!   min and max exact; a request counted in the bucket of a latency within
+//!   [`MISPLACEMENT_BOUND`] of its own).
 //! - `trazor.http.responses`, a monotonic sum: requests by
 //!   `trazor.http.response.status_class` (`1xx` … `5xx`, `unknown`) and `trazor.direction`,
 //!   the exact counts behind an error rate.
@@ -68,8 +72,9 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
         AggregationTemporality, ExponentialHistogram as OtlpExponentialHistogram,
-        ExponentialHistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
-        exponential_histogram_data_point, metric, number_data_point,
+        ExponentialHistogramDataPoint, Histogram as OtlpHistogram, HistogramDataPoint, Metric,
+        NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, exponential_histogram_data_point,
+        metric, number_data_point,
     },
     resource::v1::Resource,
     trace::v1::{
@@ -88,11 +93,13 @@ use tonic::{
 use trazor_proto::v1::{Direction, ExponentialHistogram, LatencyWindow};
 
 pub mod cumulative;
+mod explicit;
 mod seconds;
 pub mod spool;
 
 use cumulative::Cumulative;
 pub use cumulative::Temporality;
+pub use explicit::{DURATION_BOUNDARIES, HistogramAggregation, MISPLACEMENT_BOUND};
 pub use seconds::QUANTILE_ERROR_BOUND;
 use spool::{PutError, Spool, SpoolConfig};
 
@@ -203,6 +210,10 @@ pub struct OtlpConfig {
     /// Delta (each window alone, the default) or cumulative (running totals per series,
     /// for backends that store only those): `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`.
     pub temporality: Temporality,
+    /// Exponential duration histograms (the default: the kernel's accuracy) or the
+    /// conventions' explicit buckets, for dashboards that read classic buckets:
+    /// `OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION`.
+    pub histogram: HistogramAggregation,
     /// Series whose totals are kept at most with cumulative temporality.
     pub max_series: usize,
     /// Largest request body (protobuf, before compression): a bigger batch of aggregates
@@ -318,6 +329,7 @@ impl Default for OtlpConfig {
             metrics_protocol: None,
             traces_protocol: None,
             temporality: Temporality::Delta,
+            histogram: HistogramAggregation::Exponential,
             max_series: 100_000,
             max_batch_bytes: 2 * 1024 * 1024,
             spool: None,
@@ -443,6 +455,12 @@ impl OtlpSettings {
         {
             config.temporality = temporality.parse()?;
         }
+        if let Some(histogram) = or_env(
+            None,
+            "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+        ) {
+            config.histogram = histogram.parse()?;
+        }
         Ok(Some(config))
     }
 }
@@ -489,6 +507,7 @@ pub struct OtlpExporter {
     max_batch_bytes: usize,
     /// Series totals, with cumulative temporality.
     cumulative: Option<Arc<Cumulative>>,
+    histogram: HistogramAggregation,
     /// Whether metrics, and spans, have an endpoint: a signal without one is not exported
     /// (the user's choice, so nothing is counted as dropped).
     exports_metrics: bool,
@@ -596,6 +615,7 @@ impl OtlpExporter {
         let max_batch_bytes = config.max_batch_bytes.max(1);
         let cumulative = (config.temporality == Temporality::Cumulative)
             .then(|| Arc::new(Cumulative::new(config.max_series)));
+        let histogram = config.histogram;
         let destination =
             |signal: Signal, uri: Option<Uri>| -> Result<Option<Destination>, String> {
                 let Some(uri) = uri else { return Ok(None) };
@@ -684,6 +704,7 @@ impl OtlpExporter {
             spool,
             max_batch_bytes,
             cumulative,
+            histogram,
             exports_metrics,
             exports_spans,
         })
@@ -725,7 +746,7 @@ impl OtlpExporter {
     /// Halves `aggregates` until each half's request fits `max_batch_bytes` (one aggregate
     /// always goes, whatever its size).
     fn queue_split(&self, aggregates: &[Aggregate], temporality: Temporality) {
-        let request = request_with(aggregates, temporality);
+        let request = request_shaped(aggregates, temporality, self.histogram);
         if aggregates.len() > 1 && request.encoded_len() > self.max_batch_bytes {
             let (first, second) = aggregates.split_at(aggregates.len() / 2);
             self.queue_split(first, temporality);
@@ -1438,6 +1459,15 @@ pub fn request_with(
     aggregates: &[Aggregate],
     temporality: Temporality,
 ) -> ExportMetricsServiceRequest {
+    request_shaped(aggregates, temporality, HistogramAggregation::Exponential)
+}
+
+/// The same with duration histograms of `histogram`'s kind.
+pub fn request_shaped(
+    aggregates: &[Aggregate],
+    temporality: Temporality,
+    histogram: HistogramAggregation,
+) -> ExportMetricsServiceRequest {
     let mut entities: Vec<EntityPoints<'_>> = Vec::new();
     let mut index_of: HashMap<&Subject, usize> = HashMap::new();
     for aggregate in aggregates {
@@ -1456,7 +1486,7 @@ pub fn request_with(
         for (&status_code, status) in &aggregate.statuses {
             let mut attributes = attributes.clone();
             attributes.extend(status_attributes(status_code, client));
-            let duration = duration_point(aggregate, status, attributes);
+            let duration = duration_point(aggregate, status, attributes, histogram);
             if client {
                 entity.client_durations.push(duration);
             } else {
@@ -1512,14 +1542,53 @@ pub fn request_with(
     }
 }
 
+/// A duration data point, of the kind the export was configured for.
+enum DurationPoint {
+    Exponential(ExponentialHistogramDataPoint),
+    Explicit(HistogramDataPoint),
+}
+
 /// The duration point of one status's requests in an aggregate: their histogram in seconds
-/// ([`seconds::to_seconds`]), with count, sum, min and max in seconds.
+/// (exponential: [`seconds::to_seconds`]; explicit: [`explicit::bucket_counts`] over
+/// [`DURATION_BOUNDARIES`]), with count, sum, min and max in seconds.
 fn duration_point(
     aggregate: &Aggregate,
     status: &StatusAggregate,
     attributes: Vec<KeyValue>,
-) -> ExponentialHistogramDataPoint {
+    aggregation: HistogramAggregation,
+) -> DurationPoint {
     let seconds = |nanos: u64| nanos as f64 / seconds::NANOS_PER_SECOND;
+    let (min, max) = if status.count > 0 {
+        (
+            Some(seconds(status.min_nanos)),
+            Some(seconds(status.max_nanos)),
+        )
+    } else {
+        (None, None)
+    };
+    if aggregation == HistogramAggregation::Explicit {
+        let bucket_counts = explicit::bucket_counts(&status.histogram, &DURATION_BOUNDARIES);
+        // As below: the point says what its buckets hold.
+        let bucket_total = bucket_counts.iter().sum::<u64>();
+        let count = if status.unmergeable == 0 {
+            status.count
+        } else {
+            bucket_total
+        };
+        return DurationPoint::Explicit(HistogramDataPoint {
+            attributes,
+            start_time_unix_nano: aggregate.start_unix_nanos,
+            time_unix_nano: aggregate.end_unix_nanos,
+            count,
+            sum: Some(seconds(status.sum_nanos)),
+            bucket_counts,
+            explicit_bounds: DURATION_BOUNDARIES.to_vec(),
+            exemplars: Vec::new(),
+            flags: 0,
+            min,
+            max,
+        });
+    }
     // OTLP wants count = the buckets' total; a window whose histogram could not be merged
     // (another scale) is in the count but not the buckets, so the point says what its
     // buckets hold. A histogram of a scale that cannot be refined (no agent sends one)
@@ -1532,7 +1601,7 @@ fn duration_point(
         bucket_total
     };
     let histogram = histogram.unwrap_or_default();
-    ExponentialHistogramDataPoint {
+    DurationPoint::Exponential(ExponentialHistogramDataPoint {
         attributes,
         start_time_unix_nano: aggregate.start_unix_nanos,
         time_unix_nano: aggregate.end_unix_nanos,
@@ -1547,25 +1616,25 @@ fn duration_point(
         negative: None,
         flags: 0,
         exemplars: Vec::new(),
-        min: (status.count > 0).then_some(seconds(status.min_nanos)),
-        max: (status.count > 0).then_some(seconds(status.max_nanos)),
+        min,
+        max,
         zero_threshold: 0.0,
-    }
+    })
 }
 
 /// The data points of one entity, on their way into its `ResourceMetrics`.
 struct EntityPoints<'a> {
     subject: &'a Subject,
-    server_durations: Vec<ExponentialHistogramDataPoint>,
-    client_durations: Vec<ExponentialHistogramDataPoint>,
+    server_durations: Vec<DurationPoint>,
+    client_durations: Vec<DurationPoint>,
     responses: Vec<NumberDataPoint>,
 }
 
 /// The metrics of one entity: the durations of requests served and made (each only when
 /// there are some), and the responses by status class when some request had a status.
 fn metrics_of(
-    server_durations: Vec<ExponentialHistogramDataPoint>,
-    client_durations: Vec<ExponentialHistogramDataPoint>,
+    server_durations: Vec<DurationPoint>,
+    client_durations: Vec<DurationPoint>,
     responses: Vec<NumberDataPoint>,
     temporality: Temporality,
 ) -> Vec<Metric> {
@@ -1573,17 +1642,38 @@ fn metrics_of(
         Temporality::Delta => AggregationTemporality::Delta,
         Temporality::Cumulative => AggregationTemporality::Cumulative,
     } as i32;
-    let duration = |name: &str, description: &str, data_points| Metric {
-        name: name.to_owned(),
-        description: description.to_owned(),
-        unit: "s".to_owned(),
-        metadata: Vec::new(),
-        data: Some(metric::Data::ExponentialHistogram(
-            OtlpExponentialHistogram {
-                data_points,
+    let duration = |name: &str, description: &str, points: Vec<DurationPoint>| {
+        // One export's points are all of one kind.
+        let data = if matches!(points.first(), Some(DurationPoint::Explicit(_))) {
+            metric::Data::Histogram(OtlpHistogram {
+                data_points: points
+                    .into_iter()
+                    .filter_map(|point| match point {
+                        DurationPoint::Explicit(point) => Some(point),
+                        DurationPoint::Exponential(_) => None,
+                    })
+                    .collect(),
                 aggregation_temporality: delta,
-            },
-        )),
+            })
+        } else {
+            metric::Data::ExponentialHistogram(OtlpExponentialHistogram {
+                data_points: points
+                    .into_iter()
+                    .filter_map(|point| match point {
+                        DurationPoint::Exponential(point) => Some(point),
+                        DurationPoint::Explicit(_) => None,
+                    })
+                    .collect(),
+                aggregation_temporality: delta,
+            })
+        };
+        Metric {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            unit: "s".to_owned(),
+            metadata: Vec::new(),
+            data: Some(data),
+        }
     };
     let mut metrics = Vec::with_capacity(3);
     if !server_durations.is_empty() {
@@ -2838,6 +2928,10 @@ mod tests {
                     "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
                     "cumulative",
                 ),
+                (
+                    "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+                    "explicit_bucket_histogram",
+                ),
             ],
         )
         .unwrap()
@@ -2855,6 +2949,7 @@ mod tests {
         );
         assert_eq!(config.signal_protocol(Signal::Spans), OtlpProtocol::Grpc);
         assert_eq!(config.temporality, Temporality::Cumulative);
+        assert_eq!(config.histogram, HistogramAggregation::Explicit);
         // And the traces one, over an HTTP default.
         let traces = resolve(
             OtlpSettings::default(),
@@ -2909,6 +3004,7 @@ mod tests {
         assert_eq!(config.timeout, Duration::from_secs(10));
         assert!(config.headers.is_empty());
         assert_eq!(config.temporality, Temporality::Delta);
+        assert_eq!(config.histogram, HistogramAggregation::Exponential);
     }
 
     #[test]
@@ -2996,6 +3092,11 @@ mod tests {
                 "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
                 "monthly",
                 "not one of cumulative, delta, lowmemory",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+                "linear",
+                "not one of base2_exponential_bucket_histogram, explicit_bucket_histogram",
             ),
         ] {
             let error = resolve(

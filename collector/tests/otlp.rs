@@ -19,7 +19,9 @@ use common::{
     assert_line, collector, metrics_once, pod_window, send, window_by_status, window_end,
     with_exemplars,
 };
-use trazor_collector::otlp::{OtlpConfig, RESPONSES_METRIC, SERVER_DURATION_METRIC};
+use trazor_collector::otlp::{
+    DURATION_BOUNDARIES, HistogramAggregation, OtlpConfig, RESPONSES_METRIC, SERVER_DURATION_METRIC,
+};
 use trazor_proto::v1::{AgentMessage, Exemplar, PodIdentity, Source, agent_message};
 
 mod common;
@@ -568,6 +570,74 @@ async fn duration_points_carry_their_status_code_as_a_red_dashboard_reads_them()
     assert_eq!((errors, total), (2, 9));
     let metrics = metrics_once(&stats, "trazor_collector_otlp_points_exported_total 6").await;
     assert_line(&metrics, "trazor_collector_otlp_points_dropped_total 0");
+}
+
+/// With `OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=explicit_bucket_histogram`
+/// (what dashboards built on classic `_bucket{le=...}` series need): explicit buckets at the
+/// conventions' boundaries, count, sum, min and max exact, still one point per status code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_bucket_histograms_use_the_conventions_boundaries() {
+    let mut receiver = Receiver::start();
+    let (grpc, _stats) = collector(OtlpConfig {
+        histogram: HistogramAggregation::Explicit,
+        ..OtlpConfig::new(format!("http://127.0.0.1:{}", receiver.port))
+    })
+    .await;
+    // Kernel buckets 1400 (3.85 ms), 1450 (6.61 ms) and 1600 (33.6 ms).
+    send(
+        &grpc,
+        "agent-a",
+        vec![window_by_status(
+            1,
+            "checkout-1",
+            window_end(),
+            &[(200, &[(1_400, 3), (1_450, 1)]), (503, &[(1_600, 2)])],
+        )],
+    )
+    .await;
+    let (metric, resource) = receiver.metric(SERVER_DURATION_METRIC);
+    assert_eq!(resource, checkout_resource());
+    assert_eq!(metric["unit"], "s");
+    let points = metric["histogram"]["data_points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not an explicit-bucket histogram: {metric}"));
+    let boundaries: Vec<f64> = DURATION_BOUNDARIES.to_vec();
+    let mut by_status = BTreeMap::new();
+    for point in points {
+        let bounds: Vec<f64> = point["explicit_bounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(number)
+            .collect();
+        assert_eq!(bounds, boundaries);
+        let counts: Vec<u64> = point["bucket_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|count| number(count) as u64)
+            .collect();
+        by_status.insert(
+            attributes(point)["http.response.status_code"].clone(),
+            (
+                number(&point["count"]) as u64,
+                number(&point["sum"]),
+                counts,
+            ),
+        );
+    }
+    let counts = |leading: &[u64]| {
+        let mut counts = leading.to_vec();
+        counts.resize(DURATION_BOUNDARIES.len() + 1, 0);
+        counts
+    };
+    assert_eq!(
+        by_status,
+        BTreeMap::from([
+            ("200".to_owned(), (4, 0.004, counts(&[3, 1]))),
+            ("503".to_owned(), (2, 0.002, counts(&[0, 0, 0, 2]))),
+        ])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
