@@ -764,7 +764,9 @@ mod tests {
         let closed = merger.close_due(200 * SECOND);
         assert_eq!(closed.len(), 1);
         let aggregate = &closed[0];
-        let by_code: Vec<(u32, u64, Vec<(i32, u64)>)> = aggregate
+        // (code, count, histogram buckets) of each status.
+        type StatusBuckets = (u32, u64, Vec<(i32, u64)>);
+        let by_code: Vec<StatusBuckets> = aggregate
             .statuses
             .iter()
             .map(|(&code, status)| (code, status.count, status.histogram.sparse().collect()))
