@@ -58,7 +58,7 @@ use trazor_node_agent_ebpf_common::{
 /// Connections traced at once by default (the agent can load the map with another size):
 /// most hosts have far fewer open connections than this.
 const MAX_CONNECTIONS: u32 = 32_768;
-/// Distinct series (cgroup, process, route, peer, method, status class) per open window.
+/// Distinct series (cgroup, process, route, peer, method, status code) per open window.
 const MAX_SERIES: u32 = 16_384;
 /// Non-empty histogram buckets across all series of the open windows.
 const MAX_BUCKETS: u32 = 131_072;

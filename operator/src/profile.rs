@@ -152,7 +152,7 @@ pub struct TraceProfileSpec {
     #[schemars(schema_with = "route_templates_schema")]
     pub route_templates: Vec<String>,
 
-    /// Per-pod cap on distinct series (route × method × status class); more are folded into
+    /// Per-pod cap on distinct series (route × method × direction × peer); more are folded into
     /// `other` and counted.
     #[serde(default = "default_max_series_per_pod")]
     #[schemars(range(min = 1, max = 10_000))]
