@@ -11,10 +11,14 @@
 //! token (`--feed-token-file` or `TRAZOR_FEED_TOKEN`): people who watch do not hold the
 //! agents' write credential. Programs send it as a bearer header; browsers post it once to
 //! `/login` and get an HttpOnly session cookie, so it never appears in a URL or a log.
+//! Guessing is throttled: after a burst of [`FAILED_AUTH_BURST`] wrong tokens (at `/login`
+//! or as a bearer), one guess per second is answered and the rest get 429 with
+//! `Retry-After`, without the token being looked at.
 
 use std::{
     path::Path,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use tonic::{Request, Status, service::Interceptor};
@@ -140,6 +144,75 @@ pub const SESSION_COOKIE: &str = "trazor_session";
 pub const FEED_TOKEN_ENV: &str = "TRAZOR_FEED_TOKEN";
 /// How long a browser session lasts.
 pub const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+/// Wrong feed tokens answered in a burst; after it, one per [`FAILED_AUTH_REFILL`].
+pub const FAILED_AUTH_BURST: f64 = 20.0;
+pub const FAILED_AUTH_REFILL: Duration = Duration::from_secs(1);
+
+/// A token bucket of wrong-token answers, shared by every client: guessing the feed token
+/// gets one answer per second after a burst, however many connections ask. (One bucket for
+/// all, not one per address: behind a port-forward or a proxy every client has the same
+/// address.) While it is empty, holders of the right token wait too; sessions already made
+/// and bearer-less page loads are not affected.
+#[derive(Debug)]
+struct FailureThrottle {
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl FailureThrottle {
+    fn new() -> Self {
+        Self {
+            bucket: Mutex::new((FAILED_AUTH_BURST, Instant::now())),
+        }
+    }
+
+    /// `Err(how long until a guess is answered)` while the bucket is empty.
+    fn check(&self, now: Instant) -> std::result::Result<(), Duration> {
+        let mut bucket = self
+            .bucket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (tokens, last) = &mut *bucket;
+        let refilled =
+            now.saturating_duration_since(*last).as_secs_f64() / FAILED_AUTH_REFILL.as_secs_f64();
+        *tokens = (*tokens + refilled).min(FAILED_AUTH_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(FAILED_AUTH_REFILL.mul_f64(1.0 - *tokens))
+        }
+    }
+
+    /// A wrong token was presented.
+    fn record_failure(&self) {
+        let mut bucket = self
+            .bucket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        bucket.0 = (bucket.0 - 1.0).max(0.0);
+    }
+}
+
+/// What a request's credentials give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Allowed,
+    Refused,
+    /// Too many wrong tokens lately: try again after this long.
+    Throttled(Duration),
+}
+
+/// The 429 for a throttled guess.
+pub fn throttled(retry_after: Duration) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    (
+        http::StatusCode::TOO_MANY_REQUESTS,
+        [(http::header::RETRY_AFTER, seconds.to_string())],
+        format!("too many wrong feed tokens lately: try again in {seconds} s\n"),
+    )
+        .into_response()
+}
 
 /// Who may read the live feed and the dashboard: holders of the feed token (bearer header)
 /// or of a session cookie made from it. `None`: everyone (the collector warns at start).
@@ -150,6 +223,7 @@ pub const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs
 pub struct ViewerAuth {
     token: Option<Arc<[u8]>>,
     session_key: Option<ring::hmac::Key>,
+    failures: FailureThrottle,
 }
 
 impl std::fmt::Debug for ViewerAuth {
@@ -168,6 +242,7 @@ impl ViewerAuth {
             token: token.map(|token| Arc::from(token.as_bytes())),
             session_key: token
                 .map(|token| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes())),
+            failures: FailureThrottle::new(),
         }
     }
 
@@ -176,19 +251,30 @@ impl ViewerAuth {
         self.token.is_none()
     }
 
-    fn bearer_ok(&self, headers: &http::HeaderMap) -> bool {
+    /// The bearer token's verdict: `Refused` also when none was sent (no guess, nothing
+    /// counted); a wrong one counts toward the throttle, and none is looked at while it is
+    /// on.
+    fn bearer(&self, headers: &http::HeaderMap) -> Access {
         let Some(expected) = &self.token else {
-            return true;
+            return Access::Allowed;
         };
-        headers
+        let mut presented = headers
             .get_all(http::header::AUTHORIZATION)
             .iter()
-            .any(|value| {
-                value
-                    .as_bytes()
-                    .strip_prefix(b"Bearer ")
-                    .is_some_and(|presented| constant_time_eq(presented, expected))
-            })
+            .filter_map(|value| value.as_bytes().strip_prefix(b"Bearer "))
+            .peekable();
+        if presented.peek().is_none() {
+            return Access::Refused;
+        }
+        if let Err(retry_after) = self.failures.check(Instant::now()) {
+            return Access::Throttled(retry_after);
+        }
+        if presented.any(|token| constant_time_eq(token, expected)) {
+            Access::Allowed
+        } else {
+            self.failures.record_failure();
+            Access::Refused
+        }
     }
 
     fn session_ok(&self, headers: &http::HeaderMap) -> bool {
@@ -208,9 +294,12 @@ impl ViewerAuth {
         })
     }
 
-    /// Whether this request may see the dashboard (bearer header or session cookie).
-    pub fn allows(&self, headers: &http::HeaderMap) -> bool {
-        self.is_open() || self.bearer_ok(headers) || self.session_ok(headers)
+    /// Whether this request may see the dashboard (session cookie or bearer header).
+    pub fn access(&self, headers: &http::HeaderMap) -> Access {
+        if self.is_open() || self.session_ok(headers) {
+            return Access::Allowed;
+        }
+        self.bearer(headers)
     }
 
     /// Checks a `/ws` upgrade; the refusal to send, if any: 401 without a valid token or
@@ -218,8 +307,13 @@ impl ViewerAuth {
     /// WebSocket hijacking: the browser attaches cookies whoever opens the socket).
     pub fn refuse_websocket(&self, headers: &http::HeaderMap) -> Option<axum::response::Response> {
         use axum::response::IntoResponse as _;
-        if self.is_open() || self.bearer_ok(headers) {
+        if self.is_open() {
             return None;
+        }
+        match self.bearer(headers) {
+            Access::Allowed => return None,
+            Access::Throttled(retry_after) => return Some(throttled(retry_after)),
+            Access::Refused => {}
         }
         if !self.session_ok(headers) {
             return Some(unauthorized(
@@ -245,8 +339,10 @@ impl ViewerAuth {
         }
     }
 
-    /// The session cookie for a browser that presented the right token.
-    fn session_cookie(&self) -> Option<String> {
+    /// The session cookie for a browser that presented the right token; `Secure` when the
+    /// page came over HTTPS (a TLS-terminating ingress or proxy in front of the collector,
+    /// which says so in `X-Forwarded-Proto`), so that the browser never sends it in clear.
+    fn session_cookie(&self, secure: bool) -> Option<String> {
         let key = self.session_key.as_ref()?;
         let expiry = (unix_seconds() + SESSION_LIFETIME.as_secs()).to_string();
         let tag = ring::hmac::sign(key, session_message(&expiry).as_bytes());
@@ -256,8 +352,9 @@ impl ViewerAuth {
             .map(|byte| format!("{byte:02x}"))
             .collect();
         Some(format!(
-            "{SESSION_COOKIE}={expiry}.{hex}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-            SESSION_LIFETIME.as_secs()
+            "{SESSION_COOKIE}={expiry}.{hex}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+            SESSION_LIFETIME.as_secs(),
+            if secure { "; Secure" } else { "" }
         ))
     }
 
@@ -352,6 +449,7 @@ input,button{{font:inherit;padding:.4rem;margin:.3rem 0;width:100%;box-sizing:bo
 /// again with `401`.
 pub async fn login(
     axum::extract::State(feed): axum::extract::State<Arc<crate::feed::WindowFeed>>,
+    headers: http::HeaderMap,
     body: axum::body::Bytes,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
@@ -363,13 +461,37 @@ pub async fn login(
     if auth.is_open() {
         return axum::response::Redirect::to("/").into_response();
     }
-    match auth.session_cookie().filter(|_| auth.token_matches(&token)) {
+    if let Err(retry_after) = auth.failures.check(Instant::now()) {
+        feed.feed_stats()
+            .auth_throttled
+            .fetch_add(1, Ordering::Relaxed);
+        let mut page = login_page(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            "Too many wrong tokens lately: try again in a few seconds.",
+        );
+        if let Ok(seconds) = http::HeaderValue::from_str(
+            &(retry_after.as_secs_f64().ceil().max(1.0) as u64).to_string(),
+        ) {
+            page.headers_mut()
+                .insert(http::header::RETRY_AFTER, seconds);
+        }
+        return page;
+    }
+    let over_https = headers
+        .get("x-forwarded-proto")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    match auth
+        .session_cookie(over_https)
+        .filter(|_| auth.token_matches(&token))
+    {
         Some(cookie) => (
             [(http::header::SET_COOKIE, cookie)],
             axum::response::Redirect::to("/"),
         )
             .into_response(),
         None => {
+            auth.failures.record_failure();
             feed.feed_stats()
                 .unauthenticated
                 .fetch_add(1, Ordering::Relaxed);
@@ -401,8 +523,15 @@ pub async fn require_viewer(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if feed.auth().allows(request.headers()) {
-        return next.run(request).await;
+    match feed.auth().access(request.headers()) {
+        Access::Allowed => return next.run(request).await,
+        Access::Throttled(retry_after) => {
+            feed.feed_stats()
+                .auth_throttled
+                .fetch_add(1, Ordering::Relaxed);
+            return throttled(retry_after);
+        }
+        Access::Refused => {}
     }
     feed.feed_stats()
         .unauthenticated
@@ -466,6 +595,32 @@ mod tests {
         assert_eq!(stats.streams_unauthenticated.load(Ordering::Relaxed), 4);
         let mut open = BearerAuth::new(None, stats);
         assert!(open.call(request(None)).is_ok());
+    }
+
+    #[test]
+    fn the_failure_throttle_answers_a_burst_then_one_guess_a_second() {
+        let throttle = FailureThrottle::new();
+        let start = Instant::now();
+        for _ in 0..FAILED_AUTH_BURST as usize {
+            assert_eq!(throttle.check(start), Ok(()));
+            throttle.record_failure();
+        }
+        assert_eq!(throttle.check(start), Err(FAILED_AUTH_REFILL));
+        // Half a refill later: half a second more to wait.
+        let half = start + FAILED_AUTH_REFILL / 2;
+        assert_eq!(throttle.check(half), Err(FAILED_AUTH_REFILL / 2));
+        // A refill later, one guess; its failure empties the bucket again.
+        let later = start + FAILED_AUTH_REFILL;
+        assert_eq!(throttle.check(later), Ok(()));
+        throttle.record_failure();
+        assert!(throttle.check(later).is_err());
+        // Quiet for a long while: the burst again, no more.
+        let much_later = later + FAILED_AUTH_REFILL * 1_000;
+        for _ in 0..FAILED_AUTH_BURST as usize {
+            assert_eq!(throttle.check(much_later), Ok(()));
+            throttle.record_failure();
+        }
+        assert!(throttle.check(much_later).is_err());
     }
 
     #[test]

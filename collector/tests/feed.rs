@@ -771,6 +771,23 @@ async fn auth_by_bearer_token_or_login_session() {
         !set_cookie.contains("watchers-secret"),
         "the cookie is not the token"
     );
+    assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
+    // Behind a TLS-terminating proxy, the cookie is never to be sent in clear.
+    let (status, proxied, _) = http_request(
+        collector.http,
+        "POST",
+        "/login",
+        &[form[0], ("X-Forwarded-Proto", "https")],
+        "token=watchers-secret",
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert!(
+        proxied
+            .iter()
+            .any(|(name, value)| name == "set-cookie" && value.ends_with("; Secure")),
+        "{proxied:?}"
+    );
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     let (status, _, _) = http_request(collector.http, "GET", "/", &[("Cookie", &cookie)], "").await;
     assert_eq!(status, 200, "the dashboard with a session");
@@ -828,6 +845,103 @@ async fn auth_by_bearer_token_or_login_session() {
         headers
             .iter()
             .any(|(name, value)| name == "set-cookie" && value.contains("Max-Age=0"))
+    );
+}
+
+/// Guessing the feed token is throttled: a burst of 20 wrong tokens (at /login or as a
+/// bearer) is answered, then 429 with Retry-After and no look at the token (the right one
+/// waits too), one guess a second after that; sessions already made still work.
+#[tokio::test]
+async fn guessing_the_feed_token_is_throttled() {
+    let collector = Running::start(CollectorConfig {
+        feed_token: Some("watchers-secret".into()),
+        ..Default::default()
+    })
+    .await;
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let (status, headers, _) = http_request(
+        collector.http,
+        "POST",
+        "/login",
+        &form,
+        "token=watchers-secret",
+    )
+    .await;
+    assert_eq!(status, 303);
+    let cookie = headers
+        .iter()
+        .find(|(name, _)| name == "set-cookie")
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let url = collector.url("history=0");
+    // 10 wrong logins and 10 wrong bearers: each an ordinary refusal.
+    for guess in 0..10 {
+        let body = format!("token=guess-{guess}");
+        let (status, _, _) = http_request(collector.http, "POST", "/login", &form, &body).await;
+        assert_eq!(status, 401, "guess {guess}");
+        let bearer = format!("Bearer guess-{guess}");
+        let (status, _) = Feed::connect(&url, &[("Authorization", &bearer)])
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(status, 401, "bearer guess {guess}");
+    }
+    // The bucket is empty: the next guesses, right or wrong, get 429 with Retry-After.
+    let (status, headers, _) = http_request(
+        collector.http,
+        "POST",
+        "/login",
+        &form,
+        "token=watchers-secret",
+    )
+    .await;
+    assert_eq!(status, 429);
+    assert!(
+        headers
+            .iter()
+            .any(|(name, value)| name == "retry-after" && value == "1"),
+        "{headers:?}"
+    );
+    let (status, _) = Feed::connect(&url, &[("Authorization", "Bearer another-guess")])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 429);
+    let (status, _, _) = http_request(
+        collector.http,
+        "GET",
+        "/",
+        &[("Authorization", "Bearer yet-another")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 429);
+    // A session made before still works, and a page load without credentials is the login
+    // page, not a 429.
+    let mut session = Feed::connect(&url, &[("Cookie", &cookie)]).await.unwrap();
+    session.subscribed().await;
+    let (status, _, page) = http_request(collector.http, "GET", "/", &[], "").await;
+    assert_eq!(status, 401);
+    assert!(page.contains("/login"), "{page}");
+    // A second later, one guess is answered again: the right token logs in.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let (status, _, _) = http_request(
+        collector.http,
+        "POST",
+        "/login",
+        &form,
+        "token=watchers-secret",
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (_, _, metrics) = http_request(collector.http, "GET", "/metrics", &[], "").await;
+    assert!(
+        metrics.contains("trazor_collector_feed_auth_throttled_total 3"),
+        "{metrics}"
     );
 }
 

@@ -85,6 +85,7 @@ pub struct FeedStats {
     pub connections: AtomicU64,
     pub refused_full: AtomicU64,
     pub unauthenticated: AtomicU64,
+    pub auth_throttled: AtomicU64,
     pub subscriptions: AtomicU64,
     pub error_frames: AtomicU64,
     pub closed_bad_input: AtomicU64,
@@ -95,7 +96,7 @@ pub struct FeedStats {
 
 impl FeedStats {
     fn render(&self, text: &mut String) {
-        let metrics: [(&str, &str, &str, &AtomicU64); 9] = [
+        let metrics: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "trazor_collector_feed_connections_total",
                 "counter",
@@ -113,6 +114,12 @@ impl FeedStats {
                 "counter",
                 "Feed and dashboard requests refused for a missing or wrong token or session.",
                 &self.unauthenticated,
+            ),
+            (
+                "trazor_collector_feed_auth_throttled_total",
+                "counter",
+                "Feed and dashboard requests answered 429: too many wrong feed tokens lately.",
+                &self.auth_throttled,
             ),
             (
                 "trazor_collector_feed_subscriptions_total",
@@ -435,9 +442,12 @@ pub async fn websocket(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Some(refusal) = feed.auth.refuse_websocket(&headers) {
-        feed.feed_stats
-            .unauthenticated
-            .fetch_add(1, Ordering::Relaxed);
+        let counter = if refusal.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            &feed.feed_stats.auth_throttled
+        } else {
+            &feed.feed_stats.unauthenticated
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         return refusal;
     }
     let Some(slot) = ConnectionSlot::claim(&feed) else {
