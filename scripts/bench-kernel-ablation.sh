@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Where the kernel time of a traced request goes: part 4 of scripts/bench-capture.sh
+# (trazor-bench-kernel) on five builds of the programs, each skipping one more part of the
+# work, alternated in rotating orders so that the host's drift falls on all of them:
+#
+#   L0  the programs as they are
+#   L1  no counting: the request ends (second clock read) but neither the series nor the
+#       histogram map is touched (no lookups, no new-series or exemplar event)
+#   L2  and no status line read on the response (taken as 200)
+#   L3  and no request head read on the request (its start is taken, nothing parsed)
+#   L4  and nothing after the connection lookup: the filter, the syscall's registers and
+#       the connection lookup are all that is left
+#
+# The differences between neighbours price each part in place (caches as cold as at the
+# request rate), which the hot-loop prices of bench-capture.sh's part 2 cannot. The skips
+# are behind a condition the programs cannot know to be true, so the verifier and the JIT
+# see the same code as in L0 (the sizes printed show it). Builds go to a temporary git
+# worktree of HEAD; the working tree is not touched. Run as root. Knobs:
+#   ABLATION_CYCLES=12 ABLATION_RATE=5000 ABLATION_ROUNDS=4
+# Prints a table (medians over the rounds, then each round) to stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CYCLES=${ABLATION_CYCLES:-12}
+RATE=${ABLATION_RATE:-5000}
+ROUNDS=${ABLATION_ROUNDS:-4}
+
+say() { printf '\033[1;34m[ablation]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[ablation] error:\033[0m %s\n' "$*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || die "run as root: the benchmark loads eBPF programs"
+scripts/setup.sh >&2
+
+WORK=$(mktemp -d /tmp/trazor-ablation.XXXXXX)
+CGROUP2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+SERVER_CGROUP="$CGROUP2/trazor-ablation-server-$$"
+CLIENT_CGROUP="$CGROUP2/trazor-ablation-client-$$"
+cleanup() {
+    rmdir "$SERVER_CGROUP" "$CLIENT_CGROUP" 2>/dev/null || true
+    git -C "$ROOT" worktree remove --force "$WORK/tree" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+mkdir -p "$SERVER_CGROUP" "$CLIENT_CGROUP" "$WORK/bin"
+git worktree add --quiet --detach "$WORK/tree" HEAD
+SOURCE="$WORK/tree/node-agent-ebpf/src/main.rs"
+cp "$SOURCE" "$WORK/main.rs"
+
+for level in 0 1 2 3 4; do
+    say "building L$level"
+    python3 - "$level" "$WORK/main.rs" "$SOURCE" <<'PATCH'
+import sys
+level, original, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+text = open(original).read()
+SKIP = "settings.window_nanos != 1"  # always true while tracing: a window is never 1 ns
+
+def patch(old, new):
+    global text
+    if text.count(old) != 1:
+        sys.exit(f"L{level}: the code to patch changed, update this script:\n{old}")
+    text = text.replace(old, new)
+
+if level >= 1:
+    patch("    let latency = end - start;\n",
+          f"    let latency = end - start;\n    if {SKIP} {{\n        return Ok(());\n    }}\n")
+if level >= 2:
+    patch("    let Some(status) = parse_status(&read_status_line(user_data(buffer)?)?) else {",
+          f"    let Some(status) = (if {SKIP} {{ Some(200u16) }} else "
+          "{ parse_status(&read_status_line(user_data(buffer)?)?) }) else {")
+    patch("    match parse_status(&read_status_line(data)?) {",
+          f"    match (if {SKIP} {{ Some(200u16) }} else {{ parse_status(&read_status_line(data)?) }}) {{")
+if level >= 3:
+    started = (f"if {SKIP} {{\n"
+               "            let start = now();\n"
+               "            unsafe {\n"
+               "                (*connection).request_start_nanos = start;\n"
+               "                (*connection).batch_start_nanos = start;\n"
+               "            }\n"
+               "            return Ok(());\n"
+               "        }\n        ")
+    patch("        if let Some(head) = RequestHead::read(data)? {",
+          "        " + started + "if let Some(head) = RequestHead::read(data)? {")
+    patch("            if let Some(head) = RequestHead::read(user_data(buffer)?)? {",
+          "            " + started.replace("\n        ", "\n            ").rstrip() + "\n"
+          "            if let Some(head) = RequestHead::read(user_data(buffer)?)? {")
+if level >= 4:
+    for direction in ("Server", "Client"):
+        patch(f"            Direction::{direction},\n        );\n    }};\n",
+              f"            Direction::{direction},\n        );\n    }};\n"
+              f"    if {SKIP} {{\n        let _ = connection;\n        return Ok(());\n    }}\n")
+open(target, "w").write(text)
+PATCH
+    (cd "$WORK/tree" && CARGO_TARGET_DIR="$ROOT/target/ablation" \
+        cargo build --release --locked --quiet -p trazor-node-agent --bin trazor-bench-kernel >&2)
+    cp "$ROOT/target/ablation/release/trazor-bench-kernel" "$WORK/bin/L$level"
+done
+
+ORDERS=("0 1 2 3 4" "4 3 2 1 0" "2 0 4 1 3" "3 1 4 0 2")
+for round in $(seq 1 "$ROUNDS"); do
+    order=${ORDERS[$(((round - 1) % ${#ORDERS[@]}))]}
+    for level in $order; do
+        say "round $round/$ROUNDS: L$level"
+        "$WORK/bin/L$level" --ablation --server-cgroup "$SERVER_CGROUP" \
+            --client-cgroup "$CLIENT_CGROUP" --cycles "$CYCLES" --rate "$RATE" 2>/dev/null |
+            awk -v level="L$level" -v round="$round" \
+                '$1 ~ /_ns_per_(request|call)$/ { print level, round, $1, $2 }
+                 $1 == "program" && $2 ~ /^sock_(recv|send)_length$/ { print level, round, $2, $6 }' \
+            >>"$WORK/figures"
+    done
+done
+
+python3 - "$WORK/figures" "$CYCLES" "$RATE" <<'TABLE'
+import statistics, sys
+from collections import defaultdict
+figures, cycles, rate = sys.argv[1], sys.argv[2], sys.argv[3]
+values = defaultdict(list)
+for line in open(figures):
+    level, _, name, value = line.split()
+    values[(level, name)].append(int(value))
+levels = ["L0", "L1", "L2", "L3", "L4"]
+what = {
+    "L0": "the programs as they are",
+    "L1": "no counting (series and histogram maps untouched)",
+    "L2": "and no status line read",
+    "L3": "and no request head read",
+    "L4": "and nothing after the connection lookup",
+}
+median = lambda level, name: statistics.median(values[(level, name)])
+print(f"Kernel ns per request by build (trazor-bench-kernel, {cycles} cycles at {rate} req/s per run; "
+      "median over the rounds, each round in brackets):")
+print()
+print("| build | server side | client side | filter ns per call | empty program ns per call | receive / send instructions |")
+print("|---|---|---|---|---|---|")
+for level in levels:
+    cells = []
+    for name in ("server_side_ns_per_request", "client_side_ns_per_request",
+                 "not_selected_ns_per_call", "floor_ns_per_call"):
+        runs = ", ".join(str(v) for v in values[(level, name)])
+        cells.append(f"{median(level, name):.0f} ({runs})")
+    sizes = f"{values[(level, 'sock_recv_length')][0]} / {values[(level, 'sock_send_length')][0]}"
+    print(f"| {level}: {what[level]} | " + " | ".join(cells) + f" | {sizes} |")
+print()
+print("What each part costs per request (difference of the medians of neighbouring builds):")
+print()
+print("| part | server side ns | client side ns |")
+print("|---|---|---|")
+parts = [("counting: series and histogram lookups, events", "L0", "L1"),
+         ("reading and parsing the status line", "L1", "L2"),
+         ("reading, comparing and hashing the request head", "L2", "L3"),
+         ("the two clock reads and the request's bookkeeping", "L3", "L4")]
+for label, a, b in parts:
+    print(f"| {label} | {median(a, 'server_side_ns_per_request') - median(b, 'server_side_ns_per_request'):.0f} "
+          f"| {median(a, 'client_side_ns_per_request') - median(b, 'client_side_ns_per_request'):.0f} |")
+print(f"| what is left (L4): the filter, the registers and the connection lookup on both calls, "
+      f"and the statistics' own clock reads | {median('L4', 'server_side_ns_per_request'):.0f} "
+      f"| {median('L4', 'client_side_ns_per_request'):.0f} |")
+TABLE
