@@ -90,6 +90,41 @@ pub async fn apply(client: &Client, manifest: &Value) -> Result<DynamicObject> {
     Ok(applied)
 }
 
+/// Leaves `name` of `resource` (cluster-scoped) owned by `owner` alone: clears the managed
+/// fields of every other field manager (the documented reset, `managedFields: [{}]`,
+/// keeps the object and its content), when there are any. Returns the managers cleared.
+///
+/// Why: Helm applies the chart's CRD with server-side apply; if another manager applied
+/// the same fields (`kubectl apply --server-side`, or the operator's real-API tests, whose
+/// manager is `trazor-operator-tests`), a changed CRD conflicts and the install fails.
+pub async fn leave_to_field_manager(
+    client: &Client,
+    resource: &ApiResource,
+    name: &str,
+    owner: &str,
+) -> Result<Vec<String>> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
+    let Some(object) = api.get_opt(name).await? else {
+        return Ok(Vec::new());
+    };
+    let others: Vec<String> = object
+        .managed_fields()
+        .iter()
+        .filter(|entry| entry.operation.as_deref() == Some("Apply"))
+        .filter_map(|entry| entry.manager.clone())
+        .filter(|manager| manager != owner)
+        .collect();
+    if !others.is_empty() {
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "metadata": { "managedFields": [{}] } })),
+        )
+        .await?;
+    }
+    Ok(others)
+}
+
 /// Deletes `name` of `resource` (namespaced) if it exists, and waits until it is gone.
 pub async fn delete_and_wait(
     client: &Client,

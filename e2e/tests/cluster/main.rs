@@ -51,8 +51,8 @@ use trazor_proto::api_access::{ApiCall, ObjectName, Scope};
 use crate::{
     feed::FeedRecorder,
     kube_io::{
-        Seen, apply, delete_and_wait, http_get, http_request, logs, logs_since, metric_value,
-        ready_pods, resource_of, running_pods, wait_for,
+        Seen, apply, delete_and_wait, http_get, http_request, leave_to_field_manager, logs,
+        logs_since, metric_value, ready_pods, resource_of, running_pods, wait_for,
     },
     otlp::OtlpReceiver,
 };
@@ -311,6 +311,20 @@ async fn cleanup(settings: &Settings, client: &Client) -> Result<()> {
             Duration::from_secs(120),
         )
         .await;
+    }
+    // The CRD outlives a release (Helm never deletes one), so the next install upgrades it
+    // in place, as a user's upgrade does; but only Helm may own its fields for that.
+    let crds = resource_of(
+        client,
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+    )
+    .await?;
+    let cleared = leave_to_field_manager(client, &crds, "traceprofiles.trazor.dev", "helm").await?;
+    if !cleared.is_empty() {
+        println!(
+            "     (the TraceProfile CRD's fields applied by {cleared:?} were released for Helm)"
+        );
     }
     Ok(())
 }
