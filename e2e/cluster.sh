@@ -2,7 +2,8 @@
 # Runs the cluster suite (e2e/tests/cluster) against the cluster KUBECONFIG names: builds the
 # images (scripts/images.sh), then installs, exercises and uninstalls Trazor there, writing
 # its record to e2e/RESULTS.md. It deletes the namespaces trazor-e2e and trazor-e2e-shop and
-# the Helm release "trazor" in trazor-e2e if they exist: use a cluster made for testing.
+# the Helm release "trazor" in trazor-e2e if they exist, and the TraceProfile CRD if
+# something other than Helm applied it: use a cluster made for testing.
 #
 #   TRAZOR_E2E_IMAGE_LOADER   ctr (default: containerd on this machine, the node), kind:<name>,
 #                             or none (images already on every node)

@@ -90,14 +90,15 @@ pub async fn apply(client: &Client, manifest: &Value) -> Result<DynamicObject> {
     Ok(applied)
 }
 
-/// Leaves `name` of `resource` (cluster-scoped) owned by `owner` alone: clears the managed
-/// fields of every other field manager (the documented reset, `managedFields: [{}]`,
-/// keeps the object and its content), when there are any. Returns the managers cleared.
+/// The field managers other than `owner` that applied part of `name` of `resource`
+/// (cluster-scoped), if it exists.
 ///
-/// Why: Helm applies the chart's CRD with server-side apply; if another manager applied
-/// the same fields (`kubectl apply --server-side`, or the operator's real-API tests, whose
-/// manager is `trazor-operator-tests`), a changed CRD conflicts and the install fails.
-pub async fn leave_to_field_manager(
+/// Why: Helm applies the chart's CRD with server-side apply, also over an existing one;
+/// if another manager applied the same fields (`kubectl apply --server-side`, or the
+/// operator's real-API tests, whose manager is `trazor-operator-tests`), a changed CRD
+/// conflicts and the install fails. (Resetting `managedFields` does not help: the server
+/// then gives every field to `before-first-apply`, which conflicts the same way.)
+pub async fn other_appliers(
     client: &Client,
     resource: &ApiResource,
     name: &str,
@@ -107,22 +108,13 @@ pub async fn leave_to_field_manager(
     let Some(object) = api.get_opt(name).await? else {
         return Ok(Vec::new());
     };
-    let others: Vec<String> = object
+    Ok(object
         .managed_fields()
         .iter()
         .filter(|entry| entry.operation.as_deref() == Some("Apply"))
         .filter_map(|entry| entry.manager.clone())
         .filter(|manager| manager != owner)
-        .collect();
-    if !others.is_empty() {
-        api.patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "metadata": { "managedFields": [{}] } })),
-        )
-        .await?;
-    }
-    Ok(others)
+        .collect())
 }
 
 /// Deletes `name` of `resource` (namespaced) if it exists, and waits until it is gone.

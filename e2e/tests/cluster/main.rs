@@ -51,8 +51,8 @@ use trazor_proto::api_access::{ApiCall, ObjectName, Scope};
 use crate::{
     feed::FeedRecorder,
     kube_io::{
-        Seen, apply, delete_and_wait, http_get, http_request, leave_to_field_manager, logs,
-        logs_since, metric_value, ready_pods, resource_of, running_pods, wait_for,
+        Seen, apply, delete_and_wait, http_get, http_request, logs, logs_since, metric_value,
+        other_appliers, ready_pods, resource_of, running_pods, wait_for,
     },
     otlp::OtlpReceiver,
 };
@@ -289,6 +289,9 @@ async fn run() -> Result<()> {
 }
 
 /// Removes what a previous or failed run left: profiles, the sample app, the release.
+/// The TraceProfile CRD's name.
+const CRD_NAME: &str = "traceprofiles.trazor.dev";
+
 async fn cleanup(settings: &Settings, client: &Client) -> Result<()> {
     let profiles: Api<TraceProfile> = Api::namespaced(client.clone(), SHOP_NS);
     if let Ok(list) = profiles.list(&Default::default()).await {
@@ -313,18 +316,18 @@ async fn cleanup(settings: &Settings, client: &Client) -> Result<()> {
         .await;
     }
     // The CRD outlives a release (Helm never deletes one), so the next install upgrades it
-    // in place, as a user's upgrade does; but only Helm may own its fields for that.
+    // in place, as a user's upgrade does. One that something else applied too would make
+    // that upgrade conflict (see `other_appliers`): deleted (a cluster made for testing).
     let crds = resource_of(
         client,
         "apiextensions.k8s.io/v1",
         "CustomResourceDefinition",
     )
     .await?;
-    let cleared = leave_to_field_manager(client, &crds, "traceprofiles.trazor.dev", "helm").await?;
-    if !cleared.is_empty() {
-        println!(
-            "     (the TraceProfile CRD's fields applied by {cleared:?} were released for Helm)"
-        );
+    let others = other_appliers(client, &crds, CRD_NAME, "helm").await?;
+    if !others.is_empty() {
+        delete_and_wait(client, &crds, None, CRD_NAME, Duration::from_secs(120)).await?;
+        println!("     (the TraceProfile CRD, applied by {others:?} too, was deleted)");
     }
     Ok(())
 }
