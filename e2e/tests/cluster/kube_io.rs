@@ -90,31 +90,45 @@ pub async fn apply(client: &Client, manifest: &Value) -> Result<DynamicObject> {
     Ok(applied)
 }
 
-/// The field managers other than `owner` that applied part of `name` of `resource`
-/// (cluster-scoped), if it exists.
+/// Why Helm's server-side apply of `name` of `resource` (cluster-scoped) could conflict:
+/// the field managers other than `owner` that applied part of it, or that `owner` applied
+/// none of it (an object without managed fields counts as applied by `before-first-apply`,
+/// which conflicts the same way). `None` when it does not exist or `owner` alone applied it.
 ///
-/// Why: Helm applies the chart's CRD with server-side apply, also over an existing one;
-/// if another manager applied the same fields (`kubectl apply --server-side`, or the
-/// operator's real-API tests, whose manager is `trazor-operator-tests`), a changed CRD
-/// conflicts and the install fails. (Resetting `managedFields` does not help: the server
-/// then gives every field to `before-first-apply`, which conflicts the same way.)
-pub async fn other_appliers(
+/// Why it matters: Helm applies the chart's CRD with server-side apply, also over an
+/// existing one; if another manager applied the same fields (`kubectl apply
+/// --server-side`, or the operator's real-API tests, whose manager is
+/// `trazor-operator-tests`), a changed CRD conflicts and the install fails.
+pub async fn foreign_appliers(
     client: &Client,
     resource: &ApiResource,
     name: &str,
     owner: &str,
-) -> Result<Vec<String>> {
+) -> Result<Option<Vec<String>>> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
     let Some(object) = api.get_opt(name).await? else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
-    Ok(object
+    let appliers: Vec<String> = object
         .managed_fields()
         .iter()
         .filter(|entry| entry.operation.as_deref() == Some("Apply"))
         .filter_map(|entry| entry.manager.clone())
-        .filter(|manager| manager != owner)
-        .collect())
+        .collect();
+    let others: Vec<String> = appliers
+        .iter()
+        .filter(|manager| *manager != owner)
+        .cloned()
+        .collect();
+    Ok(
+        if appliers.iter().any(|manager| manager == owner) && others.is_empty() {
+            None
+        } else if others.is_empty() {
+            Some(vec!["before-first-apply".to_owned()])
+        } else {
+            Some(others)
+        },
+    )
 }
 
 /// Deletes `name` of `resource` (namespaced) if it exists, and waits until it is gone.

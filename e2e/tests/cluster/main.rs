@@ -51,8 +51,8 @@ use trazor_proto::api_access::{ApiCall, ObjectName, Scope};
 use crate::{
     feed::FeedRecorder,
     kube_io::{
-        Seen, apply, delete_and_wait, http_get, http_request, logs, logs_since, metric_value,
-        other_appliers, ready_pods, resource_of, running_pods, wait_for,
+        Seen, apply, delete_and_wait, foreign_appliers, http_get, http_request, logs, logs_since,
+        metric_value, ready_pods, resource_of, running_pods, wait_for,
     },
     otlp::OtlpReceiver,
 };
@@ -317,15 +317,14 @@ async fn cleanup(settings: &Settings, client: &Client) -> Result<()> {
     }
     // The CRD outlives a release (Helm never deletes one), so the next install upgrades it
     // in place, as a user's upgrade does. One that something else applied too would make
-    // that upgrade conflict (see `other_appliers`): deleted (a cluster made for testing).
+    // that upgrade conflict (see `foreign_appliers`): deleted (a cluster made for testing).
     let crds = resource_of(
         client,
         "apiextensions.k8s.io/v1",
         "CustomResourceDefinition",
     )
     .await?;
-    let others = other_appliers(client, &crds, CRD_NAME, "helm").await?;
-    if !others.is_empty() {
+    if let Some(others) = foreign_appliers(client, &crds, CRD_NAME, "helm").await? {
         delete_and_wait(client, &crds, None, CRD_NAME, Duration::from_secs(120)).await?;
         println!("     (the TraceProfile CRD, applied by {others:?} too, was deleted)");
     }
