@@ -712,6 +712,29 @@ async fn every_bad_input_gets_a_clear_error_and_disturbs_no_one() {
     );
 }
 
+/// `POST /login` with `token` as a browser's form posts it, plus `headers`: the status, and
+/// the `Set-Cookie` value when one was set.
+async fn log_in(
+    address: std::net::SocketAddr,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>) {
+    let mut all = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    all.extend_from_slice(headers);
+    let (status, answer, _) =
+        http_request(address, "POST", "/login", &all, &format!("token={token}")).await;
+    let set_cookie = answer
+        .into_iter()
+        .find(|(name, _)| name == "set-cookie")
+        .map(|(_, value)| value);
+    (status, set_cookie)
+}
+
+/// The `name=value` part of a `Set-Cookie` value: what the browser sends back.
+fn cookie_of(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().to_owned()
+}
+
 /// With a feed token: a bearer header or a session cookie from `POST /login`, nothing else
 /// (not the agents' token); 401 before the upgrade; a login page at `/`; a foreign Origin
 /// with a cookie refused; /metrics stays open.
@@ -750,20 +773,9 @@ async fn auth_by_bearer_token_or_login_session() {
         http_request(collector.http, "POST", "/login", &form, "token=nope").await;
     assert_eq!(status, 401);
     assert!(page.contains("not the feed token"));
-    let (status, headers, _) = http_request(
-        collector.http,
-        "POST",
-        "/login",
-        &form,
-        "token=watchers-secret",
-    )
-    .await;
+    let (status, set_cookie) = log_in(collector.http, "watchers-secret", &[]).await;
     assert_eq!(status, 303);
-    let set_cookie = &headers
-        .iter()
-        .find(|(name, _)| name == "set-cookie")
-        .unwrap()
-        .1;
+    let set_cookie = set_cookie.unwrap();
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
@@ -773,22 +785,20 @@ async fn auth_by_bearer_token_or_login_session() {
     );
     assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
     // Behind a TLS-terminating proxy, the cookie is never to be sent in clear.
-    let (status, proxied, _) = http_request(
+    let (status, proxied) = log_in(
         collector.http,
-        "POST",
-        "/login",
-        &[form[0], ("X-Forwarded-Proto", "https")],
-        "token=watchers-secret",
+        "watchers-secret",
+        &[("X-Forwarded-Proto", "https")],
     )
     .await;
     assert_eq!(status, 303);
     assert!(
         proxied
-            .iter()
-            .any(|(name, value)| name == "set-cookie" && value.ends_with("; Secure")),
+            .as_ref()
+            .is_some_and(|value| value.ends_with("; Secure")),
         "{proxied:?}"
     );
-    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let cookie = cookie_of(&set_cookie);
     let (status, _, _) = http_request(collector.http, "GET", "/", &[("Cookie", &cookie)], "").await;
     assert_eq!(status, 200, "the dashboard with a session");
     let mut session = Feed::connect(&url, &[("Cookie", &cookie)]).await.unwrap();
@@ -858,30 +868,13 @@ async fn guessing_the_feed_token_is_throttled() {
         ..Default::default()
     })
     .await;
-    let form = [("Content-Type", "application/x-www-form-urlencoded")];
-    let (status, headers, _) = http_request(
-        collector.http,
-        "POST",
-        "/login",
-        &form,
-        "token=watchers-secret",
-    )
-    .await;
+    let (status, set_cookie) = log_in(collector.http, "watchers-secret", &[]).await;
     assert_eq!(status, 303);
-    let cookie = headers
-        .iter()
-        .find(|(name, _)| name == "set-cookie")
-        .unwrap()
-        .1
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let cookie = cookie_of(&set_cookie.unwrap());
     let url = collector.url("history=0");
     // 10 wrong logins and 10 wrong bearers: each an ordinary refusal.
     for guess in 0..10 {
-        let body = format!("token=guess-{guess}");
-        let (status, _, _) = http_request(collector.http, "POST", "/login", &form, &body).await;
+        let (status, _) = log_in(collector.http, &format!("guess-{guess}"), &[]).await;
         assert_eq!(status, 401, "guess {guess}");
         let bearer = format!("Bearer guess-{guess}");
         let (status, _) = Feed::connect(&url, &[("Authorization", &bearer)])
@@ -891,6 +884,7 @@ async fn guessing_the_feed_token_is_throttled() {
         assert_eq!(status, 401, "bearer guess {guess}");
     }
     // The bucket is empty: the next guesses, right or wrong, get 429 with Retry-After.
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
     let (status, headers, _) = http_request(
         collector.http,
         "POST",
@@ -929,15 +923,8 @@ async fn guessing_the_feed_token_is_throttled() {
     assert!(page.contains("/login"), "{page}");
     // A second later, one guess is answered again: the right token logs in.
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    let (status, _, _) = http_request(
-        collector.http,
-        "POST",
-        "/login",
-        &form,
-        "token=watchers-secret",
-    )
-    .await;
-    assert_eq!(status, 303);
+    let (status, set_cookie) = log_in(collector.http, "watchers-secret", &[]).await;
+    assert_eq!((status, set_cookie.is_some()), (303, true));
     let (_, _, metrics) = http_request(collector.http, "GET", "/metrics", &[], "").await;
     assert!(
         metrics.contains("trazor_collector_feed_auth_throttled_total 3"),
