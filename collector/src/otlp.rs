@@ -2221,7 +2221,7 @@ mod tests {
             let mut buckets = std::collections::BTreeMap::new();
             for &latency in latencies {
                 *buckets
-                    .entry(trazor_node_agent_bucket(latency))
+                    .entry(seconds::kernel_buckets::bucket_index(latency).unwrap())
                     .or_insert(0u64) += 1;
             }
             ExponentialHistogram::from_sparse(6, &buckets).unwrap()
@@ -2264,11 +2264,6 @@ mod tests {
             };
         }
         window
-    }
-
-    /// The scale-6 bucket of `nanos`, as the kernel counts it.
-    fn trazor_node_agent_bucket(nanos: u64) -> i32 {
-        ((nanos as f64).log2() * 64.0).ceil() as i32 - 1
     }
 
     /// (status code, error.type, count, sum s, min s, max s, bucket total) of each point.

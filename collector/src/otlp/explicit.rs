@@ -76,19 +76,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::otlp::seconds::kernel_buckets::{HISTOGRAM_SCALE as SCALE, bounds, bucket_index};
 
-    /// The kernel's scale and bucket index of `nanos` (upper-inclusive buckets).
-    const SCALE: i32 = 6;
-
-    fn kernel_bucket(nanos: f64) -> i32 {
-        (nanos.log2() * 64.0).ceil() as i32 - 1
-    }
-
-    fn bounds(index: i32) -> (f64, f64) {
-        (
-            (f64::from(index) / 64.0).exp2() / NANOS_PER_SECOND,
-            (f64::from(index + 1) / 64.0).exp2() / NANOS_PER_SECOND,
-        )
+    /// The kernel's bucket of `nanos` (none of the values here is on a boundary).
+    fn kernel_bucket(nanos: u64) -> i32 {
+        bucket_index(nanos).unwrap()
     }
 
     /// The explicit bucket holding `seconds`.
@@ -99,13 +91,14 @@ mod tests {
     #[test]
     fn every_kernel_bucket_lands_in_its_own_explicit_bucket_or_beside_a_boundary_it_straddles() {
         let mut straddling = 0;
-        for index in kernel_bucket(1e3)..=kernel_bucket(60e9) {
+        for index in kernel_bucket(1_000)..=kernel_bucket(60_000_000_000) {
             let histogram =
                 ExponentialHistogram::from_sparse(SCALE, &BTreeMap::from([(index, 3)])).unwrap();
             let counts = bucket_counts(&histogram, &DURATION_BOUNDARIES);
             assert_eq!(counts.iter().sum::<u64>(), 3);
             let landed = counts.iter().position(|&count| count == 3).unwrap();
-            let (low, high) = bounds(index);
+            let (low, high) = bounds(SCALE, i64::from(index));
+            let (low, high) = (low / NANOS_PER_SECOND, high / NANOS_PER_SECOND);
             // Latencies in the kernel bucket: just above its low end, and its high end.
             let (first, last) = (explicit_bucket(low * (1.0 + 1e-12)), explicit_bucket(high));
             if first == last {
@@ -128,8 +121,10 @@ mod tests {
         // 1 ms ×5, 7 ms ×2, 80 ms, 3 s, 20 s: buckets (…, 0.005], (0.005, 0.01],
         // (0.075, 0.1], (2.5, 5], and the overflow.
         let mut buckets = BTreeMap::new();
-        for (millis, count) in [(1.0, 5), (7.0, 2), (80.0, 1), (3_000.0, 1), (20_000.0, 1)] {
-            *buckets.entry(kernel_bucket(millis * 1e6)).or_insert(0) += count;
+        for (millis, count) in [(1, 5), (7, 2), (80, 1), (3_000, 1), (20_000, 1)] {
+            *buckets
+                .entry(kernel_bucket(millis * 1_000_000))
+                .or_insert(0) += count;
         }
         let histogram = ExponentialHistogram::from_sparse(SCALE, &buckets).unwrap();
         let counts = bucket_counts(&histogram, &DURATION_BOUNDARIES);

@@ -86,33 +86,41 @@ pub fn to_seconds(histogram: &ExponentialHistogram) -> Option<ExponentialHistogr
     })
 }
 
+/// The kernel's buckets as OTLP defines them, for the OTLP tests (this module's, the
+/// explicit buckets', the exporter's).
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
-
-    use super::*;
-
+pub(crate) mod kernel_buckets {
     /// The agents' scale (`trazor_node_agent_ebpf_common::HISTOGRAM_SCALE`).
-    const HISTOGRAM_SCALE: i32 = 6;
+    pub const HISTOGRAM_SCALE: i32 = 6;
 
     /// The kernel's bucket of `nanos`: OTLP's definition, `ceil(log2(v) * 64) - 1`, which
     /// the kernel's `bucket_index` is tested to match; `None` within float error of a
     /// boundary, where f64 cannot tell (the kernel's test skips those too).
-    fn bucket_index(nanos: u64) -> Option<i32> {
+    pub fn bucket_index(nanos: u64) -> Option<i32> {
         let exact = (nanos as f64).log2() * 64.0;
         ((exact - exact.round()).abs() > 1e-9).then(|| exact.ceil() as i32 - 1)
     }
 
     /// `(lower, upper]` of bucket `index` at `scale`.
-    fn bounds(scale: i32, index: i64) -> (f64, f64) {
+    pub fn bounds(scale: i32, index: i64) -> (f64, f64) {
         let width = (-f64::from(scale)).exp2();
         (
             (index as f64 * width).exp2(),
             ((index + 1) as f64 * width).exp2(),
         )
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+
+    use super::{
+        kernel_buckets::{HISTOGRAM_SCALE, bounds, bucket_index},
+        *,
+    };
 
     /// The point of `(lower, upper]` with the least worst-case relative error.
     fn best_point((lower, upper): (f64, f64)) -> f64 {
