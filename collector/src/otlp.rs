@@ -1474,8 +1474,8 @@ pub fn request_shaped(
         let index = *index_of.entry(&aggregate.subject).or_insert_with(|| {
             entities.push(EntityPoints {
                 subject: &aggregate.subject,
-                server_durations: Vec::new(),
-                client_durations: Vec::new(),
+                server_durations: DurationPoints::new(histogram),
+                client_durations: DurationPoints::new(histogram),
                 responses: Vec::new(),
             });
             entities.len() - 1
@@ -1486,12 +1486,12 @@ pub fn request_shaped(
         for (&status_code, status) in &aggregate.statuses {
             let mut attributes = attributes.clone();
             attributes.extend(status_attributes(status_code, client));
-            let duration = duration_point(aggregate, status, attributes, histogram);
-            if client {
-                entity.client_durations.push(duration);
+            let durations = if client {
+                &mut entity.client_durations
             } else {
-                entity.server_durations.push(duration);
-            }
+                &mut entity.server_durations
+            };
+            durations.push(aggregate, status, attributes);
         }
         for (class, &count) in aggregate.status_class_counts.iter().enumerate() {
             if count == 0 {
@@ -1542,53 +1542,76 @@ pub fn request_shaped(
     }
 }
 
-/// A duration data point, of the kind the export was configured for.
-enum DurationPoint {
-    Exponential(ExponentialHistogramDataPoint),
-    Explicit(HistogramDataPoint),
+/// One metric's duration data points, of the kind the export was configured for.
+enum DurationPoints {
+    Exponential(Vec<ExponentialHistogramDataPoint>),
+    Explicit(Vec<HistogramDataPoint>),
+}
+
+impl DurationPoints {
+    fn new(aggregation: HistogramAggregation) -> Self {
+        match aggregation {
+            HistogramAggregation::Exponential => Self::Exponential(Vec::new()),
+            HistogramAggregation::Explicit => Self::Explicit(Vec::new()),
+        }
+    }
+
+    /// Adds the point of one status's requests in `aggregate`.
+    fn push(&mut self, aggregate: &Aggregate, status: &StatusAggregate, attributes: Vec<KeyValue>) {
+        match self {
+            Self::Exponential(points) => {
+                points.push(exponential_point(aggregate, status, attributes))
+            }
+            Self::Explicit(points) => points.push(explicit_point(aggregate, status, attributes)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Exponential(points) => points.is_empty(),
+            Self::Explicit(points) => points.is_empty(),
+        }
+    }
+
+    fn into_data(self, aggregation_temporality: i32) -> metric::Data {
+        match self {
+            Self::Exponential(data_points) => {
+                metric::Data::ExponentialHistogram(OtlpExponentialHistogram {
+                    data_points,
+                    aggregation_temporality,
+                })
+            }
+            Self::Explicit(data_points) => metric::Data::Histogram(OtlpHistogram {
+                data_points,
+                aggregation_temporality,
+            }),
+        }
+    }
+}
+
+/// Nanoseconds as the seconds of a data point.
+fn seconds_of(nanos: u64) -> f64 {
+    nanos as f64 / seconds::NANOS_PER_SECOND
+}
+
+/// A status's min and max in seconds, when it counted a request.
+fn min_max_seconds(status: &StatusAggregate) -> (Option<f64>, Option<f64>) {
+    if status.count == 0 {
+        return (None, None);
+    }
+    (
+        Some(seconds_of(status.min_nanos)),
+        Some(seconds_of(status.max_nanos)),
+    )
 }
 
 /// The duration point of one status's requests in an aggregate: their histogram in seconds
-/// (exponential: [`seconds::to_seconds`]; explicit: [`explicit::bucket_counts`] over
-/// [`DURATION_BOUNDARIES`]), with count, sum, min and max in seconds.
-fn duration_point(
+/// ([`seconds::to_seconds`]), with count, sum, min and max in seconds.
+fn exponential_point(
     aggregate: &Aggregate,
     status: &StatusAggregate,
     attributes: Vec<KeyValue>,
-    aggregation: HistogramAggregation,
-) -> DurationPoint {
-    let seconds = |nanos: u64| nanos as f64 / seconds::NANOS_PER_SECOND;
-    let (min, max) = if status.count > 0 {
-        (
-            Some(seconds(status.min_nanos)),
-            Some(seconds(status.max_nanos)),
-        )
-    } else {
-        (None, None)
-    };
-    if aggregation == HistogramAggregation::Explicit {
-        let bucket_counts = explicit::bucket_counts(&status.histogram, &DURATION_BOUNDARIES);
-        // As below: the point says what its buckets hold.
-        let bucket_total = bucket_counts.iter().sum::<u64>();
-        let count = if status.unmergeable == 0 {
-            status.count
-        } else {
-            bucket_total
-        };
-        return DurationPoint::Explicit(HistogramDataPoint {
-            attributes,
-            start_time_unix_nano: aggregate.start_unix_nanos,
-            time_unix_nano: aggregate.end_unix_nanos,
-            count,
-            sum: Some(seconds(status.sum_nanos)),
-            bucket_counts,
-            explicit_bounds: DURATION_BOUNDARIES.to_vec(),
-            exemplars: Vec::new(),
-            flags: 0,
-            min,
-            max,
-        });
-    }
+) -> ExponentialHistogramDataPoint {
     // OTLP wants count = the buckets' total; a window whose histogram could not be merged
     // (another scale) is in the count but not the buckets, so the point says what its
     // buckets hold. A histogram of a scale that cannot be refined (no agent sends one)
@@ -1601,12 +1624,13 @@ fn duration_point(
         bucket_total
     };
     let histogram = histogram.unwrap_or_default();
-    DurationPoint::Exponential(ExponentialHistogramDataPoint {
+    let (min, max) = min_max_seconds(status);
+    ExponentialHistogramDataPoint {
         attributes,
         start_time_unix_nano: aggregate.start_unix_nanos,
         time_unix_nano: aggregate.end_unix_nanos,
         count,
-        sum: Some(seconds(status.sum_nanos)),
+        sum: Some(seconds_of(status.sum_nanos)),
         scale: histogram.scale,
         zero_count: 0,
         positive: Some(exponential_histogram_data_point::Buckets {
@@ -1619,22 +1643,52 @@ fn duration_point(
         min,
         max,
         zero_threshold: 0.0,
-    })
+    }
+}
+
+/// The same as an explicit-bucket histogram over [`DURATION_BOUNDARIES`]
+/// ([`explicit::bucket_counts`]).
+fn explicit_point(
+    aggregate: &Aggregate,
+    status: &StatusAggregate,
+    attributes: Vec<KeyValue>,
+) -> HistogramDataPoint {
+    let bucket_counts = explicit::bucket_counts(&status.histogram, &DURATION_BOUNDARIES);
+    // As for the exponential point: the point says what its buckets hold.
+    let count = if status.unmergeable == 0 {
+        status.count
+    } else {
+        bucket_counts.iter().sum()
+    };
+    let (min, max) = min_max_seconds(status);
+    HistogramDataPoint {
+        attributes,
+        start_time_unix_nano: aggregate.start_unix_nanos,
+        time_unix_nano: aggregate.end_unix_nanos,
+        count,
+        sum: Some(seconds_of(status.sum_nanos)),
+        bucket_counts,
+        explicit_bounds: DURATION_BOUNDARIES.to_vec(),
+        exemplars: Vec::new(),
+        flags: 0,
+        min,
+        max,
+    }
 }
 
 /// The data points of one entity, on their way into its `ResourceMetrics`.
 struct EntityPoints<'a> {
     subject: &'a Subject,
-    server_durations: Vec<DurationPoint>,
-    client_durations: Vec<DurationPoint>,
+    server_durations: DurationPoints,
+    client_durations: DurationPoints,
     responses: Vec<NumberDataPoint>,
 }
 
 /// The metrics of one entity: the durations of requests served and made (each only when
 /// there are some), and the responses by status class when some request had a status.
 fn metrics_of(
-    server_durations: Vec<DurationPoint>,
-    client_durations: Vec<DurationPoint>,
+    server_durations: DurationPoints,
+    client_durations: DurationPoints,
     responses: Vec<NumberDataPoint>,
     temporality: Temporality,
 ) -> Vec<Metric> {
@@ -1642,38 +1696,12 @@ fn metrics_of(
         Temporality::Delta => AggregationTemporality::Delta,
         Temporality::Cumulative => AggregationTemporality::Cumulative,
     } as i32;
-    let duration = |name: &str, description: &str, points: Vec<DurationPoint>| {
-        // One export's points are all of one kind.
-        let data = if matches!(points.first(), Some(DurationPoint::Explicit(_))) {
-            metric::Data::Histogram(OtlpHistogram {
-                data_points: points
-                    .into_iter()
-                    .filter_map(|point| match point {
-                        DurationPoint::Explicit(point) => Some(point),
-                        DurationPoint::Exponential(_) => None,
-                    })
-                    .collect(),
-                aggregation_temporality: delta,
-            })
-        } else {
-            metric::Data::ExponentialHistogram(OtlpExponentialHistogram {
-                data_points: points
-                    .into_iter()
-                    .filter_map(|point| match point {
-                        DurationPoint::Exponential(point) => Some(point),
-                        DurationPoint::Explicit(_) => None,
-                    })
-                    .collect(),
-                aggregation_temporality: delta,
-            })
-        };
-        Metric {
-            name: name.to_owned(),
-            description: description.to_owned(),
-            unit: "s".to_owned(),
-            metadata: Vec::new(),
-            data: Some(data),
-        }
+    let duration = |name: &str, description: &str, points: DurationPoints| Metric {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        unit: "s".to_owned(),
+        metadata: Vec::new(),
+        data: Some(points.into_data(delta)),
     };
     let mut metrics = Vec::with_capacity(3);
     if !server_durations.is_empty() {
