@@ -202,10 +202,15 @@ pub enum Access {
     Throttled(Duration),
 }
 
+/// Whole seconds for `Retry-After` (at least 1).
+fn retry_after_seconds(retry_after: Duration) -> u64 {
+    retry_after.as_secs_f64().ceil().max(1.0) as u64
+}
+
 /// The 429 for a throttled guess.
 pub fn throttled(retry_after: Duration) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let seconds = retry_after_seconds(retry_after);
     (
         http::StatusCode::TOO_MANY_REQUESTS,
         [(http::header::RETRY_AFTER, seconds.to_string())],
@@ -469,12 +474,10 @@ pub async fn login(
             http::StatusCode::TOO_MANY_REQUESTS,
             "Too many wrong tokens lately: try again in a few seconds.",
         );
-        if let Ok(seconds) = http::HeaderValue::from_str(
-            &(retry_after.as_secs_f64().ceil().max(1.0) as u64).to_string(),
-        ) {
-            page.headers_mut()
-                .insert(http::header::RETRY_AFTER, seconds);
-        }
+        page.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from(retry_after_seconds(retry_after)),
+        );
         return page;
     }
     let over_https = headers
