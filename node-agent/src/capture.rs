@@ -716,20 +716,12 @@ fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map>
 }
 
 fn sum_totals(per_cpu: &[SeriesTotals]) -> SeriesTotals {
-    per_cpu.iter().filter(|totals| totals.count > 0).fold(
-        SeriesTotals::default(),
-        |mut sum, cpu| {
-            sum.min_nanos = if sum.count == 0 {
-                cpu.min_nanos
-            } else {
-                sum.min_nanos.min(cpu.min_nanos)
-            };
-            sum.max_nanos = sum.max_nanos.max(cpu.max_nanos);
-            sum.count += cpu.count;
-            sum.sum_nanos += cpu.sum_nanos;
+    per_cpu
+        .iter()
+        .fold(SeriesTotals::default(), |mut sum, cpu| {
+            sum.merge(cpu);
             sum
-        },
-    )
+        })
 }
 
 /// CLOCK_REALTIME - CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns is CLOCK_MONOTONIC).

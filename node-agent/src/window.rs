@@ -81,41 +81,20 @@ struct Accumulator {
 /// Count, sum, min, max and histogram of some requests.
 #[derive(Default)]
 struct Totals {
-    count: u64,
-    sum: u64,
-    min: u64,
-    max: u64,
+    totals: SeriesTotals,
     buckets: BTreeMap<i32, u64>,
 }
 
 impl Totals {
     fn add(&mut self, series: &SeriesTotals, buckets: &BTreeMap<i32, u64>) {
-        self.min = if self.count == 0 {
-            series.min_nanos
-        } else {
-            self.min.min(series.min_nanos)
-        };
-        self.max = self.max.max(series.max_nanos);
-        self.count += series.count;
-        self.sum += series.sum_nanos;
+        self.totals.merge(series);
         for (&bucket, &count) in buckets {
             *self.buckets.entry(bucket).or_default() += count;
         }
     }
 
     fn fold_into(self, into: &mut Self) {
-        if self.count == 0 {
-            return;
-        }
-        into.add(
-            &SeriesTotals {
-                count: self.count,
-                sum_nanos: self.sum,
-                min_nanos: self.min,
-                max_nanos: self.max,
-            },
-            &self.buckets,
-        );
+        into.add(&self.totals, &self.buckets);
     }
 
     fn histogram(&self) -> ExponentialHistogram {
@@ -280,7 +259,8 @@ impl WindowBuilder {
                         let value = histogram.quantile(quantile)?;
                         Some(Quantile {
                             quantile,
-                            value_nanos: (value.round() as u64).clamp(totals.min, totals.max),
+                            value_nanos: (value.round() as u64)
+                                .clamp(totals.totals.min_nanos, totals.totals.max_nanos),
                         })
                     })
                     .collect();
@@ -300,11 +280,11 @@ impl WindowBuilder {
                     start_unix_nanos: start,
                     end_unix_nanos: start + window_nanos,
                     stats: Some(LatencyStats {
-                        count: totals.count,
+                        count: totals.totals.count,
                         error_count: accumulator.errors,
-                        sum_nanos: totals.sum,
-                        min_nanos: totals.min,
-                        max_nanos: totals.max,
+                        sum_nanos: totals.totals.sum_nanos,
+                        min_nanos: totals.totals.min_nanos,
+                        max_nanos: totals.totals.max_nanos,
                         quantiles,
                     }),
                     histogram: Some(histogram),
@@ -342,7 +322,7 @@ fn status_latencies(by_status: BTreeMap<u16, Totals>, folded: &mut u64) -> Vec<S
     if by_status.len() > MAX_STATUS_CODES_PER_WINDOW {
         let mut busiest: Vec<(u16, u64)> = by_status
             .iter()
-            .map(|(&status, totals)| (status, totals.count))
+            .map(|(&status, totals)| (status, totals.totals.count))
             .collect();
         busiest.sort_by_key(|&(status, count)| (std::cmp::Reverse(count), status));
         let mut unknown = by_status.remove(&0).unwrap_or_default();
@@ -365,13 +345,13 @@ fn status_latencies(by_status: BTreeMap<u16, Totals>, folded: &mut u64) -> Vec<S
         .map(|(status, totals)| {
             let mut latency = StatusLatency {
                 status_code: u32::from(status),
-                count: totals.count,
+                count: totals.totals.count,
                 ..StatusLatency::default()
             };
             if !single {
-                latency.sum_nanos = totals.sum;
-                latency.min_nanos = totals.min;
-                latency.max_nanos = totals.max;
+                latency.sum_nanos = totals.totals.sum_nanos;
+                latency.min_nanos = totals.totals.min_nanos;
+                latency.max_nanos = totals.totals.max_nanos;
                 latency.histogram = Some(totals.histogram());
             }
             latency

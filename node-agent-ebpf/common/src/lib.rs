@@ -194,6 +194,24 @@ pub struct SeriesTotals {
     pub max_nanos: u64,
 }
 
+impl SeriesTotals {
+    /// Adds `other`'s requests (user space: CPUs' slots, series merged into a window):
+    /// counts and sums add, min and max take the extremes; an empty `other` changes nothing.
+    pub fn merge(&mut self, other: &Self) {
+        if other.count == 0 {
+            return;
+        }
+        self.min_nanos = if self.count == 0 {
+            other.min_nanos
+        } else {
+            self.min_nanos.min(other.min_nanos)
+        };
+        self.max_nanos = self.max_nanos.max(other.max_nanos);
+        self.count += other.count;
+        self.sum_nanos += other.sum_nanos;
+    }
+}
+
 /// One histogram bucket of one series.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
