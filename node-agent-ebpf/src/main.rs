@@ -27,43 +27,47 @@
 //! Server side, a request starts when a receive returns bytes that begin with an HTTP
 //! method and ends when the send of its status line (`HTTP/1.x NNN`, not a `1xx` interim)
 //! returns. Client side, it starts when the send of a request line returns and ends when a
-//! receive returns the status line. The latency is counted right here, into per-CPU maps
-//! keyed by window number: `SERIES` (count, sum, min, max) and `HISTOGRAM` (log buckets,
-//! see `bucket_index`). User space reads a window once it has closed and deletes its keys.
-//! Only exemplars and the first request of each series (to name its route) reach user
-//! space, through the `EVENTS` ring buffer.
+//! receive returns the status line. Each finished request goes to user space as one small
+//! record (its series key and latency) through the `REQUESTS` ring buffer, where the agent
+//! counts it into its series' totals and histogram: writing a record costs the traced
+//! process less than counting in the kernel did (two per-CPU hash lookups, found cold
+//! between requests; see bench/results/capture.md). The path of a request reaches user
+//! space only when needed, through the `EVENTS` ring buffer: to name a route the agent has
+//! not learnt (`KNOWN_ROUTES`), a connection's process and peer, and for exemplars.
 #![no_std]
 #![no_main]
 
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{self, bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, CgroupRule,
-    Connection, Direction, HEAD_LEN, IGNORED_CONNECTION, PATH_LEN, PortKey, RequestEvent,
-    SeriesKey, SeriesTotals, bucket_index, cgroup_slot, connection_count, drop_reason, event_flag,
-    method, peer_hash, route_hash_at,
+    AgentSettings, CGROUP_SLOT_SHARED, CGROUP_SLOTS, COST_REPEATS, CgroupRule, Connection,
+    Direction, FinishedRequest, HEAD_LEN, IGNORED_CONNECTION, PATH_LEN, PortKey, RequestEvent,
+    SeriesKey, cgroup_slot, connection_count, drop_reason, event_flag, method, peer_hash,
+    route_hash_at,
 };
 
 /// Connections traced at once by default (the agent can load the map with another size):
 /// most hosts have far fewer open connections than this.
 const MAX_CONNECTIONS: u32 = 32_768;
-/// Distinct series (cgroup, process, route, peer, method, status code) per open window.
-const MAX_SERIES: u32 = 16_384;
-/// Non-empty histogram buckets across all series of the open windows.
-const MAX_BUCKETS: u32 = 131_072;
-/// Ring buffer to user space, bytes (a power of two, multiple of the page size).
+/// Ring buffer of exemplars and announcements to user space, bytes (a power of two,
+/// multiple of the page size).
 const EVENTS_BYTES: u32 = 1 << 20;
+/// Ring buffer of finished requests, bytes: 43 690 records of 48 bytes (with the ring's
+/// header), drained every 100 ms, so it takes 430 000 requests a second before it fills.
+const REQUESTS_BYTES: u32 = 1 << 21;
+/// Routes the agent has learnt the names of.
+const MAX_KNOWN_ROUTES: u32 = 16_384;
 
 #[map]
 static SETTINGS: Array<AgentSettings> = Array::with_max_entries(1, 0);
@@ -87,12 +91,14 @@ static TRACED_CGROUP_SLOTS: Array<u64> = Array::with_max_entries(CGROUP_SLOTS, 0
 #[map]
 static CONNECTIONS: LruHashMap<u64, Connection> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
+/// Every finished request, for the agent to count.
 #[map]
-static SERIES: PerCpuHashMap<SeriesKey, SeriesTotals> =
-    PerCpuHashMap::with_max_entries(MAX_SERIES, 0);
+static REQUESTS: RingBuf = RingBuf::with_byte_size(REQUESTS_BYTES, 0);
 
+/// Route hashes whose names the agent has learnt (written by the agent): a connection whose
+/// route changes to one of these sends no announcement.
 #[map]
-static HISTOGRAM: PerCpuHashMap<BucketKey, u64> = PerCpuHashMap::with_max_entries(MAX_BUCKETS, 0);
+static KNOWN_ROUTES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_KNOWN_ROUTES, 0);
 
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
@@ -478,6 +484,13 @@ fn start_request(connection: *mut Connection, head: &RequestHead, start: u64) {
     } else {
         route_hash_at(&[0u8; 1], 0)
     };
+    // SAFETY: only tested for presence.
+    if connection.announce == 0
+        && route != connection.route
+        && unsafe { KNOWN_ROUTES.get(route) }.is_none()
+    {
+        connection.announce = 1;
+    }
     connection.route = route;
     connection.path_len = len as u8;
     connection.path_offset = path_offset as u8;
@@ -573,7 +586,8 @@ fn track_connection(
         path_len: 0,
         peer_ipv6: 0,
         path_offset: 0,
-        _pad: 0,
+        // Its first request names its process and peer to the agent.
+        announce: 1,
         head: [0; HEAD_LEN],
         peer_addr6: [0; 16],
     };
@@ -824,59 +838,20 @@ fn finish_request(
         _pad: 0,
         status,
     };
-    let mut flags = 0u8;
-    // Creating a key races with other CPUs counting the same series: an insert that loses
-    // (EEXIST) falls back to this CPU's slot of the key the winner created.
-    let existing = match SERIES.get_ptr_mut(series) {
-        Some(totals) => Some(totals),
-        None => {
-            let first = SeriesTotals {
-                count: 1,
-                sum_nanos: latency,
-                min_nanos: latency,
-                max_nanos: latency,
-            };
-            if SERIES.insert(series, first, BPF_NOEXIST as u64).is_ok() {
-                flags |= event_flag::NEW_SERIES;
-                None
-            } else if let Some(totals) = SERIES.get_ptr_mut(series) {
-                Some(totals)
-            } else {
-                count_drop(drop_reason::SERIES_TABLE_FULL);
-                return Ok(());
-            }
-        }
+    // No wake-up: the agent reads the ring on its own schedule, and a wake-up per request
+    // would cost the traced process more than the record itself.
+    let Some(mut record) = REQUESTS.reserve::<FinishedRequest>(0) else {
+        count_drop(drop_reason::REQUEST_RING_FULL);
+        return Ok(());
     };
-    if let Some(totals) = existing {
-        // SAFETY: this CPU's slot of a per-CPU value; programs do not migrate.
-        let totals = unsafe { &mut *totals };
-        // Another CPU may have created the key, leaving this CPU's slot zeroed.
-        if totals.count == 0 || latency < totals.min_nanos {
-            totals.min_nanos = latency;
-        }
-        if latency > totals.max_nanos {
-            totals.max_nanos = latency;
-        }
-        totals.count += 1;
-        totals.sum_nanos += latency;
-    }
-    let bucket = BucketKey {
+    record.write(FinishedRequest {
         series,
-        bucket: bucket_index(latency),
-        _pad: 0,
-    };
-    match HISTOGRAM.get_ptr_mut(bucket) {
-        // SAFETY: this CPU's slot of a per-CPU value.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            if HISTOGRAM.insert(bucket, 1, BPF_NOEXIST as u64).is_err() {
-                match HISTOGRAM.get_ptr_mut(bucket) {
-                    // SAFETY: as above; another CPU created the key first.
-                    Some(count) => unsafe { *count += 1 },
-                    None => count_drop(drop_reason::HISTOGRAM_TABLE_FULL),
-                }
-            }
-        }
+        latency_nanos: latency,
+    });
+    record.submit(BPF_RB_NO_WAKEUP as u64);
+    let mut flags = 0u8;
+    if connection.announce != 0 {
+        flags |= event_flag::ANNOUNCE;
     }
     let slow = settings.slow_threshold_nanos != 0 && latency >= settings.slow_threshold_nanos;
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
@@ -885,13 +860,13 @@ fn finish_request(
     if slow || status >= 500 || sampled {
         flags |= event_flag::EXEMPLAR;
     }
-    if flags != 0 {
-        emit(series, connection, start, latency, status, flags);
+    if flags != 0 && emit(series, connection, start, latency, status, flags) {
+        connection.announce = 0;
     }
     Ok(())
 }
 
-/// Sends one request to user space; counts it when the ring buffer is full.
+/// Sends one request to user space; false (and counted) when the ring buffer is full.
 #[inline(always)]
 fn emit(
     series: SeriesKey,
@@ -900,10 +875,10 @@ fn emit(
     latency: u64,
     status: u16,
     flags: u8,
-) {
+) -> bool {
     let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
         count_drop(drop_reason::EVENT_RING_FULL);
-        return;
+        return false;
     };
     // The path, from where it lies in the connection's head (a helper: the offset varies).
     // Not cleared first (a byte-by-byte memset): the helper writes every byte, zeros on
@@ -940,6 +915,7 @@ fn emit(
         peer_addr6: connection.peer_addr6,
     });
     entry.submit(0);
+    true
 }
 
 /// `sock_recv_length(struct sock *sk, int ret, int flags)`: a receive on a socket returned.
@@ -1040,8 +1016,12 @@ pub fn cost_user_read(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// A hash map lookup that finds its key (a connection, a series, a histogram bucket), here
-/// in SERIES under a window number no real window reaches.
+/// The benchmark's own map for `cost_lookup`, so that its keys touch no real table.
+#[map]
+static COST_LOOKUPS: HashMap<SeriesKey, u64> = HashMap::with_max_entries(COST_REPEATS, 0);
+
+/// A hash map lookup that finds its key (as a connection's or a known route's), here with
+/// a series key.
 #[raw_tracepoint]
 pub fn cost_lookup(_ctx: RawTracePointContext) -> i32 {
     for route in 0..COST_REPEATS {
@@ -1050,11 +1030,11 @@ pub fn cost_lookup(_ctx: RawTracePointContext) -> i32 {
             route,
             ..SeriesKey::default()
         };
-        match SERIES.get_ptr_mut(key) {
-            // SAFETY: this CPU's slot of a per-CPU value.
-            Some(totals) => unsafe { (*totals).count += 1 },
+        match COST_LOOKUPS.get_ptr_mut(key) {
+            // SAFETY: a valid map value pointer for the duration of this program.
+            Some(count) => unsafe { *count += 1 },
             None => {
-                let _ = SERIES.insert(key, SeriesTotals::default(), 0);
+                let _ = COST_LOOKUPS.insert(key, 0, 0);
             }
         }
     }

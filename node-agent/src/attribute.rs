@@ -9,6 +9,7 @@
 use std::{
     collections::HashMap,
     fs,
+    net::Ipv6Addr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -47,6 +48,8 @@ pub struct SourceResolver {
     /// Names the kernel reported with events, for processes gone from /proc by the time
     /// their window closes.
     reported_names: HashMap<u32, String>,
+    /// IPv6 peers by the hash series carry, from the kernel's announcements.
+    ipv6_peers: HashMap<u32, Ipv6Addr>,
 }
 
 impl SourceResolver {
@@ -58,6 +61,7 @@ impl SourceResolver {
             last_scan: None,
             pods: None,
             reported_names: HashMap::new(),
+            ipv6_peers: HashMap::new(),
         }
     }
 
@@ -77,6 +81,20 @@ impl SourceResolver {
             self.reported_names
                 .insert(tgid, String::from_utf8_lossy(&comm[..end]).into_owned());
         }
+    }
+
+    /// Remembers the IPv6 address a series' peer hash stands for (announced by the kernel
+    /// with a connection's first request).
+    pub fn remember_ipv6_peer(&mut self, hash: u32, address: Ipv6Addr) {
+        if self.ipv6_peers.len() >= 65_536 && !self.ipv6_peers.contains_key(&hash) {
+            self.ipv6_peers.clear();
+        }
+        self.ipv6_peers.insert(hash, address);
+    }
+
+    /// The IPv6 address of a series' peer hash, if announced.
+    pub fn ipv6_peer(&self, hash: u32) -> Option<Ipv6Addr> {
+        self.ipv6_peers.get(&hash).copied()
     }
 
     /// The source of requests counted under `cgroup_id` in process `tgid`.

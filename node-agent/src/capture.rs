@@ -1,5 +1,6 @@
 //! Capture: loads the kernel programs, attaches them to the socket tracepoints, and reads
-//! closed windows out of the kernel's maps.
+//! what they send up: every finished request (counted into series by [`SeriesCounter`]),
+//! announcements and exemplars.
 //!
 //! The kernel numbers windows itself (wall-clock ns / window length, through
 //! [`AgentSettings`]), so a request belongs to the window in which its response was written,
@@ -13,15 +14,15 @@ use std::{
 
 use aya::{
     Ebpf, include_bytes_aligned,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use trazor_node_agent_ebpf_common::{
-    AgentSettings, BucketKey, CGROUP_SLOT_SHARED, CgroupRule, Connection, Direction, PortKey,
+    AgentSettings, CGROUP_SLOT_SHARED, CgroupRule, Connection, Direction, FinishedRequest, PortKey,
     RequestEvent, SeriesKey, SeriesTotals, cgroup_slot, connection_count, drop_reason,
 };
 
-use crate::{Error, Result};
+use crate::{Error, Result, count::SeriesCounter};
 
 /// The kernel side's programs (see the eBPF crate), each attached as a raw tracepoint to
 /// the tracepoint of the same name. The programs that end connections come first: a
@@ -42,7 +43,7 @@ pub const COST_CLOCK_READ: &str = "cost_clock_read";
 pub const COST_USER_READ: &str = "cost_user_read";
 pub const COST_LOOKUP: &str = "cost_lookup";
 
-/// One series of one closed window, summed over CPUs.
+/// One series of one closed window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClosedSeries {
     pub key: SeriesKey,
@@ -91,6 +92,9 @@ pub struct ConnectionTable {
     /// the removal at that very moment.
     pub evicted: u64,
 }
+
+/// Entries of the kernel's `KNOWN_ROUTES` (`MAX_KNOWN_ROUTES` in the eBPF crate).
+const MAX_KNOWN_ROUTES: usize = 16_384;
 
 /// Events read per drain at most, so a flood cannot stall the window loop.
 const MAX_EVENTS_PER_DRAIN: usize = 65_536;
@@ -223,6 +227,11 @@ fn union_ports(
 pub struct KernelCapture {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
+    /// Every finished request, from the kernel.
+    requests: RingBuf<MapData>,
+    counter: SeriesCounter,
+    /// Route hashes written to `KNOWN_ROUTES`.
+    known_routes: HashSet<u32>,
     settings: AgentSettings,
     links: Links,
     /// The non-empty slots of `TRACED_CGROUP_SLOTS`, as last written.
@@ -321,14 +330,21 @@ impl KernelCapture {
             .map_err(|error| Error::Load(Box::new(error)))?;
         let mut capture_links = Links::default();
         capture_links.attach(&mut ebpf, None)?;
-        let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(Error::MissingInObject {
-            kind: "map",
-            name: "EVENTS".to_owned(),
-        })?)
-        .map_err(Error::map("EVENTS"))?;
+        let mut ring = |name: &'static str| {
+            RingBuf::try_from(ebpf.take_map(name).ok_or(Error::MissingInObject {
+                kind: "map",
+                name: name.to_owned(),
+            })?)
+            .map_err(Error::map(name))
+        };
+        let events = ring("EVENTS")?;
+        let requests = ring("REQUESTS")?;
         Ok(Self {
             ebpf,
             events,
+            requests,
+            counter: SeriesCounter::default(),
+            known_routes: HashSet::new(),
             settings: AgentSettings::default(),
             links: capture_links,
             cgroup_slots: HashMap::new(),
@@ -579,53 +595,69 @@ impl KernelCapture {
             .map_err(Error::map("SETTINGS"))
     }
 
-    /// Removes and returns every series of windows numbered below `open_window`.
-    pub fn drain_closed(&mut self, open_window: u32) -> Result<Vec<ClosedSeries>> {
-        let mut closed: HashMap<SeriesKey, ClosedSeries> = HashMap::new();
-
-        let mut series: PerCpuHashMap<&mut MapData, SeriesKey, SeriesTotals> =
-            PerCpuHashMap::try_from(map(&mut self.ebpf, "SERIES")?)
-                .map_err(Error::map("SERIES"))?;
-        let keys: Vec<SeriesKey> = series
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| key.window < open_window)
-            .collect();
-        for key in keys {
-            let per_cpu = series.get(&key, 0).map_err(Error::map("SERIES"))?;
-            let totals = sum_totals(&per_cpu);
-            series.remove(&key).map_err(Error::map("SERIES"))?;
-            closed.insert(
-                key,
-                ClosedSeries {
-                    key,
-                    totals,
-                    buckets: BTreeMap::new(),
-                },
-            );
-        }
-
-        let mut histogram: PerCpuHashMap<&mut MapData, BucketKey, u64> =
-            PerCpuHashMap::try_from(map(&mut self.ebpf, "HISTOGRAM")?)
-                .map_err(Error::map("HISTOGRAM"))?;
-        let keys: Vec<BucketKey> = histogram
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| key.series.window < open_window)
-            .collect();
-        for key in keys {
-            let count: u64 = histogram
-                .get(&key, 0)
-                .map_err(Error::map("HISTOGRAM"))?
-                .iter()
-                .sum();
-            histogram.remove(&key).map_err(Error::map("HISTOGRAM"))?;
-            // A bucket whose series insert failed (table full) was counted as a drop there.
-            if let Some(series) = closed.get_mut(&key.series) {
-                *series.buckets.entry(key.bucket).or_default() += count;
+    /// Counts the requests the kernel finished since the last call into their series;
+    /// returns how many. Called often enough that the kernel's ring does not fill (it holds
+    /// about 43 000 requests; see `REQUESTS_BYTES` in the eBPF crate).
+    pub fn take_requests(&mut self) -> usize {
+        let mut taken = 0;
+        while let Some(item) = self.requests.next() {
+            if item.len() >= std::mem::size_of::<FinishedRequest>() {
+                // SAFETY: the kernel wrote a whole FinishedRequest (size checked); the read
+                // is unaligned-safe, and every bit pattern is a valid FinishedRequest.
+                let request: FinishedRequest =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                self.counter.count(&request);
+                taken += 1;
             }
         }
-        Ok(closed.into_values().collect())
+        taken
+    }
+
+    /// Removes and returns every series of windows numbered below `open_window`, with the
+    /// requests still in the kernel's ring counted first.
+    pub fn drain_closed(&mut self, open_window: u32) -> Result<Vec<ClosedSeries>> {
+        self.take_requests();
+        Ok(self.counter.take_closed(open_window))
+    }
+
+    /// Tells the kernel that these routes are named, so that connections switching to them
+    /// send no announcement. The table is bounded: when it is full it starts over (routes
+    /// are announced again, once, and learnt again).
+    pub fn mark_routes_known(&mut self, routes: impl IntoIterator<Item = u32>) -> Result<()> {
+        let mut fresh: Vec<u32> = routes
+            .into_iter()
+            .filter(|route| !self.known_routes.contains(route))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        if self.known_routes.len() + fresh.len() > MAX_KNOWN_ROUTES {
+            self.forget_known_routes()?;
+            fresh.truncate(MAX_KNOWN_ROUTES);
+        }
+        let mut known: BpfHashMap<&mut MapData, u32, u8> =
+            hash_map(&mut self.ebpf, "KNOWN_ROUTES")?;
+        for route in fresh {
+            known
+                .insert(route, 1, 0)
+                .map_err(Error::map("KNOWN_ROUTES"))?;
+            self.known_routes.insert(route);
+        }
+        Ok(())
+    }
+
+    /// Empties `KNOWN_ROUTES`: every route is announced again when a connection switches to
+    /// it (for a route namer that forgot its names).
+    pub fn forget_known_routes(&mut self) -> Result<()> {
+        let mut known: BpfHashMap<&mut MapData, u32, u8> =
+            hash_map(&mut self.ebpf, "KNOWN_ROUTES")?;
+        for route in self.known_routes.drain() {
+            // Absent already only if the map was changed behind our back: nothing to undo.
+            let _ = known.remove(&route);
+        }
+        Ok(())
     }
 
     /// Run statistics and sizes of each of [`PROGRAMS`] and of [`FLOOR`], for benchmarks.
@@ -656,14 +688,23 @@ impl KernelCapture {
             .collect()
     }
 
-    /// Kernel-side drop counters, summed over CPUs, by [`drop_reason`] name.
+    /// Drop counters by [`drop_reason`] name: the kernel's, summed over CPUs, and the
+    /// counting's (series and histogram tables, which live here).
     pub fn drop_counts(&mut self) -> Result<Vec<(&'static str, u64)>> {
         let drops: PerCpuArray<&mut MapData, u64> =
             PerCpuArray::try_from(map(&mut self.ebpf, "DROPS")?).map_err(Error::map("DROPS"))?;
         (0..drop_reason::COUNT)
             .map(|reason| {
                 let values = drops.get(&reason, 0).map_err(Error::map("DROPS"))?;
-                Ok((drop_reason::name(reason), values.iter().sum()))
+                let counted_here = match reason {
+                    drop_reason::SERIES_TABLE_FULL => self.counter.series_table_full(),
+                    drop_reason::HISTOGRAM_TABLE_FULL => self.counter.histogram_table_full(),
+                    _ => 0,
+                };
+                Ok((
+                    drop_reason::name(reason),
+                    values.iter().sum::<u64>() + counted_here,
+                ))
             })
             .collect()
     }
@@ -713,15 +754,6 @@ fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map>
         kind: "map",
         name: name.to_owned(),
     })
-}
-
-fn sum_totals(per_cpu: &[SeriesTotals]) -> SeriesTotals {
-    per_cpu
-        .iter()
-        .fold(SeriesTotals::default(), |mut sum, cpu| {
-            sum.merge(cpu);
-            sum
-        })
 }
 
 /// CLOCK_REALTIME - CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns is CLOCK_MONOTONIC).
@@ -832,34 +864,6 @@ mod tests {
         };
         assert_eq!(client_only.in_kernel().port_filtered, 0);
         assert_eq!(client_only.port_keys(7).count(), 0);
-    }
-
-    #[test]
-    fn per_cpu_totals_ignore_idle_cpus_for_min() {
-        let per_cpu = [
-            SeriesTotals::default(),
-            SeriesTotals {
-                count: 2,
-                sum_nanos: 30,
-                min_nanos: 10,
-                max_nanos: 20,
-            },
-            SeriesTotals {
-                count: 1,
-                sum_nanos: 5,
-                min_nanos: 5,
-                max_nanos: 5,
-            },
-        ];
-        assert_eq!(
-            sum_totals(&per_cpu),
-            SeriesTotals {
-                count: 3,
-                sum_nanos: 35,
-                min_nanos: 5,
-                max_nanos: 20
-            }
-        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Routes: the path a request went to, as a low-cardinality name.
 //!
 //! The kernel hashes each path with id-like segments folded (see `route_hash` in the common
-//! crate) and tells us the path text once per series per window. Here the text gets the same
+//! crate) and tells us the path text when a connection first uses a route we have not learnt
+//! (its announcement). Here the text gets the same
 //! folding (`/users/42` → `/users/{id}`), then the profile's route templates (first match
 //! wins; `{name}` matches one segment, a trailing `*` any rest). A per-source cap bounds the
 //! number of series; beyond it requests go to the `other` route and are counted.
@@ -102,8 +103,12 @@ pub fn normalize_path(raw: &[u8]) -> String {
 pub struct RouteNamer {
     templates: Vec<RouteTemplate>,
     max_series_per_source: usize,
-    /// Kernel route hash → route name, learned from new-series events.
-    names: HashMap<u32, String>,
+    /// Kernel route hash → (folded path, route name), learned from the kernel's
+    /// announcements. The folded path is kept so that new templates can rename it: the
+    /// kernel announces a route once, not every window.
+    names: HashMap<u32, (String, String)>,
+    /// Times `names` was emptied (it is bounded).
+    forgotten: u64,
 }
 
 impl RouteNamer {
@@ -112,7 +117,30 @@ impl RouteNamer {
             templates,
             max_series_per_source: max_series_per_source.max(1),
             names: HashMap::new(),
+            forgotten: 0,
         }
+    }
+
+    /// This namer with new templates and cap, keeping every route learnt (renamed by the
+    /// new templates).
+    pub fn reconfigured(self, templates: Vec<RouteTemplate>, max_series_per_source: usize) -> Self {
+        let mut namer = Self {
+            names: HashMap::with_capacity(self.names.len()),
+            forgotten: self.forgotten,
+            ..Self::new(templates, max_series_per_source)
+        };
+        for (hash, (path, _)) in self.names {
+            let name = namer.name_of(&path);
+            namer.names.insert(hash, (path, name));
+        }
+        namer
+    }
+
+    fn name_of(&self, normalized: &str) -> String {
+        self.templates
+            .iter()
+            .find(|template| template.matches(normalized))
+            .map_or_else(|| normalized.to_owned(), |template| template.text.clone())
     }
 
     pub fn max_series_per_source(&self) -> usize {
@@ -127,19 +155,24 @@ impl RouteNamer {
         // Bounded: hashes are ids of folded paths, but a scanner can still make many.
         if self.names.len() >= 100_000 {
             self.names.clear();
+            self.forgotten += 1;
         }
         let normalized = normalize_path(raw_path);
-        let name = self
-            .templates
-            .iter()
-            .find(|template| template.matches(&normalized))
-            .map_or(normalized, |template| template.text.clone());
-        self.names.insert(hash, name);
+        let name = self.name_of(&normalized);
+        self.names.insert(hash, (normalized, name));
+    }
+
+    /// How many times the namer forgot every name (it is bounded): routes the kernel was
+    /// told are known must then be announced again.
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
     }
 
     /// The route name of a kernel route hash ("" when unknown).
     pub fn name(&self, hash: u32) -> &str {
-        self.names.get(&hash).map_or(UNKNOWN_ROUTE, String::as_str)
+        self.names
+            .get(&hash)
+            .map_or(UNKNOWN_ROUTE, |(_, name)| name.as_str())
     }
 }
 
@@ -183,5 +216,10 @@ mod tests {
         assert_eq!(namer.name(1), "/users/{name}");
         assert_eq!(namer.name(2), "/items/{id}");
         assert_eq!(namer.name(3), UNKNOWN_ROUTE);
+
+        // New templates rename what was learnt: the kernel does not announce it again.
+        let namer = namer.reconfigured(vec![RouteTemplate::parse("/items/*").unwrap()], 10);
+        assert_eq!(namer.name(1), "/users/alice");
+        assert_eq!(namer.name(2), "/items/*");
     }
 }

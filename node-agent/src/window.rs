@@ -137,18 +137,7 @@ impl WindowBuilder {
         resolver: &mut SourceResolver,
         routes: &mut RouteNamer,
     ) -> (Vec<LatencyWindow>, BuildReport) {
-        // IPv6 peers by the hash their series carry; each series' first event has the address.
-        let mut ipv6_peers: HashMap<u32, Ipv6Addr> = HashMap::new();
-        for event in events {
-            if event.flags & event_flag::NEW_SERIES != 0 {
-                let len = usize::from(event.path_len).min(PATH_LEN);
-                routes.learn(event.series.route, &event.path[..len]);
-                resolver.remember_process_name(event.series.tgid, &event.comm);
-                if event.series.peer_ipv6 != 0 {
-                    ipv6_peers.insert(event.series.peer_addr, Ipv6Addr::from(event.peer_addr6));
-                }
-            }
-        }
+        learn_announcements(events, resolver, routes);
         let mut report = BuildReport::default();
         let mut grouped: HashMap<WindowKey, Accumulator> = HashMap::new();
         let mut series_per_source: HashMap<SourceInWindow, HashSet<SeriesIdentity>> =
@@ -295,11 +284,11 @@ impl WindowBuilder {
                         address: if key.peer_ipv6 == 0 {
                             Ipv4Addr::from(key.peer_addr.to_le_bytes()).to_string()
                         } else {
-                            // Unknown only if the series' first event was lost (counted as
-                            // event_ring_full).
-                            ipv6_peers
-                                .get(&key.peer_addr)
-                                .map_or_else(|| "unknown IPv6".to_owned(), Ipv6Addr::to_string)
+                            // Unknown only if the connection's announcement was lost
+                            // (counted as event_ring_full).
+                            resolver
+                                .ipv6_peer(key.peer_addr)
+                                .map_or_else(|| "unknown IPv6".to_owned(), |peer| peer.to_string())
                         },
                         port: u32::from(key.peer_port),
                     }),
@@ -311,6 +300,30 @@ impl WindowBuilder {
             .collect();
         (windows, report)
     }
+}
+
+/// Learns what the kernel's announcements name (see [`event_flag::ANNOUNCE`]): routes,
+/// process names and IPv6 peers. Returns the route hashes announced, for the kernel's table
+/// of known routes.
+pub fn learn_announcements(
+    events: &[RequestEvent],
+    resolver: &mut SourceResolver,
+    routes: &mut RouteNamer,
+) -> Vec<u32> {
+    let mut announced = Vec::new();
+    for event in events {
+        if event.flags & event_flag::ANNOUNCE == 0 {
+            continue;
+        }
+        let len = usize::from(event.path_len).min(PATH_LEN);
+        routes.learn(event.series.route, &event.path[..len]);
+        announced.push(event.series.route);
+        resolver.remember_process_name(event.series.tgid, &event.comm);
+        if event.series.peer_ipv6 != 0 {
+            resolver.remember_ipv6_peer(event.series.peer_addr, Ipv6Addr::from(event.peer_addr6));
+        }
+    }
+    announced
 }
 
 /// A window's [`StatusLatency`]s, in code order, from its requests by status code: the
@@ -572,7 +585,7 @@ mod tests {
         let named = client(series(7, 100, 200, &[2]), hash, 1);
         // Its first event lost: the window still counts, its peer is unnamed.
         let unnamed = client(series(7, 100, 200, &[3]), hash ^ 1, 1);
-        let mut first = event(&named, "/", event_flag::NEW_SERIES, 2);
+        let mut first = event(&named, "/", event_flag::ANNOUNCE, 2);
         first.peer_addr6 = v6.octets();
         let (windows, _) = builder.build(
             vec![v4, named, unnamed],
@@ -610,15 +623,15 @@ mod tests {
         let items = with_route(series(1, 9, 200, &[5, 5]), 13);
         let health = with_route(series(1, 9, 200, &[1]), 14);
         let events = [
-            event(&alice, "/users/alice", event_flag::NEW_SERIES, 10),
+            event(&alice, "/users/alice", event_flag::ANNOUNCE, 10),
             event(
                 &bob,
                 "/users/bob",
-                event_flag::NEW_SERIES | event_flag::EXEMPLAR,
+                event_flag::ANNOUNCE | event_flag::EXEMPLAR,
                 30,
             ),
-            event(&items, "/items/42", event_flag::NEW_SERIES, 5),
-            event(&health, "/healthz", event_flag::NEW_SERIES, 1),
+            event(&items, "/items/42", event_flag::ANNOUNCE, 5),
+            event(&health, "/healthz", event_flag::ANNOUNCE, 1),
         ];
         let (windows, report) = builder.build(
             vec![alice, bob, items, health],

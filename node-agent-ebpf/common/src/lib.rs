@@ -184,7 +184,8 @@ pub struct SeriesKey {
     pub status: u16,
 }
 
-/// Totals of one series in one window, per CPU (summed by user space).
+/// Totals of one series in one window (user space counts them from the kernel's
+/// [`FinishedRequest`] records).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeriesTotals {
@@ -195,7 +196,18 @@ pub struct SeriesTotals {
 }
 
 impl SeriesTotals {
-    /// Adds `other`'s requests (user space: CPUs' slots, series merged into a window):
+    /// Counts one request of `latency_nanos`.
+    #[inline]
+    pub fn record(&mut self, latency_nanos: u64) {
+        if self.count == 0 || latency_nanos < self.min_nanos {
+            self.min_nanos = latency_nanos;
+        }
+        self.max_nanos = self.max_nanos.max(latency_nanos);
+        self.count += 1;
+        self.sum_nanos += latency_nanos;
+    }
+
+    /// Adds `other`'s requests (series merged into a window, statuses into a whole):
     /// counts and sums add, min and max take the extremes; an empty `other` changes nothing.
     pub fn merge(&mut self, other: &Self) {
         if other.count == 0 {
@@ -210,16 +222,6 @@ impl SeriesTotals {
         self.count += other.count;
         self.sum_nanos += other.sum_nanos;
     }
-}
-
-/// One histogram bucket of one series.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct BucketKey {
-    pub series: SeriesKey,
-    /// [`bucket_index`] of the latencies counted here.
-    pub bucket: i32,
-    pub _pad: u32,
 }
 
 /// Settings user space writes into the single-entry `SETTINGS` array map.
@@ -282,14 +284,17 @@ pub const HEAD_LEN: usize = 8 + PATH_LEN;
 
 /// Flags of a [`RequestEvent`].
 pub mod event_flag {
-    /// First request of its series in this window: carries the path the route hash stands for.
-    pub const NEW_SERIES: u8 = 1;
+    /// Names what the request's series refers to: the path its route hash stands for, the
+    /// process's name, the IPv6 peer its hash stands for. Sent for a connection's first
+    /// request, and for a request whose route the agent has not learnt yet (not in
+    /// `KNOWN_ROUTES`).
+    pub const ANNOUNCE: u8 = 1;
     /// Slow, failed or sampled: keep as an exemplar.
     pub const EXEMPLAR: u8 = 2;
 }
 
-/// One request sent to user space through the `EVENTS` ring buffer: only for new series
-/// (to name routes) and exemplars, never for every request.
+/// One request sent to user space through the `EVENTS` ring buffer, with its path: only to
+/// announce a route, process or peer, and for exemplars, never for every request.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestEvent {
@@ -309,6 +314,18 @@ pub struct RequestEvent {
     pub comm: [u8; 16],
     /// The peer's IPv6 address when `series.peer_ipv6` is 1.
     pub peer_addr6: [u8; 16],
+}
+
+/// A finished request as the kernel hands it to user space through the `REQUESTS` ring
+/// buffer: its series and latency, nothing else. User space counts it into the series'
+/// totals and histogram (see [`bucket_index`]): a per-CPU hash lookup per series and per
+/// bucket in the kernel, found cold between requests, cost about three times as much as
+/// writing this record (bench/results/capture.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FinishedRequest {
+    pub series: SeriesKey,
+    pub latency_nanos: u64,
 }
 
 /// FNV-1a of an IPv6 address, never 0: how a series names an IPv6 peer in its 4 bytes.
@@ -399,9 +416,11 @@ fn fold_segment(hash: u32, segment: u32, all_digits: u32, non_empty: u32) -> u32
 pub mod drop_reason {
     /// The connection table was full: a new connection is not traced.
     pub const CONNECTION_TABLE_FULL: u32 = 0;
-    /// The series table was full: a finished request was not counted.
+    /// The agent's table of open series was full: a finished request was not counted.
+    /// (Counted in user space, where requests are counted into series.)
     pub const SERIES_TABLE_FULL: u32 = 1;
-    /// The histogram table was full: a request's latency bucket was not counted.
+    /// The agent's table of histogram buckets was full: a request's latency bucket was not
+    /// counted (its series' count, sum, min and max were). (Counted in user space.)
     pub const HISTOGRAM_TABLE_FULL: u32 = 2;
     /// A connection closed while a request on it had no response yet.
     pub const UNANSWERED_AT_CLOSE: u32 = 3;
@@ -412,8 +431,11 @@ pub mod drop_reason {
     /// entry was evicted from a full table while the request was out, the table had no
     /// room for it, or its request line was not one we parse or began before the agent.
     pub const RESPONSE_WITHOUT_REQUEST: u32 = 5;
+    /// The `REQUESTS` ring buffer to user space was full: a finished request was not
+    /// counted (the agent fell behind by the ring's capacity).
+    pub const REQUEST_RING_FULL: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     /// Stable metric label of a counter.
     pub fn name(reason: u32) -> &'static str {
@@ -424,6 +446,7 @@ pub mod drop_reason {
             UNANSWERED_AT_CLOSE => "unanswered_at_close",
             EVENT_RING_FULL => "event_ring_full",
             RESPONSE_WITHOUT_REQUEST => "response_without_request",
+            REQUEST_RING_FULL => "request_ring_full",
             _ => "unknown",
         }
     }
@@ -470,7 +493,10 @@ pub struct Connection {
     pub peer_ipv6: u8,
     /// Where the path starts in `head` (the length of "METHOD ").
     pub path_offset: u8,
-    pub _pad: u8,
+    /// 1 when the connection's next finished request is to be announced
+    /// ([`event_flag::ANNOUNCE`]): set when it is adopted and when its route changes to one
+    /// the agent has not learnt; cleared once the announcement is sent.
+    pub announce: u8,
     /// The first [`HEAD_LEN`] bytes of the current request as received (server side) or
     /// sent (client side). The next request on the connection is compared with them: when
     /// it begins with the very same bytes (a keep-alive client asking for the same path
@@ -504,9 +530,9 @@ mod user {
     // every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::SeriesKey {}
     unsafe impl aya::Pod for super::SeriesTotals {}
-    unsafe impl aya::Pod for super::BucketKey {}
     unsafe impl aya::Pod for super::AgentSettings {}
     unsafe impl aya::Pod for super::RequestEvent {}
+    unsafe impl aya::Pod for super::FinishedRequest {}
     unsafe impl aya::Pod for super::Connection {}
     unsafe impl aya::Pod for super::CgroupRule {}
     unsafe impl aya::Pod for super::PortKey {}
@@ -516,6 +542,40 @@ mod user {
 mod tests {
     extern crate std;
     use super::*;
+
+    #[test]
+    fn totals_merge_and_record_ignore_empty_totals_for_min() {
+        let mut sum = SeriesTotals::default();
+        for part in [
+            SeriesTotals::default(),
+            SeriesTotals {
+                count: 2,
+                sum_nanos: 30,
+                min_nanos: 10,
+                max_nanos: 20,
+            },
+            SeriesTotals {
+                count: 1,
+                sum_nanos: 5,
+                min_nanos: 5,
+                max_nanos: 5,
+            },
+        ] {
+            sum.merge(&part);
+        }
+        let expected = SeriesTotals {
+            count: 3,
+            sum_nanos: 35,
+            min_nanos: 5,
+            max_nanos: 20,
+        };
+        assert_eq!(sum, expected);
+        let mut recorded = SeriesTotals::default();
+        for latency in [10, 5, 20] {
+            recorded.record(latency);
+        }
+        assert_eq!(recorded, expected);
+    }
 
     #[test]
     fn boundaries_are_two_to_the_k_over_64() {
@@ -573,7 +633,7 @@ mod tests {
     fn shared_types_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<SeriesKey>(), 32);
-        assert_eq!(size_of::<BucketKey>(), 40);
+        assert_eq!(size_of::<FinishedRequest>(), 40);
         assert_eq!(size_of::<SeriesTotals>(), 32);
         assert_eq!(size_of::<AgentSettings>(), 40);
         assert_eq!(
