@@ -634,6 +634,11 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<SeriesKey>(), 32);
         assert_eq!(size_of::<FinishedRequest>(), 40);
+        // The kernel copies IPv6 addresses between these a word at a time.
+        assert_eq!(core::mem::offset_of!(Connection, peer_addr6) % 8, 0);
+        assert_eq!(core::mem::offset_of!(RequestEvent, peer_addr6) % 8, 0);
+        assert_eq!(core::mem::align_of::<Connection>(), 8);
+        assert_eq!(core::mem::align_of::<RequestEvent>(), 8);
         assert_eq!(size_of::<SeriesTotals>(), 32);
         assert_eq!(size_of::<AgentSettings>(), 40);
         assert_eq!(
