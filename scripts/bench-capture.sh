@@ -69,7 +69,7 @@ if [ "${BENCH_SKIP_BUILD:-0}" = "0" ]; then
     cargo build --release --locked -p trazor-node-agent -p trazor-collector -p trazor-e2e >&2
 fi
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-for binary in trazor-node-agent trazor-bench-overhead trazor-bench-kernel trazor-collector trazor-sample-client; do
+for binary in trazor-node-agent trazor-bench-overhead trazor-bench-kernel trazor-count-instructions trazor-collector trazor-sample-client; do
     [ -x "$BIN/$binary" ] || die "$BIN/$binary missing: build it (cargo build --release)"
 done
 
@@ -315,6 +315,19 @@ AGENT_RATIO_LIST=$(printf '%s ' "${AGENT_RATIOS[@]}")
 
 # --- table -----------------------------------------------------------------------------
 verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == ">=") ? v >= t : v <= t; print ok ? "PASS" : "FAIL" }'; }
+say "instructions executed per path (trazor-count-instructions: the programs' bytecode, interpreted)"
+INSTRUCTIONS=$("$BIN/trazor-count-instructions")
+# The instructions of one step of its table ("d1", "a1", ...).
+steps() {
+    local step total=0
+    for step in "$@"; do
+        total=$((total + $(echo "$INSTRUCTIONS" |
+            awk -F'|' -v step="$step" '$3 ~ "^ " step "\\." { gsub(/ /, "", $5); print $5; exit }')))
+    done
+    echo "$total"
+}
+INSTRUCTION_ROW="server side, keep-alive, a new path each request (receive + send): $(steps d1) + $(steps d2) = $(steps d1 d2); the same path again: $(steps d3 d4); client side: $(steps e3) + $(steps e4) = $(steps e3 e4); a new connection's first request: $(steps c1) + $(steps c2); a process outside the selection: $(steps a1) per call; a failed receive: $(steps b1)"
+
 ISSUE_TABLE=$(cat <<TABLE
 | figure | value | target | result |
 |---|---|---|---|
@@ -325,6 +338,7 @@ ISSUE_TABLE=$(cat <<TABLE
 | nginx throughput traced / untraced (part 1) | $THR_TRACED | >= 0.97 | $(verdict "$THR_TRACED" ">=" 0.97) |
 | nginx throughput, agent process absent vs present (standalone agent, every process traced; median of $AGENT_CYCLES paired wrk runs: $AGENT_RATIO_LIST) | $THR_AGENT | >= 0.95 | $(verdict "$THR_AGENT" ">=" 0.95) |
 | program sizes after the verifier (instructions = translated bytes / 8) | $PROGRAM_SIZES | (reported) | - |
+| eBPF instructions executed per path (trazor-count-instructions: the object interpreted, each path checked in the maps; a helper call counts one; table below) | $INSTRUCTION_ROW | (reported) | - |
 TABLE
 )
 TABLE=$(cat <<TABLE
@@ -376,6 +390,10 @@ mkdir -p bench/results
     echo "Kernel time per request, per mode (part 4: trazor-bench-kernel, $KERNEL_CYCLES cycles at $KERNEL_RATE req/s; medians over the cycles):"
     echo
     echo "$KERNEL_MODES"
+    echo
+    echo "eBPF instructions executed per program call, by path (\`trazor-count-instructions\`; hardware counters are absent on this VM, so the kernel cannot count them):"
+    echo
+    echo "$INSTRUCTIONS"
     echo
     echo "Throughput and latency detail (CPU ns/request: nginx's cgroup; probe: one request per ms on its own keep-alive connection, p99 over every measured slot of the mode):"
     echo
