@@ -4,8 +4,8 @@
 # work, alternated in rotating orders so that the host's drift falls on all of them:
 #
 #   L0  the programs as they are
-#   L1  no counting: the request ends (second clock read) but neither the series nor the
-#       histogram map is touched (no lookups, no new-series or exemplar event)
+#   L1  no counting: the request ends (second clock read) but nothing is handed to user
+#       space (no record in the REQUESTS ring, no announcement or exemplar event)
 #   L2  and no status line read on the response (taken as 200)
 #   L3  and no request head read on the request (its start is taken, nothing parsed)
 #   L4  and nothing after the connection lookup: the filter, the syscall's registers and
@@ -119,7 +119,7 @@ for line in open(figures):
 levels = ["L0", "L1", "L2", "L3", "L4"]
 what = {
     "L0": "the programs as they are",
-    "L1": "no counting (series and histogram maps untouched)",
+    "L1": "no counting (no record written, no event)",
     "L2": "and no status line read",
     "L3": "and no request head read",
     "L4": "and nothing after the connection lookup",
@@ -143,7 +143,7 @@ print("What each part costs per request (difference of the medians of neighbouri
 print()
 print("| part | server side ns | client side ns |")
 print("|---|---|---|")
-parts = [("counting: series and histogram lookups, events", "L0", "L1"),
+parts = [("counting: the request's record in the REQUESTS ring, events", "L0", "L1"),
          ("reading and parsing the status line", "L1", "L2"),
          ("reading, comparing and hashing the request head", "L2", "L3"),
          ("the two clock reads and the request's bookkeeping", "L3", "L4")]
