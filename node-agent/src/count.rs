@@ -7,8 +7,15 @@
 //! latency ([`bucket_index`], the same code the kernel used to run), so a closed window
 //! holds exactly what kernel-side counting gave. The series are bounded as the kernel maps
 //! were: what does not fit is counted, never silently lost.
+//!
+//! This runs for every request on the node, so it is kept cheap: records come in batches
+//! (a ring drained every 100 ms), consecutive records of one series (a keep-alive
+//! connection's requests) take one table lookup between them, and the tables hash with
+//! foldhash rather than SipHash (bench/results/capture.md has the agent's CPU per request).
 
 use std::collections::{BTreeMap, HashMap};
+
+use foldhash::fast::RandomState;
 
 use trazor_node_agent_ebpf_common::{FinishedRequest, SeriesKey, SeriesTotals, bucket_index};
 
@@ -24,7 +31,7 @@ pub const MAX_OPEN_BUCKETS: usize = 131_072;
 /// The requests counted into series, for windows not yet closed.
 #[derive(Debug, Default)]
 pub struct SeriesCounter {
-    open: HashMap<SeriesKey, OpenSeries>,
+    open: HashMap<SeriesKey, OpenSeries, RandomState>,
     /// Non-empty buckets across `open`.
     buckets: usize,
     /// Requests not counted: the series table was full.
@@ -36,32 +43,49 @@ pub struct SeriesCounter {
 #[derive(Debug, Default)]
 struct OpenSeries {
     totals: SeriesTotals,
-    buckets: BTreeMap<i32, u64>,
+    buckets: HashMap<i32, u64, RandomState>,
 }
 
 impl SeriesCounter {
     /// Counts one finished request into its series.
     pub fn count(&mut self, request: &FinishedRequest) {
-        let open_series = self.open.len();
-        let series = match self.open.entry(request.series) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                if open_series >= MAX_OPEN_SERIES {
-                    self.series_table_full += 1;
-                    return;
+        self.count_all(std::slice::from_ref(request));
+    }
+
+    /// Counts finished requests into their series, in order.
+    pub fn count_all(&mut self, requests: &[FinishedRequest]) {
+        let mut rest = requests;
+        while let Some(first) = rest.first() {
+            // A run of records of one series: one lookup for all of them.
+            let run = rest
+                .iter()
+                .position(|request| request.series != first.series)
+                .unwrap_or(rest.len());
+            let (same_series, after) = rest.split_at(run);
+            rest = after;
+            let open_series = self.open.len();
+            let series = match self.open.entry(first.series) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    if open_series >= MAX_OPEN_SERIES {
+                        self.series_table_full += same_series.len() as u64;
+                        continue;
+                    }
+                    entry.insert(OpenSeries::default())
                 }
-                entry.insert(OpenSeries::default())
+            };
+            for request in same_series {
+                series.totals.record(request.latency_nanos);
+                let bucket = bucket_index(request.latency_nanos);
+                if let Some(count) = series.buckets.get_mut(&bucket) {
+                    *count += 1;
+                } else if self.buckets >= MAX_OPEN_BUCKETS {
+                    self.histogram_table_full += 1;
+                } else {
+                    series.buckets.insert(bucket, 1);
+                    self.buckets += 1;
+                }
             }
-        };
-        series.totals.record(request.latency_nanos);
-        let bucket = bucket_index(request.latency_nanos);
-        if let Some(count) = series.buckets.get_mut(&bucket) {
-            *count += 1;
-        } else if self.buckets >= MAX_OPEN_BUCKETS {
-            self.histogram_table_full += 1;
-        } else {
-            series.buckets.insert(bucket, 1);
-            self.buckets += 1;
         }
     }
 
@@ -81,7 +105,7 @@ impl SeriesCounter {
                 Some(ClosedSeries {
                     key,
                     totals: series.totals,
-                    buckets: series.buckets,
+                    buckets: series.buckets.into_iter().collect(),
                 })
             })
             .collect()
@@ -159,6 +183,30 @@ mod tests {
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].totals.min_nanos, 5_000);
         assert_eq!(counter.buckets, 0);
+    }
+
+    #[test]
+    fn runs_of_one_series_count_as_their_records_do_one_by_one() {
+        let requests: Vec<FinishedRequest> = [(1, 200, 1_000), (1, 200, 7_000), (2, 200, 3_000)]
+            .into_iter()
+            .chain([(1, 200, 2_000), (1, 500, 2_000), (1, 500, 9_000)])
+            .map(|(route, status, latency)| request(4, route, status, latency))
+            .collect();
+        let mut batched = SeriesCounter::default();
+        batched.count_all(&requests);
+        let mut single = SeriesCounter::default();
+        for request in &requests {
+            single.count_all(std::slice::from_ref(request));
+        }
+        let sorted = |mut closed: Vec<ClosedSeries>| {
+            closed.sort_by_key(|series| (series.key.route, series.key.status));
+            closed
+        };
+        let closed = sorted(batched.take_closed(5));
+        assert_eq!(closed, sorted(single.take_closed(5)));
+        assert_eq!(closed.len(), 3);
+        assert_eq!(closed[0].totals.count, 3);
+        assert_eq!(closed[0].totals.sum_nanos, 10_000);
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl WindowBuilder {
     }
 
     /// One [`LatencyWindow`] per (window, cgroup, process, direction, route, method, peer), sequence
-    /// unset (0), ordered by window then source. `events` are the kernel's new-series and
+    /// unset (0), ordered by window then source. `events` are the kernel's announcement and
     /// exemplar events; `realtime_offset_nanos` turns their monotonic times into wall time.
     pub fn build(
         &self,
@@ -606,6 +606,14 @@ mod tests {
             peers,
             vec!["10.0.0.9 8080", "2001:db8::7 8080", "unknown IPv6 8080"]
         );
+
+        // A connection announces itself once, not every window: a later window of the same
+        // series, without any event, still has its peer named.
+        let mut later = client(series(7, 100, 200, &[2]), hash, 1);
+        later.key.window += 1;
+        let (windows, _) = builder.build(vec![later], &[], 0, &mut resolver, &mut routes);
+        assert_eq!(windows.len(), 1);
+        assert_eq!(windows[0].peer.as_ref().unwrap().address, "2001:db8::7");
     }
 
     fn with_route(mut series: ClosedSeries, route: u32) -> ClosedSeries {
