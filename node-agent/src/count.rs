@@ -13,7 +13,7 @@
 //! connection's requests) take one table lookup between them, and the tables hash with
 //! foldhash rather than SipHash (bench/results/capture.md has the agent's CPU per request).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 
@@ -167,7 +167,7 @@ mod tests {
                 max_nanos: 2_000_000,
             }
         );
-        let expected: BTreeMap<i32, u64> = [
+        let expected: std::collections::BTreeMap<i32, u64> = [
             (bucket_index(1_000), 2),
             (bucket_index(3_000), 1),
             (bucket_index(2_000_000), 1),
