@@ -653,7 +653,9 @@ impl KernelCapture {
     }
 
     /// Empties `KNOWN_ROUTES`: every route is announced again when a connection switches to
-    /// it (for a route namer that forgot its names).
+    /// it or a new connection uses it (for a route namer that forgot its names). A
+    /// keep-alive connection that stays on one route is not asked again: its windows go
+    /// unnamed until then. The namer forgets only past 100 000 distinct routes.
     pub fn forget_known_routes(&mut self) -> Result<()> {
         let mut known: BpfHashMap<&mut MapData, u32, u8> =
             hash_map(&mut self.ebpf, "KNOWN_ROUTES")?;
