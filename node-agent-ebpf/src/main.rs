@@ -601,7 +601,6 @@ fn track_connection(
         let entry = unsafe { &mut *connection };
         // Its first request names its process and peer to the agent.
         entry.announce = 1;
-        entry.method = method::UNKNOWN;
         if direction == Direction::Client {
             entry.peer_port = u16::from_be(head.peer_port);
             // An IPv6 socket's peer may be an IPv4 address (IPv4-mapped), which `skc_daddr`
