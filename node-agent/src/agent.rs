@@ -15,7 +15,7 @@ use std::{
 };
 
 use tokio::{sync::watch, task::JoinHandle};
-use trazor_node_agent_ebpf_common::RequestEvent;
+use trazor_node_agent_ebpf_common::{RequestEvent, event_flag};
 use trazor_proto::{agent_config::NodeAgentConfig, v1::AgentHello};
 
 use crate::{
@@ -476,9 +476,14 @@ impl WindowLoop {
         if let Err(error) = self.capture.mark_routes_known(announced) {
             tracing::warn!(%error, "could not update the kernel's known routes");
         }
+        // Announcements are learnt; only exemplars wait for their window.
+        let exemplars: Vec<RequestEvent> = fresh
+            .into_iter()
+            .filter(|event| event.flags & event_flag::EXEMPLAR != 0)
+            .collect();
         let room = MAX_PENDING_EVENTS.saturating_sub(self.events.len());
-        self.events_dropped += fresh.len().saturating_sub(room) as u64;
-        self.events.extend(fresh.into_iter().take(room));
+        self.events_dropped += exemplars.len().saturating_sub(room) as u64;
+        self.events.extend(exemplars.into_iter().take(room));
     }
 
     /// Drains, builds and ships every window numbered below `open_window`.
@@ -505,7 +510,7 @@ impl WindowLoop {
             &closing,
             self.capture.realtime_offset_nanos(),
             &mut self.resolver,
-            &mut self.routes,
+            &self.routes,
         );
         for window in &mut windows {
             let uid = window
@@ -672,9 +677,10 @@ impl WindowLoop {
             } else {
                 self.builder = WindowBuilder::new(new.window, new.quantiles.clone());
             }
-            let templates = parse_templates(&new.route_templates)?;
-            let routes = std::mem::replace(&mut self.routes, RouteNamer::new(Vec::new(), 1));
-            self.routes = routes.reconfigured(templates, new.max_series_per_source);
+            self.routes.reconfigure(
+                parse_templates(&new.route_templates)?,
+                new.max_series_per_source,
+            );
             self.settings.window = new.window;
             self.settings.slow_threshold = new.slow_threshold;
             self.settings.sample_rate = new.sample_rate;

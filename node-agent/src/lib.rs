@@ -1,8 +1,9 @@
 //! Trazor's node agent.
 //!
 //! The data path, in module order: [`capture`] loads the eBPF programs and reads what they
-//! send up; [`count`] counts the kernel's finished requests into series; [`attribute`] names the cgroup and process behind each
-//! series and [`route`] its route; [`window`] merges them into [`LatencyWindow`](trazor_proto::v1::LatencyWindow)s
+//! send up; [`count`] counts the kernel's finished requests into series; [`attribute`]
+//! names the cgroup and process behind each series and [`route`] its route; [`window`]
+//! merges them into [`LatencyWindow`](trazor_proto::v1::LatencyWindow)s
 //! with quantiles; [`ship`] streams them to the collector and keeps them until acknowledged.
 //! [`agent`] runs the loop. [`rbac`] lists the Kubernetes API calls it makes (in [`pods`]).
 

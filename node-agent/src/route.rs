@@ -1,11 +1,11 @@
 //! Routes: the path a request went to, as a low-cardinality name.
 //!
 //! The kernel hashes each path with id-like segments folded (see `route_hash` in the common
-//! crate) and tells us the path text when a connection first uses a route we have not learnt
-//! (its announcement). Here the text gets the same
-//! folding (`/users/42` → `/users/{id}`), then the profile's route templates (first match
-//! wins; `{name}` matches one segment, a trailing `*` any rest). A per-source cap bounds the
-//! number of series; beyond it requests go to the `other` route and are counted.
+//! crate) and tells us the path text when a connection first uses a route we have not
+//! learnt (its announcement). Here the text gets the same folding (`/users/42` →
+//! `/users/{id}`), then the profile's route templates (first match wins; `{name}` matches
+//! one segment, a trailing `*` any rest). A per-source cap bounds the number of series;
+//! beyond it requests go to the `other` route and are counted.
 
 use std::collections::HashMap;
 
@@ -121,19 +121,16 @@ impl RouteNamer {
         }
     }
 
-    /// This namer with new templates and cap, keeping every route learnt (renamed by the
-    /// new templates).
-    pub fn reconfigured(self, templates: Vec<RouteTemplate>, max_series_per_source: usize) -> Self {
-        let mut namer = Self {
-            names: HashMap::with_capacity(self.names.len()),
-            forgotten: self.forgotten,
-            ..Self::new(templates, max_series_per_source)
-        };
-        for (hash, (path, _)) in self.names {
-            let name = namer.name_of(&path);
-            namer.names.insert(hash, (path, name));
+    /// Takes new templates and cap, keeping every route learnt (renamed by the new
+    /// templates).
+    pub fn reconfigure(&mut self, templates: Vec<RouteTemplate>, max_series_per_source: usize) {
+        self.templates = templates;
+        self.max_series_per_source = max_series_per_source.max(1);
+        let mut names = std::mem::take(&mut self.names);
+        for (path, name) in names.values_mut() {
+            *name = self.name_of(path);
         }
-        namer
+        self.names = names;
     }
 
     fn name_of(&self, normalized: &str) -> String {
@@ -218,7 +215,7 @@ mod tests {
         assert_eq!(namer.name(3), UNKNOWN_ROUTE);
 
         // New templates rename what was learnt: the kernel does not announce it again.
-        let namer = namer.reconfigured(vec![RouteTemplate::parse("/items/*").unwrap()], 10);
+        namer.reconfigure(vec![RouteTemplate::parse("/items/*").unwrap()], 10);
         assert_eq!(namer.name(1), "/users/alice");
         assert_eq!(namer.name(2), "/items/*");
     }

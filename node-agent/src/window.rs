@@ -127,17 +127,17 @@ impl WindowBuilder {
     }
 
     /// One [`LatencyWindow`] per (window, cgroup, process, direction, route, method, peer), sequence
-    /// unset (0), ordered by window then source. `events` are the kernel's announcement and
-    /// exemplar events; `realtime_offset_nanos` turns their monotonic times into wall time.
+    /// unset (0), ordered by window then source. `events` are the kernel's exemplars (what
+    /// announcements name is learnt as they arrive: [`learn_announcements`]);
+    /// `realtime_offset_nanos` turns their monotonic times into wall time.
     pub fn build(
         &self,
         closed: Vec<ClosedSeries>,
         events: &[RequestEvent],
         realtime_offset_nanos: u64,
         resolver: &mut SourceResolver,
-        routes: &mut RouteNamer,
+        routes: &RouteNamer,
     ) -> (Vec<LatencyWindow>, BuildReport) {
-        learn_announcements(events, resolver, routes);
         let mut report = BuildReport::default();
         let mut grouped: HashMap<WindowKey, Accumulator> = HashMap::new();
         let mut series_per_source: HashMap<SourceInWindow, HashSet<SeriesIdentity>> =
@@ -414,7 +414,7 @@ mod tests {
     fn merges_status_classes_of_one_process_into_one_window() {
         let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5, 0.99]);
         let mut resolver = SourceResolver::new("n".into(), None);
-        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let routes = RouteNamer::new(Vec::new(), 10);
         let (windows, _) = builder.build(
             vec![
                 series(7, 100, 200, &[10, 20, 30, 40]),
@@ -425,7 +425,7 @@ mod tests {
             &[],
             0,
             &mut resolver,
-            &mut routes,
+            &routes,
         );
         assert_eq!(windows.len(), 3);
         let first = &windows[0];
@@ -486,7 +486,7 @@ mod tests {
     fn codes_of_one_class_stay_apart_and_odd_codes_are_unknown() {
         let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
         let mut resolver = SourceResolver::new("n".into(), None);
-        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let routes = RouteNamer::new(Vec::new(), 10);
         let (windows, report) = builder.build(
             vec![
                 series(7, 100, 200, &[1, 1]),
@@ -497,7 +497,7 @@ mod tests {
             &[],
             0,
             &mut resolver,
-            &mut routes,
+            &routes,
         );
         assert_eq!(windows.len(), 1);
         let codes: Vec<(u32, u64)> = windows[0]
@@ -514,11 +514,11 @@ mod tests {
     fn status_codes_past_the_limit_fold_into_unknown_and_are_counted() {
         let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
         let mut resolver = SourceResolver::new("n".into(), None);
-        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let routes = RouteNamer::new(Vec::new(), 10);
         // 200 the busiest, then 20 codes of one request each.
         let mut closed = vec![series(7, 100, 200, &[1, 1, 1])];
         closed.extend((0..20).map(|code| series(7, 100, 400 + code, &[2])));
-        let (windows, report) = builder.build(closed, &[], 0, &mut resolver, &mut routes);
+        let (windows, report) = builder.build(closed, &[], 0, &mut resolver, &routes);
         let statuses = &windows[0].statuses;
         assert_eq!(statuses.len(), MAX_STATUS_CODES_PER_WINDOW);
         assert_eq!(statuses[0].status_code, 0);
@@ -534,11 +534,11 @@ mod tests {
     fn methods_of_one_route_are_separate_windows() {
         let builder = WindowBuilder::new(Duration::from_secs(10), vec![0.5]);
         let mut resolver = SourceResolver::new("n".into(), None);
-        let mut routes = RouteNamer::new(Vec::new(), 10);
+        let routes = RouteNamer::new(Vec::new(), 10);
         let get = series(7, 100, 200, &[1, 2]);
         let mut delete = series(7, 100, 200, &[40]);
         delete.key.method = method::DELETE;
-        let (windows, _) = builder.build(vec![get, delete], &[], 0, &mut resolver, &mut routes);
+        let (windows, _) = builder.build(vec![get, delete], &[], 0, &mut resolver, &routes);
         let by_method: Vec<(&str, u64)> = windows
             .iter()
             .map(|w| (w.method.as_str(), w.stats.as_ref().unwrap().count))
@@ -587,12 +587,13 @@ mod tests {
         let unnamed = client(series(7, 100, 200, &[3]), hash ^ 1, 1);
         let mut first = event(&named, "/", event_flag::ANNOUNCE, 2);
         first.peer_addr6 = v6.octets();
+        learn_announcements(&[first], &mut resolver, &mut routes);
         let (windows, _) = builder.build(
             vec![v4, named, unnamed],
             &[first],
             0,
             &mut resolver,
-            &mut routes,
+            &routes,
         );
         let mut peers: Vec<String> = windows
             .iter()
@@ -611,7 +612,7 @@ mod tests {
         // series, without any event, still has its peer named.
         let mut later = client(series(7, 100, 200, &[2]), hash, 1);
         later.key.window += 1;
-        let (windows, _) = builder.build(vec![later], &[], 0, &mut resolver, &mut routes);
+        let (windows, _) = builder.build(vec![later], &[], 0, &mut resolver, &routes);
         assert_eq!(windows.len(), 1);
         assert_eq!(windows[0].peer.as_ref().unwrap().address, "2001:db8::7");
     }
@@ -641,12 +642,13 @@ mod tests {
             event(&items, "/items/42", event_flag::ANNOUNCE, 5),
             event(&health, "/healthz", event_flag::ANNOUNCE, 1),
         ];
+        learn_announcements(&events, &mut resolver, &mut routes);
         let (windows, report) = builder.build(
             vec![alice, bob, items, health],
             &events,
             0,
             &mut resolver,
-            &mut routes,
+            &routes,
         );
         let by_route: BTreeMap<&str, &LatencyWindow> =
             windows.iter().map(|w| (w.route.as_str(), w)).collect();
