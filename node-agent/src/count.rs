@@ -47,11 +47,6 @@ struct OpenSeries {
 }
 
 impl SeriesCounter {
-    /// Counts one finished request into its series.
-    pub fn count(&mut self, request: &FinishedRequest) {
-        self.count_all(std::slice::from_ref(request));
-    }
-
     /// Counts finished requests into their series, in order.
     pub fn count_all(&mut self, requests: &[FinishedRequest]) {
         let mut rest = requests;
@@ -131,6 +126,10 @@ impl SeriesCounter {
 mod tests {
     use super::*;
 
+    fn count_one(counter: &mut SeriesCounter, request: &FinishedRequest) {
+        counter.count_all(std::slice::from_ref(request));
+    }
+
     fn request(window: u32, route: u32, status: u16, latency_nanos: u64) -> FinishedRequest {
         FinishedRequest {
             series: SeriesKey {
@@ -149,10 +148,10 @@ mod tests {
     fn counts_each_series_exactly_and_closes_only_past_windows() {
         let mut counter = SeriesCounter::default();
         for latency in [3_000, 1_000, 2_000_000, 1_000] {
-            counter.count(&request(10, 1, 200, latency));
+            count_one(&mut counter, &request(10, 1, 200, latency));
         }
-        counter.count(&request(10, 1, 500, 9_000));
-        counter.count(&request(11, 1, 200, 5_000));
+        count_one(&mut counter, &request(10, 1, 500, 9_000));
+        count_one(&mut counter, &request(11, 1, 200, 5_000));
 
         let mut closed = counter.take_closed(11);
         closed.sort_by_key(|series| series.key.status);
@@ -196,7 +195,7 @@ mod tests {
         batched.count_all(&requests);
         let mut single = SeriesCounter::default();
         for request in &requests {
-            single.count_all(std::slice::from_ref(request));
+            count_one(&mut single, request);
         }
         let sorted = |mut closed: Vec<ClosedSeries>| {
             closed.sort_by_key(|series| (series.key.route, series.key.status));
@@ -213,21 +212,21 @@ mod tests {
     fn a_full_table_counts_what_it_cannot_hold() {
         let mut counter = SeriesCounter::default();
         for route in 0..MAX_OPEN_SERIES as u32 {
-            counter.count(&request(1, route, 200, 1_000));
+            count_one(&mut counter, &request(1, route, 200, 1_000));
         }
-        counter.count(&request(1, u32::MAX, 200, 1_000));
-        counter.count(&request(1, u32::MAX, 200, 2_000));
+        count_one(&mut counter, &request(1, u32::MAX, 200, 1_000));
+        count_one(&mut counter, &request(1, u32::MAX, 200, 2_000));
         assert_eq!(counter.series_table_full(), 2);
         // A series already open still counts.
-        counter.count(&request(1, 0, 200, 1_000));
+        count_one(&mut counter, &request(1, 0, 200, 1_000));
         assert_eq!(counter.series_table_full(), 2);
 
         let mut counter = SeriesCounter {
             buckets: MAX_OPEN_BUCKETS,
             ..SeriesCounter::default()
         };
-        counter.count(&request(1, 1, 200, 1_000));
-        counter.count(&request(1, 1, 200, 1_000_000));
+        count_one(&mut counter, &request(1, 1, 200, 1_000));
+        count_one(&mut counter, &request(1, 1, 200, 1_000_000));
         assert_eq!(counter.histogram_table_full(), 2);
         let closed = counter.take_closed(2);
         assert_eq!(closed[0].totals.count, 2, "the totals still count them");
