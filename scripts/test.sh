@@ -11,6 +11,16 @@ cd "$(dirname "$0")/.."
 step() { printf '\n\033[1;32m==> %s\033[0m\n' "$*" >&2; }
 started=$SECONDS
 
+# A fresh run needs several GB under target/ (figure below, measured on a fresh clone); say so
+# up front rather than failing with ENOSPC deep inside a build.
+need_gb=8
+free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+echo "disk: ${free_gb} GB free here; a fresh run needs about ${need_gb} GB" >&2
+if [ "$free_gb" -lt "$need_gb" ]; then
+    printf '\033[1;33mwarning:\033[0m only %s GB free: the builds may fail with "No space left on device"\n' \
+        "$free_gb" >&2
+fi
+
 step "set-up (scripts/setup.sh)"
 scripts/setup.sh
 
@@ -68,4 +78,5 @@ if [ "${TRAZOR_SKIP_DEMO:-0}" = "0" ]; then
     echo "demo smoke run: $rows live windows shown"
 fi
 
+echo "disk: target/ holds $(du -sh target | cut -f1)" >&2
 step "all checks passed in $((SECONDS - started)) s"
