@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where the kernel time of a traced request goes: part 4 of scripts/bench-capture.sh
-# (trazor-bench-kernel) on five builds of the programs, each skipping one more part of the
+# (trazor-bench-kernel) on seven builds of the programs, each skipping one more part of the
 # work, alternated in rotating orders so that the host's drift falls on all of them:
 #
 #   L0  the programs as they are
@@ -10,6 +10,8 @@
 #   L3  and no request head read on the request (its start is taken, nothing parsed)
 #   L4  and nothing after the connection lookup: the filter, the syscall's registers and
 #       the connection lookup are all that is left
+#   L5  and no connection lookup: the filter and the syscall's registers
+#   L6  and nothing after the filter (the process's cgroup and its slot)
 #
 # The differences between neighbours price each part in place (caches as cold as at the
 # request rate), which the hot-loop prices of bench-capture.sh's part 2 cannot. The skips
@@ -45,7 +47,7 @@ git worktree add --quiet --detach "$WORK/tree" HEAD
 SOURCE="$WORK/tree/node-agent-ebpf/src/main.rs"
 cp "$SOURCE" "$WORK/main.rs"
 
-for level in 0 1 2 3 4; do
+for level in 0 1 2 3 4 5 6; do
     say "building L$level"
     python3 - "$level" "$WORK/main.rs" "$SOURCE" <<'PATCH'
 import sys
@@ -87,6 +89,18 @@ if level >= 4:
         patch(f"            Direction::{direction},\n        );\n    }};\n",
               f"            Direction::{direction},\n        );\n    }};\n"
               f"    if {SKIP} {{\n        let _ = connection;\n        return Ok(());\n    }}\n")
+if level >= 5:
+    for comment in ("served", "made"):
+        patch("    let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {\n"
+              f"        // A connection is {comment} from its first request line.\n",
+              f"    if {SKIP} {{\n        let _ = buffer;\n        return Ok(());\n    }}\n"
+              "    let Some(connection) = CONNECTIONS.get_ptr_mut(socket) else {\n"
+              f"        // A connection is {comment} from its first request line.\n")
+if level >= 6:
+    for call in ("on_receive(&settings, process, ctx.arg::<u64>(0), i64::from(returned))",
+                 "on_send(&settings, process, ctx.arg::<u64>(0), i64::from(written))"):
+        patch(f"        let _ = {call};\n",
+              f"        if {SKIP} {{\n            return 0;\n        }}\n        let _ = {call};\n")
 open(target, "w").write(text)
 PATCH
     (cd "$WORK/tree" && CARGO_TARGET_DIR="$ROOT/target/ablation" \
@@ -94,7 +108,7 @@ PATCH
     cp "$ROOT/target/ablation/release/trazor-bench-kernel" "$WORK/bin/L$level"
 done
 
-ORDERS=("0 1 2 3 4" "4 3 2 1 0" "2 0 4 1 3" "3 1 4 0 2")
+ORDERS=("0 1 2 3 4 5 6" "6 5 4 3 2 1 0" "2 0 5 3 6 4 1" "4 6 1 3 0 5 2")
 for round in $(seq 1 "$ROUNDS"); do
     order=${ORDERS[$(((round - 1) % ${#ORDERS[@]}))]}
     for level in $order; do
@@ -116,13 +130,15 @@ values = defaultdict(list)
 for line in open(figures):
     level, _, name, value = line.split()
     values[(level, name)].append(int(value))
-levels = ["L0", "L1", "L2", "L3", "L4"]
+levels = ["L0", "L1", "L2", "L3", "L4", "L5", "L6"]
 what = {
     "L0": "the programs as they are",
     "L1": "no counting (no record written, no event)",
     "L2": "and no status line read",
     "L3": "and no request head read",
     "L4": "and nothing after the connection lookup",
+    "L5": "and no connection lookup",
+    "L6": "and nothing after the filter",
 }
 median = lambda level, name: statistics.median(values[(level, name)])
 print(f"Kernel ns per request by build (trazor-bench-kernel, {cycles} cycles at {rate} req/s per run; "
@@ -146,11 +162,12 @@ print("|---|---|---|")
 parts = [("counting: the request's record in the REQUESTS ring, events", "L0", "L1"),
          ("reading and parsing the status line", "L1", "L2"),
          ("reading, comparing and hashing the request head", "L2", "L3"),
-         ("the two clock reads and the request's bookkeeping", "L3", "L4")]
+         ("the two clock reads and the request's bookkeeping", "L3", "L4"),
+         ("the connection lookup (CONNECTIONS, on both calls)", "L4", "L5"),
+         ("the syscall's saved registers (on both calls)", "L5", "L6")]
 for label, a, b in parts:
     print(f"| {label} | {median(a, 'server_side_ns_per_request') - median(b, 'server_side_ns_per_request'):.0f} "
           f"| {median(a, 'client_side_ns_per_request') - median(b, 'client_side_ns_per_request'):.0f} |")
-print(f"| what is left (L4): the filter, the registers and the connection lookup on both calls, "
-      f"and the statistics' own clock reads | {median('L4', 'server_side_ns_per_request'):.0f} "
-      f"| {median('L4', 'client_side_ns_per_request'):.0f} |")
+print(f"| what is left (L6): the filter on both calls and the statistics' own clock reads "
+      f"| {median('L6', 'server_side_ns_per_request'):.0f} | {median('L6', 'client_side_ns_per_request'):.0f} |")
 TABLE
