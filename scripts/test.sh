@@ -11,9 +11,9 @@ cd "$(dirname "$0")/.."
 step() { printf '\n\033[1;32m==> %s\033[0m\n' "$*" >&2; }
 started=$SECONDS
 
-# A fresh run leaves 5.2 GB under target/ (measured on a fresh clone, 16 GB before the
-# dev profile dropped full debug info); say so
-# up front rather than failing with ENOSPC deep inside a build.
+# A fresh run leaves 5.2 GB under target/ (measured on a fresh clone; 18 GB before debug
+# builds dropped full debug info): say so up front rather than fail with ENOSPC deep
+# inside a build.
 need_gb=6
 free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
 echo "disk: ${free_gb} GB free here; a fresh run needs about ${need_gb} GB" >&2
