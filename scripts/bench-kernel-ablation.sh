@@ -16,40 +16,28 @@
 # The differences between neighbours price each part in place (caches as cold as at the
 # request rate), which the hot-loop prices of bench-capture.sh's part 2 cannot. The skips
 # are behind a condition the programs cannot know to be true, so the verifier and the JIT
-# see the same code as in L0 (the sizes printed show it). Builds go to a temporary git
-# worktree of HEAD; the working tree is not touched. Run as root. Knobs:
+# see the same code as in L0 (the sizes printed show it). Each level is a patch of HEAD's
+# programs, built and run by scripts/bench-kernel-variants.sh (L0 is HEAD itself); the
+# working tree is not touched. Run as root. Knobs:
 #   ABLATION_CYCLES=12 ABLATION_RATE=5000 ABLATION_ROUNDS=4
-# Prints a table (medians over the rounds, then each round) to stdout.
+# Prints the builds' table, then what each part costs, to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 CYCLES=${ABLATION_CYCLES:-12}
 RATE=${ABLATION_RATE:-5000}
 ROUNDS=${ABLATION_ROUNDS:-4}
 
-say() { printf '\033[1;34m[ablation]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[ablation] error:\033[0m %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root: the benchmark loads eBPF programs"
-scripts/setup.sh >&2
-
 WORK=$(mktemp -d /tmp/trazor-ablation.XXXXXX)
-CGROUP2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
-SERVER_CGROUP="$CGROUP2/trazor-ablation-server-$$"
-CLIENT_CGROUP="$CGROUP2/trazor-ablation-client-$$"
-cleanup() {
-    rmdir "$SERVER_CGROUP" "$CLIENT_CGROUP" 2>/dev/null || true
-    git -C "$ROOT" worktree remove --force "$WORK/tree" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-mkdir -p "$SERVER_CGROUP" "$CLIENT_CGROUP" "$WORK/bin"
-git worktree add --quiet --detach "$WORK/tree" HEAD
-SOURCE="$WORK/tree/node-agent-ebpf/src/main.rs"
-cp "$SOURCE" "$WORK/main.rs"
+trap 'rm -rf "$WORK"' EXIT
+ORIGINAL=node-agent-ebpf/src/main.rs
+git diff --quiet HEAD -- "$ORIGINAL" ||
+    die "$ORIGINAL differs from HEAD: the levels are patches of HEAD's programs"
 
-for level in 0 1 2 3 4 5 6; do
-    say "building L$level"
-    python3 - "$level" "$WORK/main.rs" "$SOURCE" <<'PATCH'
+for level in 1 2 3 4 5 6; do
+    PATCHED="$WORK/main.rs"
+    python3 - "$level" "$ORIGINAL" "$PATCHED" <<'PATCH'
 import sys
 level, original, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 text = open(original).read()
@@ -103,57 +91,22 @@ if level >= 6:
               f"        if {SKIP} {{\n            return 0;\n        }}\n        let _ = {call};\n")
 open(target, "w").write(text)
 PATCH
-    (cd "$WORK/tree" && CARGO_TARGET_DIR="$ROOT/target/ablation" \
-        cargo build --release --locked --quiet -p trazor-node-agent --bin trazor-bench-kernel >&2)
-    cp "$ROOT/target/ablation/release/trazor-bench-kernel" "$WORK/bin/L$level"
+    # A unified diff that `git apply` takes (exit status 1: the files differ).
+    diff -u --label "a/$ORIGINAL" --label "b/$ORIGINAL" "$ORIGINAL" "$PATCHED" \
+        >"$WORK/L$level.patch" || true
+    [ -s "$WORK/L$level.patch" ] || die "L$level changed nothing"
 done
 
-ORDERS=("0 1 2 3 4 5 6" "6 5 4 3 2 1 0" "2 0 5 3 6 4 1" "4 6 1 3 0 5 2")
-for round in $(seq 1 "$ROUNDS"); do
-    order=${ORDERS[$(((round - 1) % ${#ORDERS[@]}))]}
-    for level in $order; do
-        say "round $round/$ROUNDS: L$level"
-        "$WORK/bin/L$level" --ablation --server-cgroup "$SERVER_CGROUP" \
-            --client-cgroup "$CLIENT_CGROUP" --cycles "$CYCLES" --rate "$RATE" 2>/dev/null |
-            awk -v level="L$level" -v round="$round" \
-                '$1 ~ /_ns_per_(request|call)$/ { print level, round, $1, $2 }
-                 $1 == "program" && $2 ~ /^sock_(recv|send)_length$/ { print level, round, $2, $6 }' \
-            >>"$WORK/figures"
-    done
-done
-
-python3 - "$WORK/figures" "$CYCLES" "$RATE" <<'TABLE'
+VARIANT_ROUNDS=$ROUNDS VARIANT_CYCLES=$CYCLES VARIANT_RATE=$RATE VARIANT_ABLATION=1 \
+    VARIANT_FIGURES="$WORK/figures" scripts/bench-kernel-variants.sh "$WORK"/L{1,2,3,4,5,6}.patch
+python3 - "$WORK/figures" <<'TABLE'
 import statistics, sys
 from collections import defaultdict
-figures, cycles, rate = sys.argv[1], sys.argv[2], sys.argv[3]
 values = defaultdict(list)
-for line in open(figures):
-    level, _, name, value = line.split()
-    values[(level, name)].append(int(value))
-levels = ["L0", "L1", "L2", "L3", "L4", "L5", "L6"]
-what = {
-    "L0": "the programs as they are",
-    "L1": "no counting (no record written, no event)",
-    "L2": "and no status line read",
-    "L3": "and no request head read",
-    "L4": "and nothing after the connection lookup",
-    "L5": "and no connection lookup",
-    "L6": "and nothing after the filter",
-}
+for line in open(sys.argv[1]):
+    name, _, figure, value = line.split()
+    values[("L0" if name == "head" else name, figure)].append(int(value))
 median = lambda level, name: statistics.median(values[(level, name)])
-print(f"Kernel ns per request by build (trazor-bench-kernel, {cycles} cycles at {rate} req/s per run; "
-      "median over the rounds, each round in brackets):")
-print()
-print("| build | server side | client side | filter ns per call | empty program ns per call | receive / send instructions |")
-print("|---|---|---|---|---|---|")
-for level in levels:
-    cells = []
-    for name in ("server_side_ns_per_request", "client_side_ns_per_request",
-                 "not_selected_ns_per_call", "floor_ns_per_call"):
-        runs = ", ".join(str(v) for v in values[(level, name)])
-        cells.append(f"{median(level, name):.0f} ({runs})")
-    sizes = f"{values[(level, 'sock_recv_length')][0]} / {values[(level, 'sock_send_length')][0]}"
-    print(f"| {level}: {what[level]} | " + " | ".join(cells) + f" | {sizes} |")
 print()
 print("What each part costs per request (difference of the medians of neighbouring builds):")
 print()
