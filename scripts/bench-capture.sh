@@ -365,6 +365,12 @@ echo "$TABLE"
 echo
 
 mkdir -p bench/results
+# The analysis under the generated part (its sections start with "## ") is written by hand,
+# each section naming the commit its figures came from: kept, not overwritten.
+ANALYSIS=""
+if [ -f bench/results/capture.md ]; then
+    ANALYSIS=$(awk '/^## / { keep = 1 } keep' bench/results/capture.md)
+fi
 {
     echo "# Capture benchmark"
     echo
@@ -402,5 +408,9 @@ mkdir -p bench/results
     echo "Per-call detail (write/read loop over a socket pair; \"req/s\" is syscalls/s, \"CPU ns/request\" is ns per syscall; cost-* modes: a stand-in program repeating one operation $COST_REPEATS times per call, priced as (its ns - floor's ns) / $COST_REPEATS):"
     echo
     echo "$SYSCALLS"
+    if [ -n "$ANALYSIS" ]; then
+        echo
+        echo "$ANALYSIS"
+    fi
 } > bench/results/capture.md
 say "written to bench/results/capture.md"
