@@ -65,6 +65,8 @@ for patch in "$@"; do
     names+=("$name")
 done
 
+ablation=()
+[ "${VARIANT_ABLATION:-0}" = 1 ] && ablation=(--ablation)
 figures=${VARIANT_FIGURES:-$WORK/figures}
 : >"$figures"
 count=${#names[@]}
@@ -77,7 +79,7 @@ for round in $(seq 0 $((ROUNDS - 1))); do
             name=${names[$(((count - 1 - i + round / 2) % count))]}
         fi
         say "round $((round + 1))/$ROUNDS: $name"
-        "$WORK/bin/$name" ${VARIANT_ABLATION:+--ablation} --server-cgroup "$SERVER_CGROUP" \
+        "$WORK/bin/$name" "${ablation[@]}" --server-cgroup "$SERVER_CGROUP" \
             --client-cgroup "$CLIENT_CGROUP" --cycles "$CYCLES" --rate "$RATE" 2>"$WORK/stderr" |
             awk -v name="$name" -v round="$round" \
                 '$1 ~ /_ns_per_(request|call)$/ { print name, round, $1, $2 }
